@@ -1,0 +1,15 @@
+"""Test configuration: 8 fake CPU devices so every sharded code path runs without accelerators.
+
+The flag must be set before JAX initialises its backends, hence at import time of conftest.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")
