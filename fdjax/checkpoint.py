@@ -1,0 +1,110 @@
+"""Checkpoints: an Orbax `CheckpointManager` over the composite `{state, data_iter}`.
+
+`state` is the `TrainState` (saved with `StandardSave`, restored into an abstract target that
+carries the *current* mesh's shardings, so a run saved on one mesh resumes on another);
+`data_iter` is the Grain iterator's state, so a resumed run replays no example and skips none.
+Saves are asynchronous; the last `keep` checkpoints are kept plus every one whose step divides
+by `keep_every`. A checkpoint that cannot be restored is reported with its step and path, and
+older ones are tried only when `fallback_to_previous` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+
+
+class CheckpointRestoreError(RuntimeError):
+  """A checkpoint exists but cannot be restored."""
+
+
+class Checkpointer:
+  """Saves and restores `{state, data_iter}` under `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir: str, checkpoint_config: Any):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.config = checkpoint_config
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=checkpoint_config.keep or None,
+        keep_period=checkpoint_config.keep_every or None,
+        enable_async_checkpointing=checkpoint_config.use_async,
+        create=True,
+    )
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data_iter": grain.checkpoint.CheckpointHandler(),
+        },
+    )
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> bool:
+    """Starts saving (in the background when async). Returns whether a save was started."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)
+    )
+    return self.manager.save(step, args=args, force=force)
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once any received SIGTERM (multi-host agreement through JAX)."""
+    return self.manager.reached_preemption(step)
+
+  def restore(self, abstract_state: Any, data_iter: Any, step: int | None = None) -> tuple[int, Any]:
+    """Restores the latest (or given) step into `abstract_state`'s shapes and shardings.
+
+    `data_iter` is restored in place. Returns `(step, state)`. With no checkpoint, raises
+    `FileNotFoundError`.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if step is not None:
+      steps = [step]
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    errors = []
+    for candidate in steps:
+      try:
+        restored = self.manager.restore(
+            candidate,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+            ),
+        )
+        if errors:
+          logging.warning("restored the older checkpoint at step %d instead", candidate)
+        return candidate, restored["state"]
+      except Exception as e:  # noqa: BLE001  Orbax raises many kinds for unreadable files.
+        message = (
+            f"checkpoint at step {candidate} ({self.path(candidate)}) cannot be restored: "
+            f"{type(e).__name__}: {e}"
+        )
+        logging.error(message)
+        errors.append(message)
+        if not self.config.fallback_to_previous:
+          raise CheckpointRestoreError(
+              message + "\nSet --config.checkpoint.fallback_to_previous=True to try the "
+              "previous checkpoint instead."
+          ) from e
+    raise CheckpointRestoreError("no checkpoint could be restored:\n" + "\n".join(errors))
+
+  def wait(self) -> None:
+    """Blocks until background saves have finished."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

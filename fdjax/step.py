@@ -1,0 +1,174 @@
+"""Train and eval steps: module-level pure functions, and their jitted, sharded forms.
+
+A task's loss has the signature
+
+    loss_fn(model, params, batch, rng, train: bool) -> (loss, aux)
+
+where `loss` is the mean over the batch's valid elements and `aux` a dict of scalar metrics; if
+`aux` holds `"weight"` (the number of valid elements the mean is over), micro-batches are
+weighted by it, so gradient accumulation is exact for masked, variable-length batches too.
+
+`train_step` adds: micro-batch gradient accumulation with `lax.scan`, the precision policy
+(float32 parameters, cast to the compute dtype inside the differentiated function, so gradients
+and updates stay float32), frozen parameters behind `stop_gradient`, and the non-finite guard
+(a step whose loss or gradient is not finite leaves parameters and optimizer state untouched,
+and is counted).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fdjax import mesh as mesh_lib
+from fdjax.state import TrainState
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
+  """Casts floating-point leaves of `tree` to `dtype`; other leaves unchanged."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
+
+
+def _split_micro_batches(batch: dict, num: int, batch_axes: tuple[str, ...]) -> dict:
+  """[B, ...] -> [num, B/num, ...], micro-batch i taking every num-th example.
+
+  Strided rather than contiguous, so each micro-batch spreads evenly over the devices that
+  hold the batch and no data moves between devices.
+  """
+
+  def split(x):
+    x = x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+    spec = PartitionSpec(None, batch_axes or None, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+  return jax.tree.map(split, batch)
+
+
+def _weighted_grad(loss_fn, model, params, batch, rng, trainable, compute_dtype):
+  """Gradient of `loss * weight` with respect to the float32 `params`, and the aux."""
+
+  def objective(p):
+    p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
+    loss, aux = loss_fn(model, cast_floating(p, compute_dtype), batch, rng, True)
+    aux = dict(aux)
+    weight = jnp.asarray(aux.pop("weight", 1.0), jnp.float32)
+    loss = loss.astype(jnp.float32)
+    return loss * weight, (loss * weight, weight, aux)
+
+  grads, (weighted_loss, weight, aux) = jax.grad(objective, has_aux=True)(params)
+  return grads, weighted_loss, weight, aux
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model: nn.Module,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    trainable: Any,
+    grad_accum_steps: int = 1,
+    compute_dtype: Any = jnp.float32,
+    batch_axes: tuple[str, ...] = (),
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update from one global batch. Returns the new state and scalar metrics."""
+  rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+  grad = functools.partial(
+      _weighted_grad, loss_fn, model, trainable=trainable, compute_dtype=compute_dtype
+  )
+  if grad_accum_steps == 1:
+    grads, loss_sum, weight, aux = grad(state.params, batch, step_rng)
+  else:
+    micro_batches = _split_micro_batches(batch, grad_accum_steps, batch_axes)
+
+    def accumulate(carry, xs):
+      micro, index = xs
+      g, l, w, a = grad(state.params, micro, jax.random.fold_in(step_rng, index))
+      return jax.tree.map(jnp.add, carry, (g, l, w, a)), None
+
+    zero = jax.eval_shape(grad, state.params, jax.tree.map(lambda x: x[0], micro_batches), rng)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zero)
+    (grads, loss_sum, weight, aux), _ = jax.lax.scan(
+        accumulate, zero, (micro_batches, jnp.arange(grad_accum_steps))
+    )
+    aux = jax.tree.map(lambda a: a / grad_accum_steps, aux)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  loss = loss_sum / weight
+
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+  )
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      rng=jax.random.key_data(rng),
+      nonfinite_consecutive=jnp.where(finite, 0, state.nonfinite_consecutive + 1),
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+  )
+  metrics = {
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(state.params),
+      "update_norm": optax.global_norm(updates),
+      "learning_rate": schedule(state.step),
+      "nonfinite": (~finite).astype(jnp.int32),
+      "nonfinite_consecutive": new_state.nonfinite_consecutive,
+      **{k: jnp.asarray(v, jnp.float32) for k, v in aux.items()},
+  }
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch: dict, *, model: nn.Module, loss_fn: LossFn, compute_dtype=jnp.float32):
+  """Loss and metrics on one batch, without gradients. Returns `(loss * weight, weight, aux)`."""
+  loss, aux = loss_fn(model, cast_floating(params, compute_dtype), batch, jax.random.key(0), False)
+  aux = dict(aux)
+  weight = jnp.asarray(aux.pop("weight", 1.0), jnp.float32)
+  return loss.astype(jnp.float32) * weight, weight, aux
+
+
+def jit_train_step(
+    mesh: Mesh,
+    rules: Any,
+    shardings: TrainState,
+    **step_kwargs: Any,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """`train_step` jitted with explicit shardings and the state donated."""
+  fn = functools.partial(train_step, batch_axes=mesh_lib.batch_axes(rules), **step_kwargs)
+  return jax.jit(
+      fn,
+      in_shardings=(shardings, mesh_lib.batch_sharding(mesh, rules)),
+      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+      donate_argnums=(0,),
+  )
+
+
+def jit_eval_step(mesh: Mesh, rules: Any, param_shardings: Any, **step_kwargs: Any) -> Callable:
+  """`eval_step` jitted with explicit shardings."""
+  return jax.jit(
+      functools.partial(eval_step, **step_kwargs),
+      in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh, rules)),
+      out_shardings=NamedSharding(mesh, PartitionSpec()),
+  )
+
+
+def resolve_compute_dtype(name: str) -> jnp.dtype:
+  """`auto`: bfloat16 on GPU/TPU, float32 on CPU; otherwise the named dtype."""
+  if name == "auto":
+    return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+  return jnp.dtype(name)
