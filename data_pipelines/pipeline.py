@@ -34,23 +34,23 @@ def tfds_source(name: str, data_dir: str, split: str):
 def _check_per_process_batch(batch_size: int, process_count: int) -> int:
   if batch_size % process_count:
     raise ValueError(
-        f"batch_size={batch_size} (global) does not divide by the {process_count} processes"
+      f"batch_size={batch_size} (global) does not divide by the {process_count} processes"
     )
   return batch_size // process_count
 
 
 def train_dataset(
-    source: Sequence[Example] | grain.MapDataset,
-    transform: Transform | None,
-    *,
-    batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_workers: int = 0,
-    shuffle: bool = True,
-    batch_fn: Callable[[Sequence[Example]], Example] | None = None,
-    prefetch_buffer_size: int = 4,
+  source: Sequence[Example] | grain.MapDataset,
+  transform: Transform | None,
+  *,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int = 0,
+  shuffle: bool = True,
+  batch_fn: Callable[[Sequence[Example]], Example] | None = None,
+  prefetch_buffer_size: int = 4,
 ) -> grain.IterDataset:
   """An endless, reshuffled-every-epoch stream of per-process training batches.
 
@@ -81,20 +81,22 @@ def train_dataset(
   if transform is not None:
     ds = ds.random_map(transform, seed=seed + 1)
   ds = ds.batch(per_process, drop_remainder=True, batch_fn=batch_fn)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch_buffer_size))
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch_buffer_size)
+  )
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it
 
 
 def eval_dataset(
-    source: Sequence[Example] | grain.MapDataset,
-    transform: Callable[[Example], Example] | None,
-    *,
-    batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    batch_fn: Callable[[Sequence[Example]], Example] | None = None,
+  source: Sequence[Example] | grain.MapDataset,
+  transform: Callable[[Example], Example] | None,
+  *,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  batch_fn: Callable[[Sequence[Example]], Example] | None = None,
 ) -> grain.IterDataset:
   """One pass over this process's slice of `source`, in order, batches of `batch_size`.
 

@@ -29,18 +29,18 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.config = checkpoint_config
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=checkpoint_config.keep or None,
-        keep_period=checkpoint_config.keep_every or None,
-        enable_async_checkpointing=checkpoint_config.use_async,
-        create=True,
+      max_to_keep=checkpoint_config.keep or None,
+      keep_period=checkpoint_config.keep_every or None,
+      enable_async_checkpointing=checkpoint_config.use_async,
+      create=True,
     )
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=options,
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "data_iter": grain.checkpoint.CheckpointHandler(),
-        },
+      self.directory,
+      options=options,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data_iter": grain.checkpoint.CheckpointHandler(),
+      },
     )
 
   def path(self, step: int) -> str:
@@ -52,7 +52,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> bool:
     """Starts saving (in the background when async). Returns whether a save was started."""
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)
+      state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)
     )
     return self.manager.save(step, args=args, force=force)
 
@@ -63,11 +63,13 @@ class Checkpointer:
     """True on every process once any received SIGTERM (multi-host agreement through JAX)."""
     return self.manager.reached_preemption(step)
 
-  def restore(self, abstract_state: Any, data_iter: Any, step: int | None = None) -> tuple[int, Any]:
+  def restore(
+    self, abstract_state: Any, data_iter: Any, step: int | None = None
+  ) -> tuple[int, Any]:
     """Restores the latest (or given) step into `abstract_state`'s shapes and shardings.
 
-    `data_iter` is restored in place. Returns `(step, state)`. With no checkpoint, raises
-    `FileNotFoundError`.
+    `data_iter` is restored in place (None: the state only, e.g. for evaluation). Returns
+    `(step, state)`. With no checkpoint, raises `FileNotFoundError`.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None:
@@ -77,27 +79,24 @@ class Checkpointer:
     errors = []
     for candidate in steps:
       try:
-        restored = self.manager.restore(
-            candidate,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
-        )
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+          items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
         if errors:
           logging.warning("restored the older checkpoint at step %d instead", candidate)
         return candidate, restored["state"]
       except Exception as e:  # noqa: BLE001  Orbax raises many kinds for unreadable files.
         message = (
-            f"checkpoint at step {candidate} ({self.path(candidate)}) cannot be restored: "
-            f"{type(e).__name__}: {e}"
+          f"checkpoint at step {candidate} ({self.path(candidate)}) cannot be restored: "
+          f"{type(e).__name__}: {e}"
         )
         logging.error(message)
         errors.append(message)
         if not self.config.fallback_to_previous:
           raise CheckpointRestoreError(
-              message + "\nSet --config.checkpoint.fallback_to_previous=True to try the "
-              "previous checkpoint instead."
+            message + "\nSet --config.checkpoint.fallback_to_previous=True to try the "
+            "previous checkpoint instead."
           ) from e
     raise CheckpointRestoreError("no checkpoint could be restored:\n" + "\n".join(errors))
 

@@ -24,27 +24,27 @@ import ml_collections
 from ml_collections import ConfigDict, FieldReference
 
 DEFAULT_RULES = (
-    # Logical axis -> mesh axes. Data parallelism over `data` and `fsdp`; parameters sharded
-    # over `fsdp` on their embedding axis and over `tensor` on their wide axis.
-    ("batch", ("data", "fsdp")),
-    ("time", None),
-    ("frames", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("head_dim", None),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("classes", None),
-    ("vertices", "tensor"),
-    ("codebook", None),
-    ("conv_in", None),
-    ("conv_out", "tensor"),
-    ("kernel", None),
-    ("norm", None),
-    ("layers", None),
-    ("height", None),
-    ("width", None),
+  # Logical axis -> mesh axes. Data parallelism over `data` and `fsdp`; parameters sharded
+  # over `fsdp` on their embedding axis and over `tensor` on their wide axis.
+  ("batch", ("data", "fsdp")),
+  ("time", None),
+  ("frames", None),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("head_dim", None),
+  ("kv", None),
+  ("vocab", "tensor"),
+  ("classes", None),
+  ("vertices", "tensor"),
+  ("codebook", None),
+  ("conv_in", None),
+  ("conv_out", "tensor"),
+  ("kernel", None),
+  ("norm", None),
+  ("layers", None),
+  ("height", None),
+  ("width", None),
 )
 
 
@@ -232,8 +232,7 @@ def _coerce(raw: str, current: Any, key: str) -> Any:
     return type(current)((value,))
   if not isinstance(value, type(current)):
     raise ValueError(
-        f"config key {key!r} expects {type(current).__name__}; got {raw!r} "
-        f"({type(value).__name__})"
+      f"config key {key!r} expects {type(current).__name__}; got {raw!r} ({type(value).__name__})"
     )
   return value
 

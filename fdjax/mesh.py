@@ -31,14 +31,14 @@ def _fill(sizes: list[int], total: int, what: str) -> list[int]:
   if -1 in sizes:
     if total % known:
       raise ValueError(
-          f"{what}: {total} devices do not divide by the fixed axes "
-          f"{dict(zip(MESH_AXES, sizes))} (product {known})"
+        f"{what}: {total} devices do not divide by the fixed axes "
+        f"{dict(zip(MESH_AXES, sizes))} (product {known})"
       )
     sizes = [total // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != total:
     raise ValueError(
-        f"{what}: axes {dict(zip(MESH_AXES, sizes))} have product {math.prod(sizes)}, "
-        f"but there are {total} devices"
+      f"{what}: axes {dict(zip(MESH_AXES, sizes))} have product {math.prod(sizes)}, "
+      f"but there are {total} devices"
     )
   return sizes
 
@@ -64,9 +64,7 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     dcn = [int(mesh_config[f"dcn_{a}"]) for a in MESH_AXES]
     dcn = _fill(dcn, num_processes, "mesh across processes (dcn_*)")
     ici = _fill(ici, len(devices) // num_processes, "mesh within a process")
-    array = mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, allow_split_physical_axes=True
-    )
+    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
   return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -109,17 +107,17 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules: Rules, grad_accum_steps
   """Fails clearly unless every micro-batch splits evenly over the data-parallel devices."""
   if batch_size % grad_accum_steps:
     raise ValueError(
-        f"batch_size={batch_size} does not divide by grad_accum_steps={grad_accum_steps}"
+      f"batch_size={batch_size} does not divide by grad_accum_steps={grad_accum_steps}"
     )
   micro = batch_size // grad_accum_steps
   dp = data_parallel_size(mesh, rules)
   if micro % dp:
     raise ValueError(
-        f"the micro-batch of {micro} examples (batch_size={batch_size} / grad_accum_steps="
-        f"{grad_accum_steps}) does not divide by the data-parallel size {dp} "
-        f"(mesh axes {batch_axes(rules)} of mesh {dict(mesh.shape)})"
+      f"the micro-batch of {micro} examples (batch_size={batch_size} / grad_accum_steps="
+      f"{grad_accum_steps}) does not divide by the data-parallel size {dp} "
+      f"(mesh axes {batch_axes(rules)} of mesh {dict(mesh.shape)})"
     )
   if batch_size % jax.process_count():
     raise ValueError(
-        f"batch_size={batch_size} does not divide by the {jax.process_count()} processes"
+      f"batch_size={batch_size} does not divide by the {jax.process_count()} processes"
     )

@@ -38,7 +38,7 @@ def _path_predicate_tree(params: Any, patterns: Sequence[str]) -> Any:
   """True where a parameter's path matches any of `patterns` (re.search)."""
   compiled = [re.compile(p) for p in patterns]
   return jax.tree_util.tree_map_with_path(
-      lambda kp, _: any(c.search(param_path(kp)) for c in compiled), params, is_leaf=_is_box
+    lambda kp, _: any(c.search(param_path(kp)) for c in compiled), params, is_leaf=_is_box
   )
 
 
@@ -69,7 +69,7 @@ def make_schedule(optim: Any, total_steps: int) -> optax.Schedule:
     main = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.end_lr_factor)
   else:
     raise ValueError(
-        f"config.optim.schedule={optim.schedule!r}: expected constant, linear or cosine"
+      f"config.optim.schedule={optim.schedule!r}: expected constant, linear or cosine"
     )
   if warmup == 0:
     return main
@@ -80,18 +80,18 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
   """Returns `(tx, schedule)` for `config.optim`; `tx` works on boxed or unboxed params."""
   schedule = make_schedule(optim, total_steps)
   decay_mask = lambda params: jax.tree.map(
-      lambda excluded: not excluded, _path_predicate_tree(params, optim.weight_decay_exclude)
+    lambda excluded: not excluded, _path_predicate_tree(params, optim.weight_decay_exclude)
   )
   if optim.optimizer == "adam":
     base = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
   elif optim.optimizer == "adamw":
     base = optax.adamw(
-        schedule,
-        b1=optim.b1,
-        b2=optim.b2,
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-        mask=decay_mask,
+      schedule,
+      b1=optim.b1,
+      b2=optim.b2,
+      eps=optim.eps,
+      weight_decay=optim.weight_decay,
+      mask=decay_mask,
     )
   elif optim.optimizer == "sgd":
     parts = []
@@ -104,7 +104,7 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
   tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), base) if optim.clip_norm else base
   if optim.freeze:
     labels = lambda params: jax.tree.map(
-        lambda t: TRAINABLE if t else FROZEN, trainable_mask(params, optim.freeze)
+      lambda t: TRAINABLE if t else FROZEN, trainable_mask(params, optim.freeze)
     )
     tx = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
   return tx, schedule

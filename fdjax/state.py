@@ -37,18 +37,18 @@ class TrainState:
 def strip_boxes(tree: Any) -> Any:
   """Replaces logical-axis boxes by their values, without applying sharding constraints."""
   return jax.tree.map(
-      lambda x: x.value if isinstance(x, nn.Partitioned) else x,
-      tree,
-      is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+    tree,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
   )
 
 
 def _init_boxed(
-    rng: jax.Array,
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    dummy_batch: dict,
-    init_fn: Callable | None,
+  rng: jax.Array,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  dummy_batch: dict,
+  init_fn: Callable | None,
 ) -> TrainState:
   """Initialises with logical-axis boxes kept (parameters and optimizer state alike)."""
   param_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
@@ -58,42 +58,42 @@ def _init_boxed(
     variables = init_fn(model, {"params": param_rng, "dropout": dropout_rng}, dummy_batch)
   params = variables["params"]
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=tx.init(params),
-      rng=jax.random.key_data(state_rng),
-      nonfinite_consecutive=jnp.zeros((), jnp.int32),
-      nonfinite_total=jnp.zeros((), jnp.int32),
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(state_rng),
+    nonfinite_consecutive=jnp.zeros((), jnp.int32),
+    nonfinite_total=jnp.zeros((), jnp.int32),
   )
 
 
 def state_shardings(
-    mesh: Mesh,
-    rules: Any,
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    dummy_batch: dict,
-    init_fn: Callable | None = None,
+  mesh: Mesh,
+  rules: Any,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  dummy_batch: dict,
+  init_fn: Callable | None = None,
 ) -> tuple[TrainState, TrainState]:
   """(abstract unboxed state of `ShapeDtypeStruct`s, matching tree of `NamedSharding`s)."""
   boxed = jax.eval_shape(
-      lambda rng: _init_boxed(rng, model, tx, dummy_batch, init_fn), jax.random.key(0)
+    lambda rng: _init_boxed(rng, model, tx, dummy_batch, init_fn), jax.random.key(0)
   )
   shardings = mesh_lib.tree_shardings(mesh, rules, nn.get_partition_spec(boxed))
   abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), strip_boxes(boxed), shardings
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), strip_boxes(boxed), shardings
   )
   return abstract, shardings
 
 
 def create_train_state(
-    rng: jax.Array,
-    mesh: Mesh,
-    rules: Any,
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    dummy_batch: dict,
-    init_fn: Callable | None = None,
+  rng: jax.Array,
+  mesh: Mesh,
+  rules: Any,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  dummy_batch: dict,
+  init_fn: Callable | None = None,
 ) -> tuple[TrainState, TrainState]:
   """Creates the state sharded as the rules say. Returns `(state, shardings)`.
 
@@ -108,8 +108,8 @@ def create_train_state(
   """
   _, shardings = state_shardings(mesh, rules, model, tx, dummy_batch, init_fn)
   init = jax.jit(
-      lambda rng: nn.unbox(_init_boxed(rng, model, tx, dummy_batch, init_fn)),
-      out_shardings=shardings,
+    lambda rng: nn.unbox(_init_boxed(rng, model, tx, dummy_batch, init_fn)),
+    out_shardings=shardings,
   )
   with nn.logical_axis_rules(mesh_lib.as_rules(rules)):
     state = init(rng)

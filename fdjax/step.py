@@ -36,7 +36,7 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
   """Casts floating-point leaves of `tree` to `dtype`; other leaves unchanged."""
   return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
   )
 
 
@@ -71,22 +71,22 @@ def _weighted_grad(loss_fn, model, params, batch, rng, trainable, compute_dtype)
 
 
 def train_step(
-    state: TrainState,
-    batch: dict,
-    *,
-    model: nn.Module,
-    loss_fn: LossFn,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    trainable: Any,
-    grad_accum_steps: int = 1,
-    compute_dtype: Any = jnp.float32,
-    batch_axes: tuple[str, ...] = (),
+  state: TrainState,
+  batch: dict,
+  *,
+  model: nn.Module,
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  trainable: Any,
+  grad_accum_steps: int = 1,
+  compute_dtype: Any = jnp.float32,
+  batch_axes: tuple[str, ...] = (),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from one global batch. Returns the new state and scalar metrics."""
   rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
   grad = functools.partial(
-      _weighted_grad, loss_fn, model, trainable=trainable, compute_dtype=compute_dtype
+    _weighted_grad, loss_fn, model, trainable=trainable, compute_dtype=compute_dtype
   )
   if grad_accum_steps == 1:
     grads, loss_sum, weight, aux = grad(state.params, batch, step_rng)
@@ -95,13 +95,13 @@ def train_step(
 
     def accumulate(carry, xs):
       micro, index = xs
-      g, l, w, a = grad(state.params, micro, jax.random.fold_in(step_rng, index))
-      return jax.tree.map(jnp.add, carry, (g, l, w, a)), None
+      out = grad(state.params, micro, jax.random.fold_in(step_rng, index))
+      return jax.tree.map(jnp.add, carry, out), None
 
     zero = jax.eval_shape(grad, state.params, jax.tree.map(lambda x: x[0], micro_batches), rng)
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zero)
     (grads, loss_sum, weight, aux), _ = jax.lax.scan(
-        accumulate, zero, (micro_batches, jnp.arange(grad_accum_steps))
+      accumulate, zero, (micro_batches, jnp.arange(grad_accum_steps))
     )
     aux = jax.tree.map(lambda a: a / grad_accum_steps, aux)
   grads = jax.tree.map(lambda g: g / weight, grads)
@@ -110,31 +110,33 @@ def train_step(
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(loss) & jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
   )
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
-      rng=jax.random.key_data(rng),
-      nonfinite_consecutive=jnp.where(finite, 0, state.nonfinite_consecutive + 1),
-      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    step=state.step + 1,
+    params=keep(new_params, state.params),
+    opt_state=keep(new_opt_state, state.opt_state),
+    rng=jax.random.key_data(rng),
+    nonfinite_consecutive=jnp.where(finite, 0, state.nonfinite_consecutive + 1),
+    nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
   )
   metrics = {
-      "loss": loss,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(state.params),
-      "update_norm": optax.global_norm(updates),
-      "learning_rate": schedule(state.step),
-      "nonfinite": (~finite).astype(jnp.int32),
-      "nonfinite_consecutive": new_state.nonfinite_consecutive,
-      **{k: jnp.asarray(v, jnp.float32) for k, v in aux.items()},
+    "loss": loss,
+    "grad_norm": optax.tree.norm(grads),
+    "param_norm": optax.tree.norm(state.params),
+    "update_norm": optax.tree.norm(updates),
+    "learning_rate": schedule(state.step),
+    "nonfinite": (~finite).astype(jnp.int32),
+    "nonfinite_consecutive": new_state.nonfinite_consecutive,
+    **{k: jnp.asarray(v, jnp.float32) for k, v in aux.items()},
   }
   return new_state, metrics
 
 
-def eval_step(params: Any, batch: dict, *, model: nn.Module, loss_fn: LossFn, compute_dtype=jnp.float32):
+def eval_step(
+  params: Any, batch: dict, *, model: nn.Module, loss_fn: LossFn, compute_dtype=jnp.float32
+):
   """Loss and metrics on one batch, without gradients. Returns `(loss * weight, weight, aux)`."""
   loss, aux = loss_fn(model, cast_floating(params, compute_dtype), batch, jax.random.key(0), False)
   aux = dict(aux)
@@ -143,27 +145,27 @@ def eval_step(params: Any, batch: dict, *, model: nn.Module, loss_fn: LossFn, co
 
 
 def jit_train_step(
-    mesh: Mesh,
-    rules: Any,
-    shardings: TrainState,
-    **step_kwargs: Any,
+  mesh: Mesh,
+  rules: Any,
+  shardings: TrainState,
+  **step_kwargs: Any,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """`train_step` jitted with explicit shardings and the state donated."""
   fn = functools.partial(train_step, batch_axes=mesh_lib.batch_axes(rules), **step_kwargs)
   return jax.jit(
-      fn,
-      in_shardings=(shardings, mesh_lib.batch_sharding(mesh, rules)),
-      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-      donate_argnums=(0,),
+    fn,
+    in_shardings=(shardings, mesh_lib.batch_sharding(mesh, rules)),
+    out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+    donate_argnums=(0,),
   )
 
 
 def jit_eval_step(mesh: Mesh, rules: Any, param_shardings: Any, **step_kwargs: Any) -> Callable:
   """`eval_step` jitted with explicit shardings."""
   return jax.jit(
-      functools.partial(eval_step, **step_kwargs),
-      in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh, rules)),
-      out_shardings=NamedSharding(mesh, PartitionSpec()),
+    functools.partial(eval_step, **step_kwargs),
+    in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh, rules)),
+    out_shardings=NamedSharding(mesh, PartitionSpec()),
   )
 
 

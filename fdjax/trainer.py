@@ -29,6 +29,7 @@ import numpy as np
 
 from fdjax import checkpoint as checkpoint_lib
 from fdjax import config as config_lib
+from fdjax import distributed
 from fdjax import mesh as mesh_lib
 from fdjax import optim as optim_lib
 from fdjax import state as state_lib
@@ -38,15 +39,15 @@ from fdjax.tasks import load_task
 
 # Peak dense bf16 FLOP/s per device, for MFU. Devices not listed get no MFU.
 PEAK_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
+  "H100": 989e12,
+  "H200": 989e12,
+  "A100": 312e12,
+  "L4": 121e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12,
 }
 
 
@@ -103,9 +104,7 @@ def _to_global(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
 def setup_jax(config: Any) -> None:
   """Process-wide JAX settings the config asks for."""
   if config.compilation_cache_dir:
-    jax.config.update(
-        "jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir)
-    )
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
   if config.precision.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", config.precision.matmul_precision)
 
@@ -119,48 +118,69 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
   mesh_lib.check_batch_size(config.batch_size, mesh, rules, config.grad_accum_steps)
   if jax.process_index() == 0:
     config_lib.save_config(config, workdir)
-  try:
-    from fdjax import distributed
-
-    distributed.preflight(config, mesh)
-  except ImportError:
-    pass
+  distributed.preflight(config, mesh)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return _run(config, workdir, task, mesh, rules)
 
 
-def _run(config, workdir, task, mesh, rules) -> TrainResult:
+def _model_and_optimizer(config, task):
   model = task.build_model(config)
   tx, schedule = optim_lib.make_optimizer(config.optim, config.total_steps)
+  return model, tx, schedule
+
+
+def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None) -> dict[str, float]:
+  """Restores the parameters saved in `workdir` (latest, or `step`) and runs the evaluation."""
+  setup_jax(config)
+  task = load_task(config.task)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.as_rules(config.rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    model, tx, _ = _model_and_optimizer(config, task)
+    abstract, _ = state_lib.state_shardings(
+      mesh, rules, model, tx, task.dummy_batch(config, 1), getattr(task, "init_fn", None)
+    )
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+    step, state = checkpointer.restore(abstract, None, step=step)
+    checkpointer.close()
+    writer = MetricWriter(workdir)
+    try:
+      return _evaluate(task, config, model, state, mesh, rules, workdir, step, writer)
+    finally:
+      writer.close()
+
+
+def _run(config, workdir, task, mesh, rules) -> TrainResult:
+  model, tx, schedule = _model_and_optimizer(config, task)
   dummy = task.dummy_batch(config, 1)
   init_fn = getattr(task, "init_fn", None)
   state, shardings = state_lib.create_train_state(
-      jax.random.key(config.seed), mesh, rules, model, tx, dummy, init_fn
+    jax.random.key(config.seed), mesh, rules, model, tx, dummy, init_fn
   )
   trainable, total = optim_lib.count_params(state.params, config.optim.freeze)
   logging.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
   compute_dtype = step_lib.resolve_compute_dtype(config.precision.compute_dtype)
   train_step = step_lib.jit_train_step(
-      mesh,
-      rules,
-      shardings,
-      model=model,
-      loss_fn=task.loss_fn,
-      tx=tx,
-      schedule=schedule,
-      trainable=optim_lib.trainable_mask(state.params, config.optim.freeze),
-      grad_accum_steps=config.grad_accum_steps,
-      compute_dtype=compute_dtype,
+    mesh,
+    rules,
+    shardings,
+    model=model,
+    loss_fn=task.loss_fn,
+    tx=tx,
+    schedule=schedule,
+    trainable=optim_lib.trainable_mask(state.params, config.optim.freeze),
+    grad_accum_steps=config.grad_accum_steps,
+    compute_dtype=compute_dtype,
   )
   data = task.train_data(
-      config, process_index=jax.process_index(), process_count=jax.process_count()
+    config, process_index=jax.process_index(), process_count=jax.process_count()
   )
   data_iter = iter(data)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   if checkpointer.latest_step() is not None:
     abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
     del state  # Free the fresh parameters before restoring.
     restored_step, state = checkpointer.restore(abstract, data_iter)
@@ -190,26 +210,18 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
         state, metrics = train_step(state, batch)
       step += 1
       window_steps += 1
+      # One scalar read per step: the non-finite policy must act on the very step it fires.
       consecutive = int(jax.device_get(metrics["nonfinite_consecutive"]))
-      if consecutive >= config.max_consecutive_nonfinite:
-        checkpointer.save(step, state, data_iter, force=True)
-        checkpointer.close()
-        writer.close()
-        raise NonFiniteError(
-            f"stopping at step {step}: {consecutive} non-finite losses or gradients in a row "
-            f"(steps {step - consecutive + 1}-{step}); their updates were skipped, and the state "
-            f"before them is saved in {checkpointer.path(step)}"
-        )
-
-      if step % config.log_every == 0 or step == config.total_steps:
+      stop = consecutive >= config.max_consecutive_nonfinite
+      if stop or step % config.log_every == 0 or step == config.total_steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - window_start
         step_time = elapsed / window_steps
         metrics.update(
-            step_time_s=step_time,
-            host_wait_s=host_wait / window_steps,
-            examples_per_s=config.batch_size / step_time,
-            nonfinite_total=int(jax.device_get(state.nonfinite_total)),
+          step_time_s=step_time,
+          host_wait_s=host_wait / window_steps,
+          examples_per_s=config.batch_size / step_time,
+          nonfinite_total=int(jax.device_get(state.nonfinite_total)),
         )
         if flops and peak:
           metrics["mfu"] = flops * config.batch_size / step_time / (peak * jax.device_count())
@@ -219,17 +231,27 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
         eta = (config.total_steps - step) / max(rate, 1e-9)
         if jax.process_index() == 0:
           print(
-              f"step {step}/{config.total_steps} | {1 / step_time:.2f} step/s | "
-              f"ETA {_duration(eta)} | loss {metrics['loss']:.5g}",
-              flush=True,
+            f"step {step}/{config.total_steps} | {1 / step_time:.2f} step/s | "
+            f"ETA {_duration(eta)} | loss {metrics['loss']:.5g}",
+            flush=True,
           )
         window_start, window_steps, host_wait = time.perf_counter(), 0, 0.0
+
+      if stop:
+        checkpointer.save(step, state, data_iter, force=True)
+        checkpointer.close()
+        writer.close()
+        raise NonFiniteError(
+          f"stopping at step {step}: {consecutive} non-finite losses or gradients in a row "
+          f"(steps {step - consecutive + 1}-{step}); their updates were skipped, and the state "
+          f"before them is saved in {checkpointer.path(step)}"
+        )
 
       if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
         eval_metrics = _evaluate(task, config, model, state, mesh, rules, workdir, step, writer)
 
       preempted = (
-          checkpointer.reached_preemption(step) if jax.process_count() > 1 else sigterm.received
+        checkpointer.reached_preemption(step) if jax.process_count() > 1 else sigterm.received
       )
       if preempted:
         checkpointer.save(step, state, data_iter, force=True)
@@ -257,7 +279,7 @@ def _evaluate(task, config, model, state, mesh, rules, workdir, step, writer) ->
     return {}
   t0 = time.perf_counter()
   metrics = task.evaluate(
-      config, model, state.params, mesh=mesh, rules=rules, workdir=workdir, step=step
+    config, model, state.params, mesh=mesh, rules=rules, workdir=workdir, step=step
   )
   metrics = {k: (float(v) if np.ndim(v) == 0 else v) for k, v in metrics.items()}
   writer.write(step, "eval", {**metrics, "eval_time_s": time.perf_counter() - t0})

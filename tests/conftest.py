@@ -6,10 +6,15 @@ The flag must be set before JAX initialises its backends, hence at import time o
 import os
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
+
+import sys  # noqa: E402
+
+# Test-only modules (the tiny task, shared helpers) are imported by name from tests/.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

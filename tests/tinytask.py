@@ -3,10 +3,13 @@
 Inputs `x` [B, 8] come from a fixed random dataset; targets `y` [B, 4] are a fixed linear map of
 `x` plus noise, so the loss can go down. The model has an `encoder` and a `head`, so tests can
 freeze one of them, and its parameters carry logical axis names, so tests can check shardings.
-`data.nan_indices` turns chosen examples into NaNs to test the non-finite guard.
+`data.nan_indices` turns chosen examples into NaNs to test the non-finite guard, and
+`data.delay_s` slows each example down so tests can interrupt a run between checkpoints.
 """
 
 from __future__ import annotations
+
+import time
 
 import flax.linen as nn
 import jax
@@ -67,17 +70,25 @@ def loss_fn(model, params, batch, rng, train):
   return loss, {"mae": jnp.mean(jnp.abs(pred - batch["y"]))}
 
 
+def _slow(delay_s):
+  def transform(example, rng):
+    time.sleep(delay_s)
+    return example
+
+  return transform
+
+
 def train_data(config, *, process_index, process_count):
   examples = make_examples(config.data.num_examples, seed=0, nan_indices=config.data.nan_indices)
   return pipeline.train_dataset(
-      examples,
-      None,
-      batch_size=config.batch_size,
-      seed=config.seed,
-      process_index=process_index,
-      process_count=process_count,
-      num_workers=config.data.num_workers,
-      shuffle=config.data.shuffle,
+    examples,
+    _slow(config.data.delay_s) if config.data.delay_s else None,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=config.data.num_workers,
+    shuffle=config.data.shuffle,
   )
 
 

@@ -90,13 +90,13 @@ def check_shape(path: str | os.PathLike, name: str, array: np.ndarray, expected:
 
 
 def check_lengths_agree(
-    path: str | os.PathLike, num_samples: int, sample_rate: int, num_frames: int, fps: float
+  path: str | os.PathLike, num_samples: int, sample_rate: int, num_frames: int, fps: float
 ) -> None:
   """Raises `InvalidExample` unless audio and frames span the same time within one frame."""
   audio_frames = num_samples * fps / sample_rate
   if abs(audio_frames - num_frames) > 1.0 + 1e-6:
     raise InvalidExample(
-        path,
-        f"audio/mesh length mismatch: {num_samples} samples at {sample_rate} Hz is "
-        f"{audio_frames:.2f} frames at {fps} fps, but there are {num_frames} frames",
+      path,
+      f"audio/mesh length mismatch: {num_samples} samples at {sample_rate} Hz is "
+      f"{audio_frames:.2f} frames at {fps} fps, but there are {num_frames} frames",
     )

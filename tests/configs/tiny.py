@@ -1,6 +1,6 @@
 """Config of the tests' tiny regression task (tests/tinytask.py).
 
-    fdjax train --config tests/configs/tiny.py --workdir /tmp/tiny   (with tests/ on PYTHONPATH)
+fdjax train --config tests/configs/tiny.py --workdir /tmp/tiny   (with tests/ on PYTHONPATH)
 """
 
 from fdjax.config import base_config, parse_arg
@@ -14,6 +14,7 @@ def get_config(arg=None):
   c.model.dropout = 0.1
   c.data.num_examples = 256
   c.data.nan_indices = ()
+  c.data.delay_s = 0.0
   c.total_steps = args.steps
   c.batch_size = args.batch_size
   c.optim.lr = 1e-2

@@ -1,0 +1,45 @@
+# fdjax: the two Quickstart commands and a few conveniences.
+#   make demo   create .venv if needed, install fdjax, run the main job
+#   make test   create .venv if needed, install the test extra (and the system packages some
+#               tests need, e.g. SLURM, when run as root or with sudo), run the test suite
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_WORKDIR ?= runs/demo
+
+.PHONY: demo test lint system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+
+$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# torch is pinned to the CPU build the test machines carry; the test extra pins the same.
+$(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+system-deps:
+	@if command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null; }; then \
+	  bash .ci/install_slurm.sh; \
+	else \
+	  echo "make: cannot install SLURM here (no apt-get or root); its test will skip"; \
+	fi
+
+demo: $(VENV)/.installed
+	PYTHONPATH=tests $(BIN)/fdjax train --config tests/configs/tiny.py:steps=200 --workdir $(DEMO_WORKDIR)
+
+test: $(VENV)/.installed-test system-deps
+	$(BIN)/python -m pytest tests
+
+lint: $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q ruff
+	$(BIN)/ruff check fdjax data_pipelines launch experiments tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs
