@@ -130,11 +130,14 @@ def _model_and_optimizer(config, task):
   return model, tx, schedule
 
 
-def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None) -> dict[str, float]:
-  """Restores the parameters saved in `workdir` (latest, or `step`) and runs the evaluation."""
+def restore_params(config: Any, workdir: str, step: int | None = None, mesh=None):
+  """Restores the parameters saved in `workdir` (latest, or `step`).
+
+  Returns `(task, model, params, step)`; `params` are sharded on `mesh` (default: from config).
+  """
   setup_jax(config)
   task = load_task(config.task)
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = mesh or mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.as_rules(config.rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     model, tx, _ = _model_and_optimizer(config, task)
@@ -142,13 +145,24 @@ def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None) -> d
       mesh, rules, model, tx, task.dummy_batch(config, 1), getattr(task, "init_fn", None)
     )
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
-    step, state = checkpointer.restore(abstract, None, step=step)
-    checkpointer.close()
-    writer = MetricWriter(workdir)
     try:
-      return _evaluate(task, config, model, state, mesh, rules, workdir, step, writer)
+      step, state = checkpointer.restore(abstract, None, step=step)
     finally:
-      writer.close()
+      checkpointer.close()
+  return task, model, state.params, step
+
+
+def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None) -> dict[str, float]:
+  """Restores the parameters saved in `workdir` (latest, or `step`) and runs the evaluation."""
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.as_rules(config.rules)
+  task, model, params, step = restore_params(config, workdir, step, mesh)
+  writer = MetricWriter(workdir)
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return _evaluate(task, config, model, params, mesh, rules, workdir, step, writer)
+  finally:
+    writer.close()
 
 
 def _run(config, workdir, task, mesh, rules) -> TrainResult:
@@ -248,7 +262,9 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
         )
 
       if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
-        eval_metrics = _evaluate(task, config, model, state, mesh, rules, workdir, step, writer)
+        eval_metrics = _evaluate(
+          task, config, model, state.params, mesh, rules, workdir, step, writer
+        )
 
       preempted = (
         checkpointer.reached_preemption(step) if jax.process_count() > 1 else sigterm.received
@@ -263,7 +279,7 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
   if not preempted:
     if checkpointer.latest_step() != step:
       checkpointer.save(step, state, data_iter, force=True)
-    eval_metrics = _evaluate(task, config, model, state, mesh, rules, workdir, step, writer)
+    eval_metrics = _evaluate(task, config, model, state.params, mesh, rules, workdir, step, writer)
     if jax.process_index() == 0:
       final = {"step": step, **{f"train_{k}": v for k, v in train_metrics.items()}}
       final.update(eval_metrics)
@@ -274,13 +290,11 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
   return TrainResult(step, preempted, train_metrics, eval_metrics, state)
 
 
-def _evaluate(task, config, model, state, mesh, rules, workdir, step, writer) -> dict:
+def _evaluate(task, config, model, params, mesh, rules, workdir, step, writer) -> dict:
   if not hasattr(task, "evaluate"):
     return {}
   t0 = time.perf_counter()
-  metrics = task.evaluate(
-    config, model, state.params, mesh=mesh, rules=rules, workdir=workdir, step=step
-  )
+  metrics = task.evaluate(config, model, params, mesh=mesh, rules=rules, workdir=workdir, step=step)
   metrics = {k: (float(v) if np.ndim(v) == 0 else v) for k, v in metrics.items()}
   writer.write(step, "eval", {**metrics, "eval_time_s": time.perf_counter() - t0})
   writer.flush()
