@@ -1,0 +1,109 @@
+"""`data` commands: write a synthetic twin, build a dataset, inspect a built dataset.
+
+    data synth <dataset> --out RAW_DIR [--size tiny|demo] [--seed N]
+    data build <dataset> --raw RAW_DIR --data_dir DIR [--skip_invalid]
+    data inspect <dataset> --data_dir DIR [--out PNG]
+
+`fdjax data ...` hands its arguments to `main`. Datasets are found by import path, with no
+registry to edit: `data_pipelines.synthetic.<dataset>.write(out_dir, size, seed)` and
+`data_pipelines.builders.<dataset>.build(raw_dir, data_dir, skip_invalid)` /
+`.inspect(data_dir, out_png)`. A new dataset is a new builder module (and its twin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+import time
+from types import ModuleType
+
+from data_pipelines import builders, synthetic
+
+_NOT_DATASETS = {"common"}  # shared helpers among the builder modules
+
+
+def available_datasets() -> list[str]:
+  """Builder modules under `data_pipelines/builders` (private and shared modules excluded)."""
+  return sorted(
+    m.name
+    for m in pkgutil.iter_modules(builders.__path__)
+    if not m.name.startswith("_") and m.name not in _NOT_DATASETS
+  )
+
+
+class UnknownDataset(ValueError):
+  """The named dataset has no module of the kind a command needs."""
+
+
+def _dataset_module(package: ModuleType, dataset: str, function: str) -> ModuleType:
+  datasets = available_datasets()
+  if package is synthetic:
+    twins = {m.name for m in pkgutil.iter_modules(synthetic.__path__)}
+    datasets = [d for d in datasets if d in twins]
+  if dataset not in datasets:
+    kind = "synthetic twin" if package is synthetic else "dataset"
+    raise UnknownDataset(f"unknown {kind} {dataset!r}; available: {', '.join(datasets) or 'none'}")
+  module = importlib.import_module(f"{package.__name__}.{dataset}")
+  if not callable(getattr(module, function, None)):
+    raise UnknownDataset(f"{module.__name__} has no {function}() function")
+  return module
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="data", description=__doc__.split("\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  synth = commands.add_parser("synth", help="write a synthetic twin in the raw on-disk layout")
+  synth.add_argument("dataset")
+  synth.add_argument("--out", required=True, help="raw directory to write")
+  synth.add_argument("--size", default="tiny", choices=("tiny", "demo"))
+  synth.add_argument("--seed", type=int, default=0)
+  build = commands.add_parser("build", help="build the TFDS (array_record) dataset")
+  build.add_argument("dataset")
+  build.add_argument("--raw", required=True, help="raw directory (the download or a twin)")
+  build.add_argument("--data_dir", required=True, help="TFDS data directory to write")
+  build.add_argument(
+    "--skip_invalid", action="store_true", help="skip and count invalid examples (else fail)"
+  )
+  inspect = commands.add_parser("inspect", help="counts, shapes, statistics and a plot")
+  inspect.add_argument("dataset")
+  inspect.add_argument("--data_dir", required=True)
+  inspect.add_argument("--out", default=None, help="PNG to write (mesh motion / frames)")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs one `data` command; returns the process exit status."""
+  args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+  start = time.monotonic()
+  try:
+    module = _dataset_module(
+      synthetic if args.command == "synth" else builders,
+      args.dataset,
+      {"synth": "write", "build": "build", "inspect": "inspect"}[args.command],
+    )
+  except UnknownDataset as e:
+    print(f"data {args.command}: {e}", file=sys.stderr)
+    return 2
+  if args.command == "synth":
+    module.write(args.out, size=args.size, seed=args.seed)
+    print(
+      f"wrote synthetic {args.dataset} ({args.size}) to {args.out} "
+      f"in {time.monotonic() - start:.1f}s"
+    )
+  elif args.command == "build":
+    sizes = module.build(args.raw, args.data_dir, skip_invalid=args.skip_invalid)
+    print(
+      json.dumps(
+        {"dataset": args.dataset, "splits": sizes, "seconds": round(time.monotonic() - start, 1)}
+      )
+    )
+  else:
+    print(json.dumps(module.inspect(args.data_dir, args.out), indent=2, default=str))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

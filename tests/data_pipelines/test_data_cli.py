@@ -1,0 +1,57 @@
+"""`data synth|build|inspect`: datasets found by import path, progress and reports printed."""
+
+import json
+import pickle
+
+import tensorflow_datasets as tfds
+
+from data_pipelines import cli
+from data_pipelines.ops import safe_pickle
+
+
+def test_datasets_are_discovered_from_the_builders_package():
+  available = cli.available_datasets()
+  assert {"vocaset", "biwi"} <= set(available)
+  assert "common" not in available and not any(name.startswith("_") for name in available)
+
+
+def test_synth_build_inspect_round_trip(tmp_path, capsys):
+  raw, data_dir, png = str(tmp_path / "raw"), str(tmp_path / "data"), str(tmp_path / "m.png")
+  assert cli.main(["synth", "vocaset", "--out", raw, "--size", "tiny"]) == 0
+  assert "wrote synthetic vocaset (tiny)" in capsys.readouterr().out
+
+  assert cli.main(["build", "vocaset", "--raw", raw, "--data_dir", data_dir]) == 0
+  captured = capsys.readouterr()
+  assert "[vocaset train] 16/16 sequences, 0 skipped" in captured.err  # the progress line
+  summary = json.loads(captured.out.strip().splitlines()[-1])
+  assert summary["splits"] == {"train": 16, "validation": 2, "test": 2}
+  assert len(tfds.data_source("vocaset", data_dir=data_dir, split="test")) == 2
+
+  assert cli.main(["inspect", "vocaset", "--data_dir", data_dir, "--out", png]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["fps"] == 30 and report["sample_rate"] == 16000 and report["num_vertices"] == 5023
+  assert report["splits"]["train"]["num_examples"] == 16
+  assert report["skipped"] == {"train": 0, "validation": 0, "test": 0}
+  with open(png, "rb") as f:
+    assert f.read(4) == b"\x89PNG"
+
+
+def test_build_passes_skip_invalid(tmp_path, capsys):
+  raw = tmp_path / "raw"
+  assert cli.main(["synth", "vocaset", "--out", str(raw)]) == 0
+  # A sequence whose audio entry is missing from raw_audio_fixed.pkl.
+  raw_audio = safe_pickle.load_pickle(raw / "raw_audio_fixed.pkl")
+  del raw_audio["FaceTalk_170725_00137_TA"]["sentence01"]
+  (raw / "raw_audio_fixed.pkl").write_bytes(pickle.dumps(raw_audio))
+  args = ["build", "vocaset", "--raw", str(raw), "--data_dir", str(tmp_path / "data")]
+  assert cli.main([*args, "--skip_invalid"]) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["splits"]["train"] == 15
+
+
+def test_unknown_dataset_lists_the_available_ones(capsys):
+  assert cli.main(["build", "vocaset2", "--raw", "x", "--data_dir", "y"]) == 2
+  error = capsys.readouterr().err
+  assert "unknown dataset 'vocaset2'" in error and "biwi" in error and "vocaset" in error
+  assert cli.main(["synth", "common", "--out", "x"]) == 2
+  assert "unknown synthetic twin 'common'" in capsys.readouterr().err
