@@ -1,0 +1,402 @@
+"""What the video dataset builders (DFEW, MAFW, FERV39k, BP4D, DISFA) share.
+
+Each builder reads a dataset's raw layout from the directory the user gives (TFDS's
+`manual_dir`), decodes every clip once at build time, crops it to a centred square, resizes
+it to `frame_size` pixels and keeps at most `max_frames` frames, and writes uint8 frames to
+`array_record` files. Training then only samples, crops and jitters stored frames (see
+`data_pipelines/video.py`), which keeps the input pipeline cheap.
+
+Frames are stored raw (`Encoding.BYTES`): one contiguous buffer per clip that decodes with a
+single `np.frombuffer`, instead of TFDS's default of one varint per byte. The price is disk
+space, roughly `T x frame_size^2 x 3` bytes per example and split.
+
+Module-level helpers here build the standard `build` and `inspect` entry points that
+`data_pipelines/cli.py` calls for every dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image, ImageDraw
+
+from data_pipelines.builders.common import ExampleValidator, InvalidExample, check_shape
+from data_pipelines.ops import video as video_ops
+
+DEFAULT_FRAME_SIZE = 128
+DEFAULT_MAX_FRAMES = 32
+
+
+@dataclasses.dataclass(eq=False)
+class VideoConfig(tfds.core.BuilderConfig):
+  """Stored clip geometry."""
+
+  frame_size: int = DEFAULT_FRAME_SIZE  # stored frames are frame_size x frame_size pixels
+  max_frames: int = DEFAULT_MAX_FRAMES  # longer clips are uniformly subsampled to this
+  crop_fraction: float = 1.0  # side of the centred square crop, as a share of the short side
+
+
+def config_name(frame_size: int, max_frames: int) -> str:
+  """The name of the builder config that stores `max_frames` frames of `frame_size` pixels."""
+  return f"{frame_size}px_{max_frames}f"
+
+
+def standard_configs(window: bool = False) -> list[VideoConfig]:
+  """112-ready (128 px) and 224-ready (256 px) configs; the first is the default."""
+  what = "windows of up to" if window else "clips uniformly subsampled to at most"
+  return [
+    VideoConfig(
+      name=config_name(size, DEFAULT_MAX_FRAMES),
+      frame_size=size,
+      max_frames=DEFAULT_MAX_FRAMES,
+      description=f"{what} {DEFAULT_MAX_FRAMES} frames of {size}x{size} pixels",
+    )
+    for size in (128, 256)
+  ]
+
+
+class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the video builders: configs, the validate-or-skip loop, skipped counts."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def __init__(self, *, skip_invalid: bool = False, **kwargs):
+    """`skip_invalid`: skip (and count) bad examples instead of failing the build."""
+    self.skip_invalid = skip_invalid
+    super().__init__(**kwargs)
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> None:
+    # TFDS looks for a checksums file beside the builder's code through `importlib_resources`,
+    # which this environment does not ship; these builders download nothing, so there is
+    # nothing to checksum.
+    return None
+
+  @property
+  def video_config(self) -> VideoConfig:
+    return self.builder_config  # type: ignore[return-value]
+
+  def video_feature(self) -> tfds.features.Tensor:
+    """`[T, S, S, 3] uint8` stored as one raw byte buffer."""
+    size = self.video_config.frame_size
+    return tfds.features.Tensor(
+      shape=(None, size, size, 3), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+    )
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+      features=self.features_dict(),
+      metadata=tfds.core.MetadataDict(skipped={}),
+      homepage=self.HOMEPAGE,
+      citation=self.CITATION,
+    )
+
+  def features_dict(self) -> tfds.features.FeaturesDict:
+    raise NotImplementedError
+
+  HOMEPAGE = ""
+  CITATION = ""
+
+  def cached(self, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`compute()`, done once per build for each `key` (a clip or sequence path).
+
+    A clip belongs to several splits (one fold's test split, the other folds' train splits)
+    and TFDS writes split after split, so decoded clips are kept in a temporary directory
+    (under $TMPDIR) that lives as long as the builder. Failures are not cached: a bad clip
+    fails, or is skipped, in every split that lists it.
+    """
+    if getattr(self, "_clip_cache", None) is None:
+      self._clip_cache = tempfile.mkdtemp(prefix=f"{self.name}_clips_")
+      weakref.finalize(self, shutil.rmtree, self._clip_cache, True)
+    digest = hashlib.sha1(os.path.abspath(key).encode()).hexdigest()
+    path = os.path.join(self._clip_cache, digest + ".npz")
+    if os.path.isfile(path):
+      with np.load(path) as data:
+        return dict(data)
+    arrays = compute()
+    np.savez(path, **arrays)
+    return arrays
+
+  def load_clip(self, path: str) -> tuple[np.ndarray, int, np.ndarray]:
+    """`load_frames` with this config's geometry, decoded once per build."""
+    config = self.video_config
+
+    def compute() -> dict[str, np.ndarray]:
+      video, num_frames, indices = load_frames(
+        path, config.max_frames, config.frame_size, config.crop_fraction
+      )
+      return {"video": video, "num_frames": np.int64(num_frames), "indices": indices}
+
+    clip = self.cached(path, compute)
+    return clip["video"], int(clip["num_frames"]), clip["indices"]
+
+  def validated_examples(self, split: str, items: Sequence, load_fn) -> Iterator[tuple[str, dict]]:
+    """Yields `(key, example)` for every item via `load_fn(item) -> [(key, example), ...]`.
+
+    `load_fn` raises `InvalidExample` (or any decode error) for a bad item; the config's
+    `skip_invalid` decides whether that fails the build or is counted and skipped. The count
+    goes into the dataset's metadata (`info.metadata["skipped"][split]`).
+    """
+    validator = ExampleValidator(skip_invalid=self.skip_invalid)
+    for item in items:
+      examples = []
+      with validator.validated(item.path):
+        try:
+          examples = load_fn(item)
+        except video_ops.VideoDecodeError as e:
+          raise InvalidExample(e.path, e.reason) from e
+      yield from examples
+    validator.report(split)
+    self.info.metadata["skipped"][split] = len(validator.skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# Clip loading shared by the builders.
+
+
+def load_frames(
+  path: str, max_frames: int, frame_size: int, crop_fraction: float = 1.0
+) -> tuple[np.ndarray, int, np.ndarray]:
+  """Decodes a frame folder or video file into stored form.
+
+  Returns `(video [T, S, S, 3] uint8, num_frames, frame_indices [T])`: the raw clip's length
+  and which of its frames were kept (uniformly spaced when the clip is longer than
+  `max_frames`).
+  """
+  if os.path.isdir(path):
+    files = video_ops.list_frame_files(path)
+    num_frames = len(files)
+    indices = video_ops.uniform_indices(num_frames, min(num_frames, max_frames))
+    min_side = int(np.ceil(frame_size / crop_fraction))
+    frames = video_ops.read_frames([files[i] for i in indices], min_side=min_side)
+  else:
+    all_frames = list(video_ops.iter_video_frames(path))
+    num_frames = len(all_frames)
+    indices = video_ops.uniform_indices(num_frames, min(num_frames, max_frames))
+    frames = np.stack([all_frames[i] for i in indices])
+  video = video_ops.center_crop(frames, frame_size, crop_fraction)
+  check_shape(path, "video", video, (None, frame_size, frame_size, 3))
+  return video, num_frames, indices.astype(np.int32)
+
+
+def check_frame_count(path: str, annotated: int | None, decoded: int, where: str) -> None:
+  """Raises `InvalidExample` if the annotation's frame count is off by more than one."""
+  if annotated is not None and abs(annotated - decoded) > 1:
+    raise InvalidExample(path, f"{where} says {annotated} frames, but {decoded} decode")
+
+
+def check_label(path: str, label: int, num_classes: int, where: str) -> None:
+  """Raises `InvalidExample` unless `label` (1-based, as in the raw files) is in range."""
+  if not 1 <= label <= num_classes:
+    raise InvalidExample(path, f"label {label} from {where} is outside 1..{num_classes}")
+
+
+def read_lines(path: str) -> list[str]:
+  """Non-empty stripped lines of a text annotation file; a missing file names itself."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: annotation file not found")
+  with open(path, encoding="utf-8-sig") as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Frame windows for the action-unit datasets.
+
+
+def runs(numbers: np.ndarray) -> list[slice]:
+  """Slices of `numbers` (sorted) where they count up by one without gaps."""
+  breaks = np.flatnonzero(np.diff(numbers) != 1) + 1
+  edges = [0, *breaks.tolist(), len(numbers)]
+  return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def windows(numbers: np.ndarray, max_frames: int) -> list[slice]:
+  """Runs of consecutive frame numbers cut into windows of at most `max_frames`."""
+  out = []
+  for run in runs(numbers):
+    for start in range(run.start, run.stop, max_frames):
+      out.append(slice(start, min(start + max_frames, run.stop)))
+  return out
+
+
+def window_examples(
+  key_prefix: str,
+  video: np.ndarray,
+  numbers: np.ndarray,
+  occurrence: np.ndarray,
+  max_frames: int,
+  extra: dict,
+  intensity: np.ndarray | None = None,
+) -> list[tuple[str, dict]]:
+  """One example per window: frames, AUs of the centre frame, and AUs per frame.
+
+  Used by the action-unit builders (BP4D, DISFA), whose sequences are long: `numbers` `[N]`
+  are the frame numbers of `video` `[N, S, S, 3]` and `occurrence` `[N, A]`.
+  """
+  examples = []
+  for window in windows(numbers, max_frames):
+    frame_aus = occurrence[window].astype(np.float32)
+    example = {
+      "video": video[window],
+      "aus": frame_aus[len(frame_aus) // 2],
+      "frame_aus": frame_aus,
+      "num_frames": len(frame_aus),
+      "start_frame": int(numbers[window.start]),
+      **extra,
+      "key": f"{key_prefix}_{int(numbers[window.start]):05d}",
+    }
+    if intensity is not None:
+      example["frame_intensity"] = intensity[window].astype(np.float32)
+    examples.append((example["key"], example))
+  return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# The `build` and `inspect` entry points.
+
+
+def build_dataset(
+  builder_cls: type[VideoBuilder],
+  raw_dir: str,
+  data_dir: str,
+  skip_invalid: bool = False,
+  frame_size: int = DEFAULT_FRAME_SIZE,
+  max_frames: int = DEFAULT_MAX_FRAMES,
+  crop_fraction: float = 1.0,
+) -> dict[str, int]:
+  """Builds `builder_cls` from `raw_dir` into `data_dir`; returns the split sizes."""
+  if not os.path.isdir(raw_dir):
+    raise FileNotFoundError(f"{raw_dir}: raw dataset directory not found")
+  name = config_name(frame_size, max_frames)
+  registered = {c.name: c for c in builder_cls.BUILDER_CONFIGS}
+  if name in registered and registered[name].crop_fraction == crop_fraction:
+    config: VideoConfig | str = name
+  else:
+    if name in registered:
+      name += f"_crop{crop_fraction:g}"
+    config = VideoConfig(
+      name=name,
+      frame_size=frame_size,
+      max_frames=max_frames,
+      crop_fraction=crop_fraction,
+      description=f"at most {max_frames} frames of {frame_size}x{frame_size} pixels",
+    )
+  builder = builder_cls(
+    config=config, data_dir=data_dir, file_format="array_record", skip_invalid=skip_invalid
+  )
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(raw_dir))
+  )
+  skipped = dict(builder.info.metadata.get("skipped", {}))
+  if any(skipped.values()):
+    logging.warning("%s: skipped invalid examples per split: %s", builder.name, skipped)
+  return {name: split.num_examples for name, split in builder.info.splits.items()}
+
+
+def find_built(name: str, data_dir: str, config: str | None = None) -> str:
+  """The directory of a built dataset `name` under `data_dir` (newest version)."""
+  pattern = os.path.join(data_dir, name, config or "*", "*", "dataset_info.json")
+  found = sorted(glob.glob(pattern))
+  if not found:
+    raise FileNotFoundError(f"{data_dir}: no built {name!r} dataset (looked for {pattern})")
+  if config is None and len({os.path.dirname(os.path.dirname(p)) for p in found}) > 1:
+    configs = sorted({os.path.basename(os.path.dirname(os.path.dirname(p))) for p in found})
+    raise ValueError(f"{data_dir}: several {name!r} configs are built {configs}; name one")
+  return os.path.dirname(found[-1])
+
+
+def open_split(name: str, data_dir: str, split: str, config: str | None = None):
+  """A random-access source over one split of a built dataset (no builder code needed)."""
+  builder = tfds.builder_from_directory(find_built(name, data_dir, config))
+  return builder.as_data_source(split=split)
+
+
+def inspect_dataset(
+  name: str,
+  data_dir: str,
+  out_png: str | None = None,
+  config: str | None = None,
+  max_examples: int = 256,
+  class_names: Sequence[str] | None = None,
+) -> dict:
+  """Counts per split, shapes and dtypes, statistics, and a contact sheet of sample frames.
+
+  Statistics (label histogram or AU base rates, frame counts, pixel mean/std) are computed on
+  up to `max_examples` evenly spaced examples per split. The contact sheet shows up to six
+  clips of the first split, eight uniformly spaced frames each.
+  """
+  builder = tfds.builder_from_directory(find_built(name, data_dir, config))
+  report: dict = {
+    "name": name,
+    "config": builder.builder_config.name if builder.builder_config else None,
+    "splits": {},
+    "skipped": dict(builder.info.metadata.get("skipped", {})) if builder.info.metadata else {},
+  }
+  sheet_source = None
+  for split in builder.info.splits:
+    source = builder.as_data_source(split=split)
+    if sheet_source is None:
+      sheet_source = source
+    count = len(source)
+    entry: dict = {"num_examples": count}
+    picks = np.unique(np.linspace(0, count - 1, min(count, max_examples)).astype(int))
+    examples = [source[int(i)] for i in picks] if count else []
+    if examples:
+      entry["features"] = {
+        key: (list(np.shape(value)), str(np.asarray(value).dtype))
+        for key, value in examples[0].items()
+      }
+      videos = [np.asarray(e["video"]) for e in examples]
+      entry["stored_frames_mean"] = float(np.mean([len(v) for v in videos]))
+      entry["num_frames_mean"] = float(np.mean([int(e["num_frames"]) for e in examples]))
+      pixels = np.concatenate([v[:: max(1, len(v) // 4)].reshape(-1, 3) for v in videos])
+      entry["pixel_mean"] = [round(float(x), 2) for x in pixels.mean(0)]
+      entry["pixel_std"] = [round(float(x), 2) for x in pixels.std(0)]
+      if "label" in examples[0]:
+        labels = np.array([int(e["label"]) for e in examples])
+        names = class_names or [str(i) for i in range(labels.max() + 1)]
+        entry["label_counts"] = {n: int((labels == i).sum()) for i, n in enumerate(names)}
+      if "aus" in examples[0]:
+        aus = np.stack([np.asarray(e["aus"]) for e in examples])
+        entry["au_base_rate"] = [round(float(x), 3) for x in aus.mean(0)]
+    report["splits"][split] = entry
+  if out_png and sheet_source is not None and len(sheet_source):
+    contact_sheet(sheet_source, out_png, class_names)
+    report["contact_sheet"] = out_png
+  return report
+
+
+def contact_sheet(
+  source, out_png: str, class_names: Sequence[str] | None = None, rows: int = 6, cols: int = 8
+) -> None:
+  """Saves a grid of frames: one clip per row, uniformly spaced frames, label on the left."""
+  count = len(source)
+  picks = np.unique(np.linspace(0, count - 1, min(rows, count)).astype(int))
+  tiles = []
+  for i in picks:
+    example = source[int(i)]
+    video = np.asarray(example["video"])
+    row = video[video_ops.uniform_indices(len(video), cols)]
+    strip = Image.fromarray(np.concatenate(list(row), axis=1))
+    draw = ImageDraw.Draw(strip)
+    if "label" in example:
+      label = int(example["label"])
+      text = class_names[label] if class_names else str(label)
+    else:
+      text = "AU " + "".join(str(int(x)) for x in np.asarray(example["aus"]))
+    draw.text((2, 2), text, fill=(255, 255, 0))
+    tiles.append(np.asarray(strip))
+  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+  Image.fromarray(np.concatenate(tiles, axis=0)).save(out_png)
