@@ -103,7 +103,7 @@ def predict_fn(config, model):
   def predict(params, x):
     return model.apply({"params": params}, {"x": x})[0]
 
-  return predict, {"x": np.zeros((2, IN), np.float32)}
+  return predict, {"x": (f"b, {IN}", "float32")}
 
 
 def flops_per_example(config):

@@ -24,9 +24,19 @@ A task module provides:
     evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> dict[str, float]
         (optional) Metrics over the evaluation split(s), e.g. over whole test sequences.
 
-    predict_fn(config, model) -> (predict, example_inputs)
-        `predict(params, **inputs) -> outputs` is the function that export serialises;
-        `example_inputs` is a dict of arrays with the inputs' shapes and dtypes.
+    predict_fn(config, model) -> (predict, input_specs)
+        `predict(params, **inputs) -> outputs` is the function that `fdjax export` serialises
+        (`fdjax.export`); `outputs` is one array or a dict of named arrays. `input_specs` maps
+        each input name to `(shape, dtype)`, the shape a string of dims such as `"b, s"` or
+        `"b, 5023, 3"` and the dtype a numpy name such as `"float32"`. Named dims are symbolic
+        (`jax.export.symbolic_shape`) and share one scope, so a name means the same size in
+        every input: `b` batch, `t` frames, `s` audio samples. `fdjax export --batch 4
+        --time 90` replaces `b` and `t` (and `s`, as `t * sample_rate / fps`) by sizes.
+        Optional companions: `export_metadata(config) -> dict` (JSON values written to
+        signature.json, e.g. `sample_rate`, `fps`, `num_vertices`, `class_names`,
+        `audio_input`); `export_defaults(config) -> dict[str, np.ndarray]` (per-example values
+        the server fills in for inputs a request leaves out, e.g. a `template` [V, 3]);
+        `symbolic_constraints(config) -> list[str]` (e.g. `["s >= 400"]`).
 
     init_fn(model, rngs, batch) -> variables
         (optional) When `model.init(rngs, batch)` is not how the model is initialised.
