@@ -85,8 +85,17 @@ def train_dataset(
     grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch_buffer_size)
   )
   if num_workers > 0:
+    _mark_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it
+
+
+def _mark_flags_parsed() -> None:
+  """Grain's workers read absl flags; outside `absl.app` nobody has parsed them."""
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 def eval_dataset(
