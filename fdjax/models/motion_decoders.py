@@ -1,0 +1,1051 @@
+"""Speech-driven motion decoders: audio features + template + style -> per-frame mesh vertices.
+
+Where this sits: an audio encoder (`fdjax/models/wav2vec2.py`) turns the waveform into features
+`[B, T_a, D_audio]` aligned to the mesh frame rate (one feature per frame, VOCASET style, or two,
+BIWI style); a decoder here turns them into vertex offsets that are added to the subject's
+neutral `template` `[B, V, 3]`; `fdjax/models/losses.py` and `fdjax/metrics/` compare the
+result with the captured `vertices` `[B, T, V, 3]`.
+
+- `FaceFormerDecoder`: autoregressive transformer decoder (FaceFormer, Fan et al. 2022).
+  Training is teacher-forced (`__call__`); prediction (`generate`) decodes frame by frame with
+  a key/value cache inside `nn.scan`: each step runs one query per layer against the cache, so
+  the work per frame is constant apart from one read of the cache, and memory is linear in the
+  length. `generate_without_cache` re-runs the whole causal decoder at every step, as
+  FaceFormer's `predict` does; it is the reference the cache is tested against.
+- `NonAutoregressiveDecoder`: one pass of a transformer encoder over the frame-aligned audio.
+- Both take optional emotion and intensity conditioning (EMOTE / EmoFace style): embeddings of
+  the class and level indices added to the speaking-style embedding.
+
+FaceFormer semantics kept (from reading its `faceformer.py`):
+- periodic positional encoding: sinusoid of `t mod period`, sin/cos interleaved;
+- temporal bias: on top of the causal mask, key `j` of query `i` gets
+  `-slope_h * floor((i - j) / period)`, with the ALiBi slopes of `num_heads` heads;
+- alignment bias: frame `t` cross-attends only to audio features
+  `[t * audio_frames_per_frame, (t + 1) * audio_frames_per_frame)` (1 for VOCASET, 2 for BIWI);
+- PyTorch's default post-norm decoder layer (self-attention, cross-attention, ReLU MLP), motion
+  input `Dense(vertex offsets) + style`, output layer initialised to zero so training starts
+  from the template.
+
+Deviations, on purpose:
+- No maximum length: FaceFormer precomputes the bias and the encoding for 600 frames (20 s at
+  30 fps); here both are computed from positions for any length.
+- FaceFormer passes its `[H, T, T]` bias where PyTorch expects `[B * H, T, T]`, so the per-head
+  slopes are right only at batch size 1 (the size it trains with); here every batch element
+  gets every head's slope.
+- Start token: FaceFormer's teacher-forced start is `Dense(0) + style` (the embedding bias plus
+  style) while its inference start is `style` alone; here both use `style`, so training and
+  generation see the same first input.
+- The alignment mask is evaluated as attention within each frame's group of aligned audio
+  features (a `[B, T, r]` score tensor) instead of a dense `[T, T_a]` mask: the same result in
+  linear memory.
+- Dropout is applied to the residual branches and the encoded input, not to attention weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Large negative score for masked keys: finite, so a fully masked row gives uniform weights
+# instead of NaN, and exp() of it underflows to exactly zero next to any unmasked score.
+_MASKED_SCORE = -1e30
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """Per-head slopes of ALiBi (Press et al. 2022), as FaceFormer uses them.
+
+  For a power of two n the slopes are the geometric sequence 2^(-8/n), 2^(-16/n), ...; other
+  head counts take the power of two below and fill up with every other slope of the power of
+  two above.
+
+  Returns:
+    `[H]` float32 slopes.
+  """
+  if num_heads < 1:
+    raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+
+  def geometric(n: int) -> list[float]:
+    first = 2.0 ** (-8.0 / n)
+    return [first ** (i + 1) for i in range(n)]
+
+  if math.log2(num_heads).is_integer():
+    slopes = geometric(num_heads)
+  else:
+    lower = 2 ** math.floor(math.log2(num_heads))
+    slopes = geometric(lower) + list(alibi_slopes(2 * lower)[0::2][: num_heads - lower])
+  return np.asarray(slopes, dtype=np.float32)
+
+
+def periodic_positional_encoding(positions: Array, d_model: int, period: int) -> Array:
+  """FaceFormer's periodic positional encoding for any positions.
+
+  Args:
+    positions: integer positions, any shape `[...]`.
+    d_model: even feature size.
+    period: the encoding repeats every `period` positions.
+
+  Returns:
+    `[..., d_model]` float32, sin at even and cos at odd features.
+  """
+  if d_model % 2:
+    raise ValueError(f"d_model must be even for the positional encoding, got {d_model}")
+  phase = jnp.mod(positions, period).astype(jnp.float32)[..., None]  # [..., 1]
+  frequencies = jnp.exp(
+    jnp.arange(0, d_model, 2, dtype=jnp.float32) * (-math.log(10000.0) / d_model)
+  )
+  angles = phase * frequencies  # [..., D/2]
+  encoding = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [..., D/2, 2]
+  return encoding.reshape(*angles.shape[:-1], d_model)
+
+
+def periodic_alibi_bias(
+  query_positions: Array, key_positions: Array, slopes: np.ndarray, period: int, causal: bool
+) -> Array:
+  """FaceFormer's temporal bias: `-slope_h * floor(distance / period)`.
+
+  Args:
+    query_positions: `[Tq]` int positions.
+    key_positions: `[Tk]` int positions.
+    slopes: `[H]` per-head slopes (`alibi_slopes`).
+    period: distances within one period get the same bias.
+    causal: distance is `query - key` (future keys are masked separately); otherwise
+      `|query - key|`, so the bias is symmetric.
+
+  Returns:
+    `[H, Tq, Tk]` float32 bias, to add to the attention scores.
+  """
+  distance = query_positions[:, None] - key_positions[None, :]  # [Tq, Tk]
+  if causal:
+    distance = jnp.maximum(distance, 0)
+  else:
+    distance = jnp.abs(distance)
+  steps = jnp.floor_divide(distance, period).astype(jnp.float32)
+  return -jnp.asarray(slopes)[:, None, None] * steps[None]
+
+
+def dot_product_attention(
+  query: Array, key: Array, value: Array, bias: Array | None = None, mask: Array | None = None
+) -> Array:
+  """Scaled dot-product attention with an additive bias and a boolean mask.
+
+  Scores and softmax run in float32 whatever the compute dtype.
+
+  Args:
+    query: `[B, Tq, H, Dh]`.
+    key: `[B, Tk, H, Dh]`.
+    value: `[B, Tk, H, Dh]`.
+    bias: broadcastable to `[B, H, Tq, Tk]`, added to the scores.
+    mask: bool, broadcastable to `[B, H, Tq, Tk]`; False keys get no weight.
+
+  Returns:
+    `[B, Tq, H, Dh]` in the dtype of `value`.
+  """
+  scale = 1.0 / math.sqrt(query.shape[-1])
+  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    scores = scores + bias
+  if mask is not None:
+    scores = jnp.where(mask, scores, _MASKED_SCORE)
+  weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def aligned_attention(query: Array, key: Array, value: Array) -> Array:
+  """Cross-attention under FaceFormer's alignment mask, in linear memory.
+
+  Frame `t` attends only to its own group of `r` audio features; grouping the keys by frame
+  gives the same result as the dense `[T, T_a]` mask without building it.
+
+  Args:
+    query: `[B, T, H, Dh]`.
+    key: `[B, T, r, H, Dh]` the audio features aligned to each frame.
+    value: `[B, T, r, H, Dh]`.
+
+  Returns:
+    `[B, T, H, Dh]`.
+  """
+  scale = 1.0 / math.sqrt(query.shape[-1])
+  scores = jnp.einsum("bthd,btrhd->bthr", query, key, preferred_element_type=jnp.float32) * scale
+  weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+  return jnp.einsum("bthr,btrhd->bthd", weights, value)
+
+
+def alignment_mask(num_frames: int, num_audio_frames: int, audio_frames_per_frame: int) -> Array:
+  """FaceFormer's alignment mask as a dense `[T, T_a]` bool (True = may attend).
+
+  The decoders evaluate it with `aligned_attention`; this dense form documents the rule and
+  lets tests check the two agree.
+  """
+  frames = jnp.arange(num_frames)[:, None]
+  audio = jnp.arange(num_audio_frames)[None, :]
+  return jnp.floor_divide(audio, audio_frames_per_frame) == frames
+
+
+def dense(
+  features: int,
+  names: tuple[str, str],
+  *,
+  dtype: Any,
+  zero_init: bool = False,
+  use_bias: bool = True,
+  name: str | None = None,
+) -> nn.Dense:
+  """`nn.Dense` whose kernel and bias carry logical axis names (`names` = (in, out))."""
+  kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=nn.with_logical_partitioning(kernel_init, names),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[1:]),
+    name=name,
+  )
+
+
+def layer_norm(dtype: Any, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm with PyTorch's epsilon and logically named scale and bias."""
+  return nn.LayerNorm(
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+    name=name,
+  )
+
+
+def _check_int_indices(name: str, value: Array, batch_size: int) -> None:
+  if value.shape != (batch_size,):
+    raise ValueError(f"{name} must have shape [B]=({batch_size},), got {tuple(value.shape)}")
+  if not jnp.issubdtype(value.dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer index array, got dtype {value.dtype}")
+
+
+def check_template(template: Array, num_vertices: int, batch_size: int) -> None:
+  """Raises a clear error when `template` is not `[B, V, 3]` with the model's V."""
+  if template.shape != (batch_size, num_vertices, 3):
+    raise ValueError(
+      f"template must have shape [B, V, 3]=({batch_size}, {num_vertices}, 3) "
+      f"(num_vertices={num_vertices}), got {tuple(template.shape)}"
+    )
+
+
+def group_audio_frames(
+  audio_features: Array, num_frames: int, audio_frames_per_frame: int
+) -> Array:
+  """Cuts `[B, T_a, D]` audio features into `[B, T, r, D]` groups aligned to mesh frames.
+
+  Features beyond `T * r` are dropped (as FaceFormer's alignment mask ignores them); fewer than
+  `T * r` is an error, since some frames would hear nothing.
+  """
+  if audio_features.ndim != 3:
+    raise ValueError(
+      f"audio_features must be [B, T_a, D_audio], got shape {tuple(audio_features.shape)}"
+    )
+  needed = num_frames * audio_frames_per_frame
+  if audio_features.shape[1] < needed:
+    raise ValueError(
+      f"audio_features has {audio_features.shape[1]} frames but {num_frames} mesh frames need "
+      f"{needed} (audio_frames_per_frame={audio_frames_per_frame}); resample the audio "
+      "features to the mesh frame rate first"
+    )
+  batch, _, features = audio_features.shape
+  return audio_features[:, :needed].reshape(batch, num_frames, audio_frames_per_frame, features)
+
+
+class MultiHeadAttention(nn.Module):
+  """Projections of multi-head attention; the attention itself is a plain function."""
+
+  num_heads: int  # attention heads
+  d_model: int  # model width; heads are d_model // num_heads wide
+  dtype: Any = jnp.float32  # compute dtype
+
+  def setup(self):
+    if self.d_model % self.num_heads:
+      raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+    head_dim = self.d_model // self.num_heads
+
+    def projection(name):
+      return nn.DenseGeneral(
+        (self.num_heads, head_dim),
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(
+          nn.initializers.xavier_uniform(), ("embed", "heads", "head_dim")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "head_dim")),
+        name=name,
+      )
+
+    self.query_projection = projection("query")
+    self.key_projection = projection("key")
+    self.value_projection = projection("value")
+    self.output_projection = nn.DenseGeneral(
+      self.d_model,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.with_logical_partitioning(
+        nn.initializers.xavier_uniform(batch_axis=()), ("heads", "head_dim", "embed")
+      ),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+      name="out",
+    )
+
+  def query(self, x: Array) -> Array:
+    """`[..., D]` -> `[..., H, Dh]`."""
+    return self.query_projection(x)
+
+  def key_value(self, x: Array) -> tuple[Array, Array]:
+    """`[..., D]` -> two `[..., H, Dh]`."""
+    return self.key_projection(x), self.value_projection(x)
+
+  def output(self, heads: Array) -> Array:
+    """`[..., H, Dh]` -> `[..., D]`."""
+    return self.output_projection(heads)
+
+
+class FeedForward(nn.Module):
+  """Position-wise MLP: Dense -> ReLU -> dropout -> Dense."""
+
+  d_model: int  # model width
+  mlp_dim: int  # hidden width
+  dropout_rate: float = 0.1  # dropout on the hidden activations
+  dtype: Any = jnp.float32  # compute dtype
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    h = dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="wi")(x)
+    h = nn.relu(h)
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
+    return dense(self.d_model, ("mlp", "embed"), dtype=self.dtype, name="wo")(h)
+
+
+class DecoderLayer(nn.Module):
+  """PyTorch-style transformer decoder layer: causal self-attention, aligned cross-attention, MLP.
+
+  `__call__` runs a whole sequence; `step` runs one frame against a key/value cache. Both use the
+  same parameters and the same arithmetic, so they agree to float rounding.
+  """
+
+  d_model: int  # model width
+  num_heads: int  # attention heads
+  mlp_dim: int  # MLP hidden width
+  dropout_rate: float = 0.1  # dropout on residual branches
+  pre_norm: bool = False  # False = post-norm, PyTorch's default and FaceFormer's
+  dtype: Any = jnp.float32  # compute dtype
+
+  def setup(self):
+    self.self_attention = MultiHeadAttention(self.num_heads, self.d_model, self.dtype)
+    self.cross_attention = MultiHeadAttention(self.num_heads, self.d_model, self.dtype)
+    self.feed_forward = FeedForward(self.d_model, self.mlp_dim, self.dropout_rate, self.dtype)
+    self.self_attention_norm = layer_norm(self.dtype)
+    self.cross_attention_norm = layer_norm(self.dtype)
+    self.feed_forward_norm = layer_norm(self.dtype)
+    self.dropout = nn.Dropout(self.dropout_rate)
+
+  def _residual(self, x: Array, branch, norm, train: bool) -> Array:
+    if self.pre_norm:
+      return x + self.dropout(branch(norm(x)), deterministic=not train)
+    return norm(x + self.dropout(branch(x), deterministic=not train))
+
+  def _cross(self, x: Array, memory: Array) -> Array:
+    # x [B, T, D], memory [B, T, r, D]
+    key, value = self.cross_attention.key_value(memory)
+    heads = aligned_attention(self.cross_attention.query(x), key, value)
+    return self.cross_attention.output(heads)
+
+  def __call__(
+    self, x: Array, memory: Array, self_bias: Array, self_mask: Array, train: bool = False
+  ) -> Array:
+    """Whole-sequence pass.
+
+    Args:
+      x: `[B, T, D]` motion inputs.
+      memory: `[B, T, r, D]` projected audio features grouped by frame.
+      self_bias: `[H, T, T]` temporal bias.
+      self_mask: `[T, T]` bool causal mask.
+      train: enables dropout.
+
+    Returns:
+      `[B, T, D]`.
+    """
+
+    def self_attend(h):
+      key, value = self.self_attention.key_value(h)
+      heads = dot_product_attention(
+        self.self_attention.query(h), key, value, bias=self_bias[None], mask=self_mask
+      )
+      return self.self_attention.output(heads)
+
+    x = self._residual(x, self_attend, self.self_attention_norm, train)
+    x = self._residual(x, lambda h: self._cross(h, memory), self.cross_attention_norm, train)
+    return self._residual(x, lambda h: self.feed_forward(h, train), self.feed_forward_norm, train)
+
+  def step(
+    self,
+    x: Array,
+    memory: Array,
+    position: Array,
+    cache: tuple[Array, Array],
+    self_bias: Array,
+    self_mask: Array,
+  ) -> tuple[Array, tuple[Array, Array]]:
+    """One frame against the key/value cache (no dropout).
+
+    Args:
+      x: `[B, 1, D]` the motion input of frame `position`.
+      memory: `[B, 1, r, D]` that frame's audio features.
+      position: scalar int, the frame index.
+      cache: keys and values `[B, T_max, H, Dh]`, filled for frames before `position`.
+      self_bias: `[H, 1, T_max]` temporal bias of this query against every cache slot.
+      self_mask: `[1, T_max]` bool, True for slots `<= position`.
+
+    Returns:
+      `[B, 1, D]` and the cache with this frame's key and value written at `position`.
+    """
+    cache_key, cache_value = cache
+
+    def self_attend(h):
+      nonlocal cache_key, cache_value
+      key, value = self.self_attention.key_value(h)  # [B, 1, H, Dh]
+      cache_key = jax.lax.dynamic_update_slice_in_dim(
+        cache_key, key.astype(cache_key.dtype), position, axis=1
+      )
+      cache_value = jax.lax.dynamic_update_slice_in_dim(
+        cache_value, value.astype(cache_value.dtype), position, axis=1
+      )
+      heads = dot_product_attention(
+        self.self_attention.query(h), cache_key, cache_value, bias=self_bias[None], mask=self_mask
+      )
+      return self.self_attention.output(heads)
+
+    x = self._residual(x, self_attend, self.self_attention_norm, False)
+    x = self._residual(x, lambda h: self._cross(h, memory), self.cross_attention_norm, False)
+    x = self._residual(x, lambda h: self.feed_forward(h, False), self.feed_forward_norm, False)
+    return x, (cache_key, cache_value)
+
+
+class EncoderLayer(nn.Module):
+  """PyTorch-style transformer encoder layer: biased (non-causal) self-attention and MLP."""
+
+  d_model: int  # model width
+  num_heads: int  # attention heads
+  mlp_dim: int  # MLP hidden width
+  dropout_rate: float = 0.1  # dropout on residual branches
+  pre_norm: bool = False  # False = post-norm (PyTorch's default)
+  dtype: Any = jnp.float32  # compute dtype
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, mask: Array, train: bool = False) -> Array:
+    """Args: x `[B, T, D]`; bias `[H, T, T]`; mask bool broadcastable to `[B, 1, T, T]`."""
+    attention = MultiHeadAttention(self.num_heads, self.d_model, self.dtype, name="attention")
+    feed_forward = FeedForward(
+      self.d_model, self.mlp_dim, self.dropout_rate, self.dtype, name="feed_forward"
+    )
+    attention_norm = layer_norm(self.dtype, name="attention_norm")
+    feed_forward_norm = layer_norm(self.dtype, name="feed_forward_norm")
+    dropout = nn.Dropout(self.dropout_rate)
+
+    def attend(h):
+      key, value = attention.key_value(h)
+      heads = dot_product_attention(attention.query(h), key, value, bias=bias[None], mask=mask)
+      return attention.output(heads)
+
+    def residual(h, branch, norm):
+      if self.pre_norm:
+        return h + dropout(branch(norm(h)), deterministic=not train)
+      return norm(h + dropout(branch(h), deterministic=not train))
+
+    x = residual(x, attend, attention_norm)
+    return residual(x, lambda h: feed_forward(h, train), feed_forward_norm)
+
+
+class TransformerEncoder(nn.Module):
+  """A stack of `EncoderLayer`s with FaceFormer's symmetric temporal bias and a padding mask.
+
+  Valid frames attend only to valid frames, so their outputs do not depend on padding.
+  """
+
+  d_model: int  # model width
+  num_heads: int  # attention heads
+  num_layers: int  # encoder layers
+  mlp_dim: int  # MLP hidden width
+  period: int  # frames per step of the temporal bias
+  attention_window: int = 0  # frames each side a frame may attend to; 0 = the whole sequence
+  dropout_rate: float = 0.1  # dropout on residual branches
+  pre_norm: bool = False  # False = post-norm
+  dtype: Any = jnp.float32  # compute dtype
+
+  @nn.compact
+  def __call__(self, x: Array, frame_mask: Array, train: bool = False) -> Array:
+    """Args: x `[B, T, D]`; frame_mask `[B, T]` bool. Returns `[B, T, D]`."""
+    num_frames = x.shape[1]
+    positions = jnp.arange(num_frames)
+    bias = periodic_alibi_bias(
+      positions, positions, alibi_slopes(self.num_heads), self.period, causal=False
+    )  # [H, T, T]
+    mask = frame_mask[:, None, None, :]  # [B, 1, 1, T] keys
+    if self.attention_window > 0:
+      local = jnp.abs(positions[:, None] - positions[None, :]) <= self.attention_window
+      mask = mask & local[None, None]
+    for index in range(self.num_layers):
+      x = EncoderLayer(
+        self.d_model,
+        self.num_heads,
+        self.mlp_dim,
+        self.dropout_rate,
+        self.pre_norm,
+        self.dtype,
+        name=f"layer_{index}",
+      )(x, bias, mask, train)
+      x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
+    if self.pre_norm:
+      # Pre-norm stacks leave the residual stream unnormalised; close with a norm as is usual.
+      x = layer_norm(self.dtype, name="final_norm")(x)
+    return x
+
+
+class ConditionEmbedding(nn.Module):
+  """Speaking style plus optional emotion and intensity, as one `[B, D]` vector.
+
+  Each is a one-hot index through a bias-free Dense (FaceFormer's `obj_vector`); the three are
+  summed, which equals one Dense over their concatenated one-hots (EMOTE's conditioning).
+  Indices outside `[0, num_*)` give a zero embedding (jax one-hot semantics).
+  """
+
+  features: int  # output width (the decoder's d_model)
+  num_styles: int  # speaking styles (training subjects); 0 disables the style embedding
+  num_emotions: int = 0  # emotion classes; 0 disables emotion conditioning
+  num_intensities: int = 0  # emotion intensity levels; 0 disables intensity conditioning
+  dtype: Any = jnp.float32  # compute dtype
+
+  @nn.compact
+  def __call__(
+    self,
+    style: Array | None,
+    emotion: Array | None = None,
+    intensity: Array | None = None,
+    *,
+    batch_size: int,
+  ) -> Array:
+    """Returns `[B, D]`. Indices are `[B]` int; an enabled one that is None is an error."""
+    condition = jnp.zeros((batch_size, self.features), self.dtype)
+    for field, count_field, count, value in (
+      ("style", "num_styles", self.num_styles, style),
+      ("emotion", "num_emotions", self.num_emotions, emotion),
+      ("intensity", "num_intensities", self.num_intensities, intensity),
+    ):
+      if count <= 0:
+        continue
+      if value is None:
+        raise ValueError(f"{field} is required: the model was built with {count_field}={count}")
+      _check_int_indices(field, value, batch_size)
+      one_hot = jax.nn.one_hot(value, count, dtype=self.dtype)  # [B, count]
+      condition = condition + dense(
+        self.features,
+        ("vocab", "embed"),
+        dtype=self.dtype,
+        use_bias=False,
+        name=f"{field}_embedding",
+      )(one_hot)
+    return condition
+
+
+def _decode_variant(cls_name: str, variants: dict[str, dict], variant: str) -> dict:
+  if variant not in variants:
+    raise ValueError(f"unknown {cls_name} variant {variant!r}; known: {sorted(variants)}")
+  return dict(variants[variant])
+
+
+# FaceFormer's published sizes: 4 heads, 1 layer, MLP 2 * d_model; VOCASET at 30 fps with
+# d_model 64 and period 30, BIWI at 25 fps with d_model 128, period 25 and 2 audio features per
+# frame. `tiny` is for tests.
+FACEFORMER_VARIANTS: dict[str, dict] = {
+  "vocaset": dict(
+    num_vertices=5023,
+    d_model=64,
+    num_heads=4,
+    num_layers=1,
+    mlp_dim=128,
+    period=30,
+    audio_frames_per_frame=1,
+    num_styles=8,
+  ),
+  "biwi": dict(
+    num_vertices=23370,
+    d_model=128,
+    num_heads=4,
+    num_layers=1,
+    mlp_dim=256,
+    period=25,
+    audio_frames_per_frame=2,
+    num_styles=6,
+  ),
+  "tiny": dict(
+    num_vertices=8,
+    d_model=16,
+    num_heads=2,
+    num_layers=1,
+    mlp_dim=32,
+    period=4,
+    audio_frames_per_frame=1,
+    num_styles=3,
+    dropout_rate=0.0,
+  ),
+}
+
+
+class FaceFormerDecoder(nn.Module):
+  """Autoregressive speech-to-motion decoder in the FaceFormer style.
+
+  Inputs (DESIGN section 3): `audio_features [B, T_a, D_audio]` aligned to the mesh frames
+  (`T_a >= T * audio_frames_per_frame`), `template [B, V, 3]`, `style [B]` int32, optional
+  `emotion`/`intensity [B]` int32, `vertices [B, T, V, 3]`, `frame_mask [B, T]` bool.
+  Outputs `vertices [B, T, V, 3]` = template + predicted offsets.
+
+  Use `__call__` (teacher forcing) for training and `generate` for prediction; initialise with
+  `__call__`.
+  """
+
+  num_vertices: int = 5023  # V, mesh vertices (FLAME for VOCASET)
+  d_model: int = 64  # transformer width (FaceFormer: 64 VOCASET, 128 BIWI)
+  num_heads: int = 4  # attention heads (one ALiBi slope each)
+  num_layers: int = 1  # decoder layers
+  mlp_dim: int = 128  # decoder MLP hidden width (FaceFormer: 2 * d_model)
+  period: int = 30  # frames per period of the positional encoding and the temporal bias
+  audio_frames_per_frame: int = 1  # audio features per mesh frame: 1 VOCASET, 2 BIWI
+  num_styles: int = 8  # speaking styles (training subjects); 0 disables
+  num_emotions: int = 0  # emotion classes for EMOTE-style conditioning; 0 disables
+  num_intensities: int = 0  # emotion intensity levels; 0 disables
+  dropout_rate: float = 0.1  # dropout on the encoded input and the residual branches
+  pre_norm: bool = False  # False = post-norm layers, as FaceFormer (PyTorch default)
+  dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+  @classmethod
+  def from_variant(cls, variant: str, **overrides: Any) -> FaceFormerDecoder:
+    """Builds a named size (`FACEFORMER_VARIANTS`) with fields overridden by `overrides`."""
+    return cls(**{**_decode_variant(cls.__name__, FACEFORMER_VARIANTS, variant), **overrides})
+
+  def setup(self):
+    self.audio_projection = dense(self.d_model, ("mlp", "embed"), dtype=self.dtype)
+    self.vertex_embedding = dense(self.d_model, ("vertices", "embed"), dtype=self.dtype)
+    self.condition_embedding = ConditionEmbedding(
+      self.d_model, self.num_styles, self.num_emotions, self.num_intensities, self.dtype
+    )
+    self.layers = [
+      DecoderLayer(
+        self.d_model, self.num_heads, self.mlp_dim, self.dropout_rate, self.pre_norm, self.dtype
+      )
+      for _ in range(self.num_layers)
+    ]
+    # Zero-initialised so the untrained model predicts the template (FaceFormer's init).
+    self.offset_projection = dense(
+      self.num_vertices * 3, ("embed", "vertices"), dtype=self.dtype, zero_init=True
+    )
+    self.input_dropout = nn.Dropout(self.dropout_rate)
+    if self.pre_norm:
+      # Pre-norm stacks leave the residual stream unnormalised; close with a norm as is usual.
+      self.final_norm = layer_norm(self.dtype)
+
+  def _output(self, x: Array) -> Array:
+    # x [..., D] decoder features -> [..., V*3] offsets
+    if self.pre_norm:
+      x = self.final_norm(x)
+    return self.offset_projection(x)
+
+  def _prepare(self, audio_features, template, style, emotion, intensity, num_frames):
+    batch_size = audio_features.shape[0]
+    check_template(template, self.num_vertices, batch_size)
+    memory = group_audio_frames(audio_features, num_frames, self.audio_frames_per_frame)
+    memory = self.audio_projection(memory.astype(self.dtype))  # [B, T, r, D]
+    condition = self.condition_embedding(style, emotion, intensity, batch_size=batch_size)
+    return memory, condition  # [B, T, r, D], [B, D]
+
+  def _embed_offsets(self, offsets: Array) -> Array:
+    # offsets [..., V*3] -> [..., D]
+    return self.vertex_embedding(offsets.astype(self.dtype))
+
+  def _encode_inputs(self, inputs: Array, train: bool) -> Array:
+    # inputs [B, T, D] (motion embedding + condition) -> plus periodic positional encoding
+    positions = jnp.arange(inputs.shape[1])
+    encoding = periodic_positional_encoding(positions, self.d_model, self.period)
+    inputs = inputs + encoding.astype(inputs.dtype)[None]
+    return self.input_dropout(inputs, deterministic=not train)
+
+  def _decode_sequence(self, inputs: Array, memory: Array, train: bool) -> Array:
+    """Full causal decoder over `inputs [B, T, D]` with `memory [B, T, r, D]` -> `[B, T, V*3]`."""
+    num_frames = inputs.shape[1]
+    positions = jnp.arange(num_frames)
+    bias = periodic_alibi_bias(
+      positions, positions, alibi_slopes(self.num_heads), self.period, causal=True
+    )
+    causal_mask = positions[None, :] <= positions[:, None]  # [T, T]
+    x = self._encode_inputs(inputs, train)
+    for layer in self.layers:
+      x = layer(x, memory, bias, causal_mask, train)
+      x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
+    return self._output(x)
+
+  def _to_vertices(self, offsets: Array, template: Array, frame_mask: Array | None):
+    batch_size, num_frames = offsets.shape[:2]
+    offsets = offsets.reshape(batch_size, num_frames, self.num_vertices, 3).astype(jnp.float32)
+    if frame_mask is not None:
+      offsets = jnp.where(frame_mask[:, :, None, None], offsets, 0.0)
+    offsets = nn.with_logical_constraint(offsets, ("batch", "time", "vertices", None))
+    return template[:, None].astype(jnp.float32) + offsets, offsets
+
+  def __call__(
+    self,
+    audio_features: Array,
+    template: Array,
+    style: Array | None,
+    vertices: Array | None = None,
+    *,
+    emotion: Array | None = None,
+    intensity: Array | None = None,
+    frame_mask: Array | None = None,
+    train: bool = False,
+  ) -> tuple[Array, dict[str, Array]]:
+    """Teacher-forced pass: frame `t` sees the true vertices of frames `< t`.
+
+    Args:
+      audio_features: `[B, T_a, D_audio]`, `T_a >= T * audio_frames_per_frame`.
+      template: `[B, V, 3]`.
+      style: `[B]` int32 (None only when `num_styles == 0`).
+      vertices: `[B, T, V, 3]` ground truth; required (it fixes T and is the shifted input).
+      emotion: `[B]` int32, required when `num_emotions > 0`.
+      intensity: `[B]` int32, required when `num_intensities > 0`.
+      frame_mask: `[B, T]` bool; padded frames predict the template. Causal attention and
+        right padding already keep valid frames independent of padding.
+      train: enables dropout (needs a `dropout` rng).
+
+    Returns:
+      `vertices [B, T, V, 3]` and aux `{"offsets": [B, T, V, 3]}`.
+    """
+    if vertices is None:
+      raise ValueError(
+        "FaceFormerDecoder.__call__ is teacher-forced and needs vertices; "
+        "use generate() to predict from audio alone"
+      )
+    batch_size, num_frames = vertices.shape[:2]
+    if vertices.shape[2:] != (self.num_vertices, 3):
+      raise ValueError(
+        f"vertices must be [B, T, V, 3] with V=num_vertices={self.num_vertices}, "
+        f"got {tuple(vertices.shape)}"
+      )
+    memory, condition = self._prepare(
+      audio_features, template, style, emotion, intensity, num_frames
+    )
+    # Inputs are offsets from the template of the previous frame; the first frame starts from
+    # the condition alone.
+    previous = (vertices[:, :-1] - template[:, None]).reshape(batch_size, num_frames - 1, -1)
+    motion = self._embed_offsets(previous) + condition[:, None]  # [B, T-1, D]
+    inputs = jnp.concatenate([condition[:, None], motion], axis=1)  # [B, T, D]
+    offsets = self._decode_sequence(inputs, memory, train)
+    predicted, offsets = self._to_vertices(offsets, template, frame_mask)
+    return predicted, {"offsets": offsets}
+
+  def generate(
+    self,
+    audio_features: Array,
+    template: Array,
+    style: Array | None,
+    *,
+    emotion: Array | None = None,
+    intensity: Array | None = None,
+    num_frames: int | None = None,
+  ) -> tuple[Array, dict[str, Array]]:
+    """Autoregressive prediction with a key/value cache inside `nn.scan`.
+
+    Each step embeds the previous prediction, runs every layer for one query against the
+    cache (`[B, T, H, Dh]` per layer, filled up to the step) and writes its key and value.
+
+    Args:
+      audio_features: `[B, T_a, D_audio]`.
+      template: `[B, V, 3]`.
+      style, emotion, intensity: `[B]` int32 as in `__call__`.
+      num_frames: frames to generate; default `T_a // audio_frames_per_frame`.
+
+    Returns:
+      `vertices [B, T, V, 3]` and aux `{"offsets": [B, T, V, 3]}`.
+    """
+    if num_frames is None:
+      num_frames = audio_features.shape[1] // self.audio_frames_per_frame
+    batch_size = audio_features.shape[0]
+    memory, condition = self._prepare(
+      audio_features, template, style, emotion, intensity, num_frames
+    )
+    head_dim = self.d_model // self.num_heads
+    cache_shape = (batch_size, num_frames, self.num_heads, head_dim)
+    caches = tuple(
+      (jnp.zeros(cache_shape, self.dtype), jnp.zeros(cache_shape, self.dtype))
+      for _ in range(self.num_layers)
+    )
+    slopes = alibi_slopes(self.num_heads)
+    cache_positions = jnp.arange(num_frames)
+
+    def step(module, carry, inputs):
+      caches, next_input = carry  # next_input [B, D]
+      position, frame_memory = inputs  # scalar, [B, r, D]
+      encoding = periodic_positional_encoding(position, module.d_model, module.period)
+      x = (next_input + encoding.astype(next_input.dtype))[:, None]  # [B, 1, D]
+      query_position = position[None]
+      bias = periodic_alibi_bias(query_position, cache_positions, slopes, module.period, True)
+      mask = cache_positions[None, :] <= position  # [1, T]
+      new_caches = []
+      for layer, cache in zip(module.layers, caches, strict=True):
+        x, cache = layer.step(x, frame_memory[:, None], position, cache, bias, mask)
+        new_caches.append(cache)
+      offsets = module._output(x[:, 0])  # [B, V*3]
+      next_input = module._embed_offsets(offsets) + condition
+      return (tuple(new_caches), next_input), offsets
+
+    scan = nn.scan(
+      step,
+      variable_broadcast="params",
+      split_rngs={"params": False},
+      in_axes=0,
+      out_axes=0,
+      length=num_frames,
+    )
+    frame_memory = jnp.swapaxes(memory, 0, 1)  # [T, B, r, D]
+    _, offsets = scan(self, (caches, condition), (cache_positions, frame_memory))
+    offsets = jnp.swapaxes(offsets, 0, 1)  # [B, T, V*3]
+    predicted, offsets = self._to_vertices(offsets, template, None)
+    return predicted, {"offsets": offsets}
+
+  def generate_without_cache(
+    self,
+    audio_features: Array,
+    template: Array,
+    style: Array | None,
+    *,
+    emotion: Array | None = None,
+    intensity: Array | None = None,
+    num_frames: int | None = None,
+  ) -> tuple[Array, dict[str, Array]]:
+    """Reference generation: re-runs the whole causal decoder at every step, without a cache.
+
+    Step `t` decodes the full input buffer `[B, T, D]` (frames after `t` are not generated
+    yet; the causal mask keeps them out of frame `t`) and reads frame `t`, as FaceFormer's
+    `predict` does on its growing prefix. Cubic in T; meant for tests on short clips.
+    Same arguments and outputs as `generate`.
+    """
+    if num_frames is None:
+      num_frames = audio_features.shape[1] // self.audio_frames_per_frame
+    memory, condition = self._prepare(
+      audio_features, template, style, emotion, intensity, num_frames
+    )
+    buffer = jnp.zeros((condition.shape[0], num_frames, self.d_model), condition.dtype)
+    buffer = buffer.at[:, 0].set(condition)  # [B, T, D]
+
+    def step(module, buffer, position):
+      offsets = module._decode_sequence(buffer, memory, train=False)  # [B, T, V*3]
+      frame_offsets = jax.lax.dynamic_index_in_dim(offsets, position, axis=1, keepdims=False)
+      next_input = module._embed_offsets(frame_offsets) + condition
+      buffer = buffer.at[:, position + 1].set(next_input, mode="drop")
+      return buffer, frame_offsets
+
+    scan = nn.scan(
+      step, variable_broadcast="params", split_rngs={"params": False}, length=num_frames
+    )
+    _, offsets = scan(self, buffer, jnp.arange(num_frames))
+    predicted, offsets = self._to_vertices(jnp.swapaxes(offsets, 0, 1), template, None)
+    return predicted, {"offsets": offsets}
+
+
+# Not a published model: a FaceFormer-sized encoder without cross-attention, so two layers.
+NONAUTOREGRESSIVE_VARIANTS: dict[str, dict] = {
+  "vocaset": dict(
+    num_vertices=5023,
+    d_model=64,
+    num_heads=4,
+    num_layers=2,
+    mlp_dim=128,
+    period=30,
+    audio_frames_per_frame=1,
+    num_styles=8,
+  ),
+  "biwi": dict(
+    num_vertices=23370,
+    d_model=128,
+    num_heads=4,
+    num_layers=2,
+    mlp_dim=256,
+    period=25,
+    audio_frames_per_frame=2,
+    num_styles=6,
+  ),
+  "tiny": dict(
+    num_vertices=8,
+    d_model=16,
+    num_heads=2,
+    num_layers=1,
+    mlp_dim=32,
+    period=4,
+    audio_frames_per_frame=1,
+    num_styles=3,
+    dropout_rate=0.0,
+  ),
+}
+
+
+class NonAutoregressiveDecoder(nn.Module):
+  """Whole-sequence speech-to-motion decoder: one transformer-encoder pass, no causal mask.
+
+  Each frame's aligned audio features (concatenated when `audio_frames_per_frame > 1`) are
+  projected, the condition (style + emotion + intensity) and the periodic positional encoding
+  are added, a transformer encoder with FaceFormer's temporal bias (symmetric here, optionally
+  limited to a local window) mixes the frames, and a zero-initialised Dense gives offsets.
+  Same inputs and outputs as `FaceFormerDecoder`.
+  """
+
+  num_vertices: int = 5023  # V, mesh vertices
+  d_model: int = 64  # transformer width
+  num_heads: int = 4  # attention heads (one ALiBi slope each)
+  num_layers: int = 2  # encoder layers
+  mlp_dim: int = 128  # encoder MLP hidden width
+  period: int = 30  # frames per period of the positional encoding and the temporal bias
+  audio_frames_per_frame: int = 1  # audio features per mesh frame: 1 VOCASET, 2 BIWI
+  attention_window: int = 0  # frames each side a frame attends to; 0 = the whole sequence
+  num_styles: int = 8  # speaking styles (training subjects); 0 disables
+  num_emotions: int = 0  # emotion classes; 0 disables
+  num_intensities: int = 0  # emotion intensity levels; 0 disables
+  dropout_rate: float = 0.1  # dropout on the encoded input and the residual branches
+  pre_norm: bool = False  # False = post-norm layers
+  dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+  @classmethod
+  def from_variant(cls, variant: str, **overrides: Any) -> NonAutoregressiveDecoder:
+    """Builds a named size (`NONAUTOREGRESSIVE_VARIANTS`) with fields overridden."""
+    return cls(
+      **{**_decode_variant(cls.__name__, NONAUTOREGRESSIVE_VARIANTS, variant), **overrides}
+    )
+
+  @nn.compact
+  def __call__(
+    self,
+    audio_features: Array,
+    template: Array,
+    style: Array | None,
+    vertices: Array | None = None,
+    *,
+    emotion: Array | None = None,
+    intensity: Array | None = None,
+    frame_mask: Array | None = None,
+    num_frames: int | None = None,
+    train: bool = False,
+  ) -> tuple[Array, dict[str, Array]]:
+    """Predicts every frame at once.
+
+    Args:
+      audio_features: `[B, T_a, D_audio]`.
+      template: `[B, V, 3]`.
+      style, emotion, intensity: `[B]` int32 (see `ConditionEmbedding`).
+      vertices: `[B, T, V, 3]`, only read for T (the model never sees them); lets a task call
+        every decoder alike.
+      frame_mask: `[B, T]` bool; padded frames are never attended to and predict the template.
+      num_frames: T when `vertices` is None; default `T_a // audio_frames_per_frame`.
+      train: enables dropout.
+
+    Returns:
+      `vertices [B, T, V, 3]` and aux `{"offsets": [B, T, V, 3]}`.
+    """
+    batch_size = audio_features.shape[0]
+    if vertices is not None:
+      num_frames = vertices.shape[1]
+    elif num_frames is None:
+      num_frames = audio_features.shape[1] // self.audio_frames_per_frame
+    check_template(template, self.num_vertices, batch_size)
+    if frame_mask is None:
+      frame_mask = jnp.ones((batch_size, num_frames), bool)
+    elif frame_mask.shape != (batch_size, num_frames):
+      raise ValueError(
+        f"frame_mask must be [B, T]=({batch_size}, {num_frames}), got {tuple(frame_mask.shape)}"
+      )
+    grouped = group_audio_frames(audio_features, num_frames, self.audio_frames_per_frame)
+    grouped = grouped.reshape(batch_size, num_frames, -1).astype(self.dtype)  # [B, T, r*D_audio]
+    x = dense(self.d_model, ("mlp", "embed"), dtype=self.dtype, name="audio_projection")(grouped)
+    condition = ConditionEmbedding(
+      self.d_model,
+      self.num_styles,
+      self.num_emotions,
+      self.num_intensities,
+      self.dtype,
+      name="condition_embedding",
+    )(style, emotion, intensity, batch_size=batch_size)
+    encoding = periodic_positional_encoding(jnp.arange(num_frames), self.d_model, self.period)
+    x = x + condition[:, None] + encoding.astype(x.dtype)[None]
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = TransformerEncoder(
+      self.d_model,
+      self.num_heads,
+      self.num_layers,
+      self.mlp_dim,
+      self.period,
+      self.attention_window,
+      self.dropout_rate,
+      self.pre_norm,
+      self.dtype,
+      name="encoder",
+    )(x, frame_mask, train)
+    offsets = dense(
+      self.num_vertices * 3,
+      ("embed", "vertices"),
+      dtype=self.dtype,
+      zero_init=True,
+      name="offset_projection",
+    )(x)
+    offsets = offsets.reshape(batch_size, num_frames, self.num_vertices, 3).astype(jnp.float32)
+    offsets = jnp.where(frame_mask[:, :, None, None], offsets, 0.0)
+    offsets = nn.with_logical_constraint(offsets, ("batch", "time", "vertices", None))
+    return template[:, None].astype(jnp.float32) + offsets, {"offsets": offsets}
+
+  def generate(
+    self,
+    audio_features: Array,
+    template: Array,
+    style: Array | None,
+    *,
+    emotion: Array | None = None,
+    intensity: Array | None = None,
+    num_frames: int | None = None,
+  ) -> tuple[Array, dict[str, Array]]:
+    """Prediction entry point with `FaceFormerDecoder.generate`'s signature (no dropout)."""
+    return self(
+      audio_features,
+      template,
+      style,
+      emotion=emotion,
+      intensity=intensity,
+      num_frames=num_frames,
+      train=False,
+    )
+
+
+__all__ = (
+  "FACEFORMER_VARIANTS",
+  "NONAUTOREGRESSIVE_VARIANTS",
+  "ConditionEmbedding",
+  "DecoderLayer",
+  "EncoderLayer",
+  "FaceFormerDecoder",
+  "MultiHeadAttention",
+  "NonAutoregressiveDecoder",
+  "TransformerEncoder",
+  "aligned_attention",
+  "alibi_slopes",
+  "alignment_mask",
+  "dot_product_attention",
+  "periodic_alibi_bias",
+  "periodic_positional_encoding",
+)
