@@ -195,7 +195,7 @@ def random_pose_track(num_frames: int, rng: np.random.Generator) -> np.ndarray:
     ],
     np.float32,
   )
-  amplitude = np.array([0.08, 0.04, 0.04, 0.01, 0.01, 0.01], np.float32) * rng.uniform(0, 1, 6)
+  amplitude = np.array([0.04, 0.02, 0.02, 0.005, 0.005, 0.005], np.float32) * rng.uniform(0, 1, 6)
   period = rng.uniform(20, 80, 6).astype(np.float32)
   phase = rng.uniform(0, 2 * np.pi, 6).astype(np.float32)
   return (base + amplitude * np.sin(2 * np.pi * t / period + phase)).astype(np.float32)
@@ -281,7 +281,7 @@ def render_frame(
   _paint(head, _soft(neck, pixel), identity.skin * 0.75)
 
   # Silhouette of the ellipsoid head under yaw/pitch; the jaw drop lengthens the chin.
-  jaw = 1.0 + 0.10 * au[26] + 0.03 * au[25]
+  jaw = 1.0 + 0.14 * au[26] + 0.03 * au[25]
   half_width = np.sqrt((a * np.cos(yaw)) ** 2 + (identity.depth * np.sin(yaw)) ** 2)
   sv = np.where(py > 0, py / jaw, py)
   r2 = (px / half_width) ** 2 + sv**2
@@ -380,9 +380,9 @@ def render_frame(
   # Nasolabial folds, deepened by AU6, AU9, AU10, AU12, AU20.
   fold = min(1.0, 0.25 + 0.5 * au[12] + 0.4 * au[9] + 0.4 * au[10] + 0.3 * au[6] + 0.2 * au[20])
   corner_u = identity.mouth_width * (
-    1 + 0.22 * au[12] + 0.3 * au[20] - 0.12 * au[23] - 0.1 * au[24]
+    1 + 0.3 * au[12] + 0.4 * au[20] - 0.15 * au[23] - 0.12 * au[24]
   )
-  corner_v = identity.mouth_height - 0.09 * au[12] + 0.09 * au[15] + 0.02 * au[20]
+  corner_v = identity.mouth_height - 0.13 * au[12] + 0.13 * au[15] + 0.03 * au[20]
   corner_v -= 0.02 * au[10]
   fold_half = (corner_v - 0.16) / 2
   for side in (-1.0, 1.0):
@@ -428,9 +428,9 @@ def render_frame(
         _paint(fs, _soft(dimple, pixel * 1.5) * 0.7 * au[14], identity.skin * 0.5)
 
   # Brows: AU1 lifts the inner ends, AU2 the outer ends, AU4 lowers them and pulls them in.
-  inner_u, outer_u = 0.10 - 0.04 * au[4], 0.47
-  inner_v = identity.brow_height - 0.10 * au[1] + 0.07 * au[4] + 0.02 * au[9]
-  outer_v = identity.brow_height - 0.09 * au[2] + 0.03 * au[4] - 0.02 * au[1]
+  inner_u, outer_u = 0.10 - 0.05 * au[4], 0.47
+  inner_v = identity.brow_height - 0.15 * au[1] + 0.10 * au[4] + 0.03 * au[9]
+  outer_v = identity.brow_height - 0.14 * au[2] + 0.04 * au[4] - 0.03 * au[1]
   for side in (-1.0, 1.0):
     lo, hi = sorted((side * inner_u, side * outer_u))
     v_lo = min(inner_v, outer_v) - identity.brow_arch - identity.brow_thickness
@@ -445,7 +445,7 @@ def render_frame(
       _paint(fs, _soft(brow, pixel), identity.brows)
 
   # Eyes: AU5 raises the upper lid, AU6 lifts the lower lid, AU7 tightens both, AU43 closes.
-  upper = 0.055 * (1.0 + 0.7 * au[5] - 0.45 * au[7] - 0.25 * au[6]) * (1.0 - au[43])
+  upper = 0.055 * (1.0 + 1.0 * au[5] - 0.5 * au[7] - 0.3 * au[6]) * (1.0 - au[43])
   lower = 0.045 * (1.0 - 0.55 * au[6] - 0.4 * au[7]) * (1.0 - 0.8 * au[43])
   sclera_colour = np.array([0.92, 0.90, 0.88], np.float32)
   for side in (-1.0, 1.0):
@@ -475,7 +475,7 @@ def render_frame(
   # Mouth: corners (AU12 up/out, AU15 down, AU20 out), opening (AU25 parts, AU26 drops the
   # jaw, AU10 lifts the upper lip), lip thickness (AU23/AU24 thin them, AU17 pushes the lower
   # lip up).
-  gap = (0.035 * au[25] + 0.09 * au[26] + 0.02 * au[10]) * (1.0 - 0.8 * au[24])
+  gap = (0.05 * au[25] + 0.12 * au[26] + 0.03 * au[10]) * (1.0 - 0.8 * au[24])
   thin = 1.0 - 0.55 * au[23] - 0.45 * au[24]
   upper_thickness = identity.lip_thickness * 0.8 * thin
   lower_thickness = identity.lip_thickness * (1.0 + 0.3 * au[17]) * thin
