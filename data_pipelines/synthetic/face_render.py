@@ -2,7 +2,7 @@
 
 Feeds the synthetic twins of the video datasets (DFEW, MAFW, FERV39k for expression classes;
 BP4D and DISFA for action units). Pure numpy: every frame is a handful of vectorised
-implicit-shape tests over the pixel grid, so a 112-pixel frame takes about a millisecond.
+implicit-shape tests over small pixel windows, so a 112-pixel frame takes a few milliseconds.
 
 A face is drawn in *face coordinates* (u right, v down; the head ellipse spans v in [-1, 1]
 and u in [-a, a]) and seen through a head pose (yaw, pitch, roll, translation, scale). The
