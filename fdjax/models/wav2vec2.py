@@ -1,0 +1,983 @@
+"""wav2vec 2.0 and HuBERT speech encoders in Flax Linen (one trunk, configured by fields).
+
+Where it sits: the audio half of the audio2mesh task family (FaceFormer, CodeTalker, SelfTalk,
+EmoFace and the methods built on them). A normalised 16 kHz waveform goes in; one feature vector
+per 20 ms audio frame comes out (or, given `num_frames`, one per mesh frame):
+
+  audio [B, S] -> feature_extractor (strided 1-D convs) [B, T_a, C]
+    -> optional alignment to the mesh frame rate (see below)
+    -> feature_projection (layer norm, dense, dropout) [B, T_a, D]
+    -> SpecAugment masking (training only)
+    -> encoder: convolutional positional embedding + transformer (post- or pre-norm) [B, T_a, D]
+
+wav2vec 2.0 and HuBERT share this trunk; HuBERT checkpoints may drop the feature-projection layer
+norm (`feat_proj_layer_norm=False`) and newer ones put a batch norm in front of the positional
+convolution instead of a weight norm on it (`conv_pos_batch_norm=True`). Field names and parameter
+names follow Hugging Face `transformers`, so `fdjax.models.hf_convert.load_wav2vec2` maps a local
+checkpoint one-to-one. The conv stack is the submodule `feature_extractor`, so
+`optim.freeze=("feature_extractor",)` freezes it, as FaceFormer does.
+
+Alignment of audio features to mesh frames, as the reference methods do it:
+- FaceFormer, CodeTalker and SelfTalk on VOCASET (30 fps): the 50 Hz CNN features are linearly
+  interpolated (`align_corners=True`) to the number of mesh frames *before* the transformer
+  (`frame_alignment="interpolate"`, `interpolate_features`).
+- FaceFormer and CodeTalker on BIWI (25 fps): two 50 Hz audio frames per mesh frame. The CNN
+  features are cut to an even length of at most 2 x frames and the decoder's alignment mask lets
+  frame t attend to audio frames 2t and 2t+1 (`frame_alignment="pairs"`, `pair_audio_frames`).
+  Where the audio is shorter FaceFormer shortens the mesh sequence; here the features are
+  zero-padded instead and the padding is marked invalid in `aux["frame_mask"]`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+  # Names as `transformers.activations.ACT2FN` spells them.
+  "gelu": functools.partial(jax.nn.gelu, approximate=False),
+  "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+  "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+  "tanh": jnp.tanh,
+}
+
+# Eps of the norms inside the conv stack: `transformers` builds them with torch's default.
+_CONV_NORM_EPS = 1e-5
+_BATCH_NORM_EPS = 1e-5
+
+# Fields that carry the same name and meaning in `Wav2Vec2Config` / `HubertConfig`.
+_HF_FIELDS = (
+  "conv_dim",
+  "conv_kernel",
+  "conv_stride",
+  "conv_bias",
+  "feat_extract_norm",
+  "feat_extract_activation",
+  "feat_proj_layer_norm",
+  "feat_proj_dropout",
+  "hidden_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "intermediate_size",
+  "hidden_act",
+  "hidden_dropout",
+  "attention_dropout",
+  "activation_dropout",
+  "layerdrop",
+  "layer_norm_eps",
+  "num_conv_pos_embeddings",
+  "num_conv_pos_embedding_groups",
+  "conv_pos_batch_norm",
+  "do_stable_layer_norm",
+  "apply_spec_augment",
+  "mask_time_prob",
+  "mask_time_length",
+  "mask_time_min_masks",
+  "mask_feature_prob",
+  "mask_feature_length",
+  "mask_feature_min_masks",
+  "initializer_range",
+)
+
+VARIANTS: dict[str, dict[str, Any]] = {
+  # A CPU-sized encoder for demos and tests; same 20 ms frame hop as the real ones.
+  "tiny": dict(
+    conv_dim=(32,) * 7,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+  ),
+  # facebook/wav2vec2-base(-960h) and facebook/hubert-base-ls960 shapes (the field defaults).
+  "base": dict(),
+  # facebook/wav2vec2-large-lv60 and facebook/hubert-large-ll60k shapes.
+  "large": dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    feat_extract_norm="layer",
+    do_stable_layer_norm=True,
+    conv_bias=True,
+  ),
+}
+
+
+def _activation(name: str, field: str) -> Callable[[Array], Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"{field}={name!r} is not one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def _norm_init(init: Callable[..., Array]) -> Callable[..., Array]:
+  return nn.with_logical_partitioning(init, ("norm",))
+
+
+def _layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+  # use_fast_variance=False: E[(x - mean)^2] like torch, not E[x^2] - mean^2.
+  return nn.LayerNorm(
+    epsilon=eps,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    use_fast_variance=False,
+    scale_init=_norm_init(nn.initializers.ones),
+    bias_init=_norm_init(nn.initializers.zeros),
+    name=name,
+  )
+
+
+def conv_output_lengths(
+  num_samples: Array | int, conv_kernel: tuple[int, ...], conv_stride: tuple[int, ...]
+) -> Array | int:
+  """Number of frames an unpadded strided conv stack makes of `num_samples` samples ([B] or int)."""
+  for kernel, stride in zip(conv_kernel, conv_stride, strict=True):
+    num_samples = (num_samples - kernel) // stride + 1
+  return num_samples
+
+
+def interpolate_features(
+  features: Array,
+  num_frames: int,
+  source_lengths: Array | None = None,
+  target_lengths: Array | None = None,
+) -> Array:
+  """Linearly resamples features along time to `num_frames` (FaceFormer's VOCASET alignment).
+
+  Same as `torch.nn.functional.interpolate(mode="linear", align_corners=True)` along time: the
+  first and last valid frames map onto each other. With per-example lengths ([B] int) only the
+  first `source_lengths[b]` input frames are read and they are spread over the first
+  `target_lengths[b]` output frames; output frames past that repeat the last valid input frame.
+
+  Args:
+    features: [B, T_a, D] audio features.
+    num_frames: output length N (static).
+    source_lengths: [B] valid input frames per example; all T_a when None.
+    target_lengths: [B] valid output frames per example; all N when None.
+
+  Returns:
+    [B, N, D] features at the mesh frame rate.
+  """
+  batch, num_audio_frames, _ = features.shape
+  if num_frames < 1:
+    raise ValueError(f"num_frames must be positive, got {num_frames}")
+  src = jnp.full((batch,), num_audio_frames) if source_lengths is None else source_lengths
+  tgt = jnp.full((batch,), num_frames) if target_lengths is None else target_lengths
+  src = jnp.maximum(jnp.asarray(src, jnp.int32), 1)
+  tgt = jnp.asarray(tgt, jnp.int32)
+  scale = (src - 1).astype(jnp.float32) / jnp.maximum(tgt - 1, 1).astype(jnp.float32)  # [B]
+  position = jnp.arange(num_frames, dtype=jnp.float32)[None] * scale[:, None]  # [B, N]
+  position = jnp.minimum(position, (src - 1)[:, None].astype(jnp.float32))
+  lower = jnp.floor(position).astype(jnp.int32)
+  upper = jnp.minimum(lower + 1, (src - 1)[:, None])
+  weight = (position - lower)[..., None].astype(features.dtype)  # [B, N, 1]
+  below = jnp.take_along_axis(features, lower[..., None], axis=1)
+  above = jnp.take_along_axis(features, upper[..., None], axis=1)
+  return below * (1 - weight) + above * weight
+
+
+def pair_audio_frames(features: Array, num_frames: int, frames_per_frame: int = 2) -> Array:
+  """Crops or zero-pads features to `frames_per_frame * num_frames` frames (BIWI alignment).
+
+  FaceFormer and CodeTalker on BIWI keep the 50 Hz audio frames and give each 25 fps mesh frame
+  two of them (frame t attends to audio frames 2t and 2t+1 through the decoder's alignment mask).
+
+  Args:
+    features: [B, T_a, D].
+    num_frames: number of mesh frames N.
+    frames_per_frame: audio frames per mesh frame R.
+
+  Returns:
+    [B, R * N, D]; frames past T_a are zeros.
+  """
+  length = frames_per_frame * num_frames
+  features = features[:, :length]
+  missing = length - features.shape[1]
+  if missing > 0:
+    features = jnp.pad(features, ((0, 0), (0, missing), (0, 0)))
+  return features
+
+
+def span_mask(
+  rng: Array,
+  lengths: Array,
+  size: int,
+  mask_prob: float,
+  mask_length: int,
+  min_masks: int = 0,
+) -> Array:
+  """Random spans to mask for SpecAugment, with the span counts of `transformers`.
+
+  Per example, `max(int(mask_prob * length / mask_length + u), min_masks)` spans of
+  `mask_length` (u ~ U[0, 1) shared by the batch, as the reference does), with distinct start
+  positions drawn uniformly from the starts that keep the span inside `length`. Spans may
+  overlap, so `mask_prob` is an upper bound on the masked fraction.
+
+  Args:
+    rng: PRNG key.
+    lengths: [B] int valid length per example.
+    size: the axis length L (static).
+    mask_prob: fraction of the axis to mask (before overlaps).
+    mask_length: span length.
+    min_masks: lower bound on the number of spans.
+
+  Returns:
+    [B, L] bool, True where masked.
+  """
+  batch = lengths.shape[0]
+  # Upper bound for any u in [0, 1) and any length <= size, so top_k has a static k.
+  max_spans = min(max(int(mask_prob * size / mask_length + 1), min_masks), size // mask_length)
+  if max_spans <= 0 or mask_length > size:
+    return jnp.zeros((batch, size), bool)
+  offset_rng, start_rng = jax.random.split(rng)
+  offset = jax.random.uniform(offset_rng, ())
+  lengths = jnp.asarray(lengths, jnp.int32)
+  num_spans = jnp.floor(mask_prob * lengths / mask_length + offset).astype(jnp.int32)
+  num_spans = jnp.maximum(num_spans, min_masks)
+  num_spans = jnp.where(num_spans * mask_length > size, size // mask_length, num_spans)
+  num_starts = lengths - (mask_length - 1)
+  num_spans = jnp.where(num_starts < num_spans, jnp.maximum(num_starts, 0), num_spans)
+  position = jnp.arange(size)
+  scores = jax.random.uniform(start_rng, (batch, size))
+  scores = jnp.where(position[None] < num_starts[:, None], scores, -1.0)
+  _, starts = jax.lax.top_k(scores, max_spans)  # [B, K] distinct random starts
+  keep = jnp.arange(max_spans)[None] < num_spans[:, None]  # [B, K]
+  inside = (position[None, None] >= starts[..., None]) & (
+    position[None, None] < starts[..., None] + mask_length
+  )  # [B, K, L]
+  return jnp.any(inside & keep[..., None], axis=1)
+
+
+class ConvLayer(nn.Module):
+  """One strided conv of the feature extractor, with its optional norm and activation."""
+
+  features: int  # output channels
+  kernel_size: int  # taps
+  stride: int  # hop in input frames
+  use_bias: bool  # conv bias (False in base checkpoints, True in large ones)
+  norm: str | None  # "group" (per-channel over time), "layer" (over channels) or None
+  activation: str  # activation name
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, T, C_in] -> [B, (T - kernel) // stride + 1, C_out]."""
+    x = nn.Conv(
+      self.features,
+      (self.kernel_size,),
+      strides=(self.stride,),
+      padding="VALID",
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      # kaiming normal, as `transformers` initialises these convs.
+      kernel_init=nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(2.0, "fan_in", "normal"), ("kernel", "conv_in", "conv_out")
+      ),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+      name="conv",
+    )(x)
+    if self.norm == "group":
+      # One group per channel: each channel normalised over time (wav2vec2-base's first layer).
+      x = nn.GroupNorm(
+        num_groups=self.features,
+        epsilon=_CONV_NORM_EPS,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        use_fast_variance=False,
+        scale_init=_norm_init(nn.initializers.ones),
+        bias_init=_norm_init(nn.initializers.zeros),
+        name="layer_norm",
+      )(x)
+    elif self.norm == "layer":
+      x = _layer_norm(_CONV_NORM_EPS, self.dtype, self.param_dtype, "layer_norm")(x)
+    return _activation(self.activation, "feat_extract_activation")(x)
+
+
+class FeatureExtractor(nn.Module):
+  """The strided conv stack that turns samples into 20 ms frames (frozen by FaceFormer)."""
+
+  conv_dim: tuple[int, ...]  # output channels per conv layer
+  conv_kernel: tuple[int, ...]  # kernel size per conv layer
+  conv_stride: tuple[int, ...]  # stride per conv layer
+  conv_bias: bool  # convs have biases
+  feat_extract_norm: str  # "group": GroupNorm on layer 0 only; "layer": LayerNorm on every layer
+  activation: str  # activation after each layer
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self, audio: Array) -> Array:
+    """[B, S] samples -> [B, T_a, conv_dim[-1]] features."""
+    x = audio[..., None].astype(self.dtype)  # [B, S, 1]
+    for i, (features, kernel, stride) in enumerate(
+      zip(self.conv_dim, self.conv_kernel, self.conv_stride, strict=True)
+    ):
+      if self.feat_extract_norm == "layer":
+        norm = "layer"
+      else:
+        norm = "group" if i == 0 else None
+      x = ConvLayer(
+        features,
+        kernel,
+        stride,
+        self.conv_bias,
+        norm,
+        self.activation,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"conv_layers_{i}",
+      )(x)
+      x = nn.with_logical_constraint(x, ("batch", "time", None))
+    return x
+
+
+class FeatureProjection(nn.Module):
+  """Layer norm (optional in HuBERT) and a dense map from conv channels to the model width."""
+
+  hidden_size: int  # model width D
+  layer_norm: bool  # normalise the conv features first
+  layer_norm_eps: float  # eps of that layer norm
+  dropout: float  # dropout on the projected features
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self, features: Array, train: bool) -> tuple[Array, Array]:
+    """[B, T, C] -> ([B, T, D] projected, [B, T, C] the (normalised) features it projected)."""
+    if self.layer_norm:
+      features = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm")(
+        features
+      )
+    hidden = nn.Dense(
+      self.hidden_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      # uniform(+-1/sqrt(fan_in)), as `transformers` initialises this projection.
+      kernel_init=nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), ("conv_out", "embed")
+      ),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+      name="projection",
+    )(features)
+    hidden = nn.Dropout(self.dropout)(hidden, deterministic=not train)
+    return hidden, features
+
+
+class FrozenBatchNorm(nn.Module):
+  """Batch norm with fixed running statistics (HuBERT's `conv_pos_batch_norm`).
+
+  The statistics sit in `params` (so one tree holds the whole model) behind `stop_gradient`, so
+  they never get a gradient; freeze them (`optim.freeze` entry `"batch_norm/(mean|var)"`) so
+  weight decay leaves them alone too. Normalising with batch statistics in training, as torch's
+  train mode does, is not reproduced: the loaded statistics are used throughout.
+  """
+
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, T, D] -> [B, T, D]."""
+    features = x.shape[-1]
+    scale = self.param("scale", _norm_init(nn.initializers.ones), (features,), self.param_dtype)
+    bias = self.param("bias", _norm_init(nn.initializers.zeros), (features,), self.param_dtype)
+    mean = self.param("mean", _norm_init(nn.initializers.zeros), (features,), self.param_dtype)
+    var = self.param("var", _norm_init(nn.initializers.ones), (features,), self.param_dtype)
+    mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+    inverse = jax.lax.rsqrt(var.astype(jnp.float32) + _BATCH_NORM_EPS) * scale
+    y = (x.astype(jnp.float32) - mean) * inverse + bias
+    return y.astype(self.dtype)
+
+
+class PositionalConvEmbedding(nn.Module):
+  """Relative position information from a wide grouped conv over time (wav2vec 2.0's choice).
+
+  The kernel is weight-normalised per tap (torch `weight_norm(dim=2)`):
+  kernel[k] = kernel_g[k] * kernel_v[k] / ||kernel_v[k]||. With `batch_norm` (newer HuBERT) the
+  input is batch-normalised instead and the kernel is a plain parameter.
+  """
+
+  kernel_size: int  # taps (128 in base models); an even size drops the last output frame
+  groups: int  # channel groups of the conv
+  batch_norm: bool  # HuBERT's conv_pos_batch_norm instead of the weight norm
+  activation: str  # activation after the conv
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, T, D] -> [B, T, D] positional embedding to add to x."""
+    width = x.shape[-1]
+    shape = (self.kernel_size, width // self.groups, width)  # [K, D / G, D]
+    names = ("kernel", "conv_in", "conv_out")
+    # Same spread as `transformers`' normal(0, 2 / sqrt(K * D)).
+    std = 2.0 / np.sqrt(self.kernel_size * width)
+    if self.batch_norm:
+      x = FrozenBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="batch_norm")(x)
+      kernel = self.param(
+        "kernel",
+        nn.with_logical_partitioning(nn.initializers.normal(std), names),
+        shape,
+        self.param_dtype,
+      )
+    else:
+      direction = self.param(
+        "kernel_v",
+        nn.with_logical_partitioning(nn.initializers.normal(std), names),
+        shape,
+        self.param_dtype,
+      )
+      # Expected norm of a tap of kernel_v at init, so that kernel ~ kernel_v at the start.
+      tap_norm = std * np.sqrt(shape[1] * shape[2])
+      magnitude = self.param(
+        "kernel_g",
+        nn.with_logical_partitioning(nn.initializers.constant(tap_norm), ("kernel",)),
+        (self.kernel_size,),
+        self.param_dtype,
+      )
+      norm = jnp.sqrt(jnp.sum(jnp.square(direction.astype(jnp.float32)), axis=(1, 2)))
+      kernel = direction * (magnitude / norm)[:, None, None]
+    bias = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+      (width,),
+      self.param_dtype,
+    )
+    pad = self.kernel_size // 2
+    y = jax.lax.conv_general_dilated(
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
+      window_strides=(1,),
+      padding=((pad, pad),),
+      dimension_numbers=("NWC", "WIO", "NWC"),
+      feature_group_count=self.groups,
+    )
+    y = y + bias.astype(self.dtype)
+    if self.kernel_size % 2 == 0:
+      y = y[:, :-1]  # symmetric padding of an even kernel yields one frame too many
+    return _activation(self.activation, "feat_extract_activation")(y)
+
+
+class SelfAttention(nn.Module):
+  """Bidirectional multi-head self-attention with an optional key padding mask."""
+
+  num_heads: int  # attention heads H
+  dropout: float  # dropout on the attention probabilities
+  initializer_range: float  # std of the projection kernels at init
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None, train: bool) -> Array:
+    """[B, T, D], mask [B, T] bool (valid keys) -> [B, T, D]."""
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    kernel_init = nn.initializers.normal(self.initializer_range)
+    projection = functools.partial(
+      nn.DenseGeneral,
+      (self.num_heads, head_dim),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "heads", "head_dim")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
+    )
+    query = projection(name="q_proj")(x)  # [B, T, H, Dh]
+    key = projection(name="k_proj")(x)
+    value = projection(name="v_proj")(x)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) * head_dim**-0.5
+    logits = logits.astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+    return nn.DenseGeneral(
+      width,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, ("heads", "head_dim", "embed")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+      name="out_proj",
+    )(out)
+
+
+class FeedForward(nn.Module):
+  """Position-wise two-layer MLP."""
+
+  intermediate_size: int  # hidden width of the MLP
+  activation: str  # activation between the layers
+  activation_dropout: float  # dropout after the activation
+  hidden_dropout: float  # dropout on the output
+  initializer_range: float  # std of the kernels at init
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    """[B, T, D] -> [B, T, D]."""
+    kernel_init = nn.initializers.normal(self.initializer_range)
+    h = nn.Dense(
+      self.intermediate_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "mlp")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+      name="intermediate_dense",
+    )(x)
+    h = nn.with_logical_constraint(h, ("batch", "time", "mlp"))
+    h = _activation(self.activation, "hidden_act")(h)
+    h = nn.Dropout(self.activation_dropout)(h, deterministic=not train)
+    h = nn.Dense(
+      x.shape[-1],
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.with_logical_partitioning(kernel_init, ("mlp", "embed")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+      name="output_dense",
+    )(h)
+    return nn.Dropout(self.hidden_dropout)(h, deterministic=not train)
+
+
+class EncoderLayer(nn.Module):
+  """Transformer layer: post-norm (wav2vec2-base) or pre-norm (`stable_layer_norm`, large)."""
+
+  num_heads: int  # attention heads
+  intermediate_size: int  # MLP width
+  activation: str  # MLP activation
+  stable_layer_norm: bool  # pre-norm when True, post-norm when False
+  layer_norm_eps: float  # eps of both layer norms
+  hidden_dropout: float  # dropout on residual branches
+  attention_dropout: float  # dropout on attention probabilities
+  activation_dropout: float  # dropout inside the MLP
+  layerdrop: float  # probability of skipping the whole layer in training
+  initializer_range: float  # std of dense kernels at init
+  keep_output: bool = False  # also return the output as the scan's per-layer output
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None, train: bool) -> tuple[Array, Array | None]:
+    """[B, T, D] -> ([B, T, D], the same again if keep_output else None)."""
+    inputs = x
+    norm = functools.partial(_layer_norm, self.layer_norm_eps, self.dtype, self.param_dtype)
+    attention = SelfAttention(
+      self.num_heads,
+      self.attention_dropout,
+      self.initializer_range,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="attention",
+    )
+    feed_forward = FeedForward(
+      self.intermediate_size,
+      self.activation,
+      self.activation_dropout,
+      self.hidden_dropout,
+      self.initializer_range,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="feed_forward",
+    )
+    dropout = nn.Dropout(self.hidden_dropout)
+    if self.stable_layer_norm:
+      h = attention(norm("layer_norm")(x), mask, train)
+      x = x + dropout(h, deterministic=not train)
+      x = x + feed_forward(norm("final_layer_norm")(x), train)
+    else:
+      h = attention(x, mask, train)
+      x = norm("layer_norm")(x + dropout(h, deterministic=not train))
+      x = norm("final_layer_norm")(x + feed_forward(x, train))
+    if train and self.layerdrop > 0:
+      skip = jax.random.uniform(self.make_rng("dropout"), ()) < self.layerdrop
+      x = jnp.where(skip, inputs, x)
+    x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
+    return x, (x if self.keep_output else None)
+
+
+class TransformerEncoder(nn.Module):
+  """Positional conv embedding, then the transformer layers (scanned or unrolled)."""
+
+  num_hidden_layers: int  # transformer layers L
+  num_attention_heads: int  # attention heads
+  intermediate_size: int  # MLP width
+  hidden_act: str  # MLP activation
+  num_conv_pos_embeddings: int  # taps of the positional conv
+  num_conv_pos_embedding_groups: int  # groups of the positional conv
+  conv_pos_batch_norm: bool  # batch norm instead of weight norm in the positional conv
+  pos_conv_activation: str  # activation after the positional conv
+  do_stable_layer_norm: bool  # pre-norm layers and a final layer norm
+  layer_norm_eps: float  # eps of the layer norms
+  hidden_dropout: float  # dropout on residual branches and after the positional embedding
+  attention_dropout: float  # dropout on attention probabilities
+  activation_dropout: float  # dropout inside the MLP
+  layerdrop: float  # layer skip probability in training
+  initializer_range: float  # std of dense kernels at init
+  scan_layers: bool  # one scanned layer with stacked params (fast compile) or L unrolled ones
+  remat: bool  # recompute layer activations in the backward pass
+  dtype: Dtype = jnp.float32  # compute dtype
+  param_dtype: Dtype = jnp.float32  # parameter dtype
+
+  @nn.compact
+  def __call__(
+    self, x: Array, mask: Array | None, train: bool, output_hidden_states: bool
+  ) -> tuple[Array, Array | None]:
+    """[B, T, D] -> ([B, T, D], [L + 1, B, T, D] layer inputs/outputs or None)."""
+    if mask is not None:
+      x = jnp.where(mask[..., None], x, 0)  # padding must not leak through the positional conv
+    x = x + PositionalConvEmbedding(
+      self.num_conv_pos_embeddings,
+      self.num_conv_pos_embedding_groups,
+      self.conv_pos_batch_norm,
+      self.pos_conv_activation,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="pos_conv_embed",
+    )(x)
+    if not self.do_stable_layer_norm:
+      x = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm")(x)
+    x = nn.Dropout(self.hidden_dropout)(x, deterministic=not train)
+    x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
+    layer_input = x
+    layer_fields = dict(
+      num_heads=self.num_attention_heads,
+      intermediate_size=self.intermediate_size,
+      activation=self.hidden_act,
+      stable_layer_norm=self.do_stable_layer_norm,
+      layer_norm_eps=self.layer_norm_eps,
+      hidden_dropout=self.hidden_dropout,
+      attention_dropout=self.attention_dropout,
+      activation_dropout=self.activation_dropout,
+      layerdrop=self.layerdrop,
+      initializer_range=self.initializer_range,
+      keep_output=output_hidden_states,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
+    # static_argnums counts self as 0: `train` is argument 3.
+    layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
+    if self.scan_layers:
+      scanned = nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=self.num_hidden_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, outputs = scanned(**layer_fields, name="layers")(x, mask, train)  # outputs [L, B, T, D]
+    else:
+      per_layer = []
+      for i in range(self.num_hidden_layers):
+        x, _ = layer_cls(**layer_fields, name=f"layers_{i}")(x, mask, train)
+        per_layer.append(x)
+      outputs = jnp.stack(per_layer) if output_hidden_states else None
+    if self.do_stable_layer_norm:
+      x = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm")(x)
+    hidden_states = None
+    if output_hidden_states:
+      # As `transformers` reports them: the first layer's input, then every layer's output
+      # (for pre-norm models the last one is before the final layer norm).
+      hidden_states = jnp.concatenate([layer_input[None], outputs], axis=0)
+    return x, hidden_states
+
+
+class Wav2Vec2Encoder(nn.Module):
+  """wav2vec 2.0 / HuBERT encoder: waveform [B, S] -> features [B, T_a, D].
+
+  Field names and defaults follow `transformers.Wav2Vec2Config` (wav2vec2-base); build one
+  from a checkpoint's config with `from_hf_config`, or by name with `from_variant`.
+
+  Example:
+    >>> encoder = Wav2Vec2Encoder.from_variant("tiny")
+    >>> audio = jnp.zeros((2, 16000))
+    >>> params = encoder.init(jax.random.key(0), audio)["params"]
+    >>> hidden, aux = encoder.apply({"params": params}, audio)  # hidden [2, 49, 64]
+  """
+
+  conv_dim: tuple[int, ...] = (512,) * 7  # output channels per feature-extractor conv
+  conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)  # kernel size per conv
+  conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)  # stride per conv (product 320: 20 ms)
+  conv_bias: bool = False  # feature-extractor convs have biases
+  feat_extract_norm: str = "group"  # "group": GroupNorm on conv 0 only; "layer": on every conv
+  feat_extract_activation: str = "gelu"  # activation of the convs and the positional conv
+  feat_proj_layer_norm: bool = True  # layer norm before the projection (some HuBERTs drop it)
+  feat_proj_dropout: float = 0.0  # dropout after the feature projection
+  hidden_size: int = 768  # model width D
+  num_hidden_layers: int = 12  # transformer layers
+  num_attention_heads: int = 12  # attention heads
+  intermediate_size: int = 3072  # MLP width
+  hidden_act: str = "gelu"  # MLP activation
+  hidden_dropout: float = 0.1  # dropout on residual branches and the positional embedding
+  attention_dropout: float = 0.1  # dropout on attention probabilities
+  activation_dropout: float = 0.1  # dropout inside the MLP
+  layerdrop: float = 0.1  # probability of skipping a transformer layer in training
+  layer_norm_eps: float = 1e-5  # eps of the transformer and projection layer norms
+  num_conv_pos_embeddings: int = 128  # taps of the positional conv
+  num_conv_pos_embedding_groups: int = 16  # groups of the positional conv
+  conv_pos_batch_norm: bool = False  # HuBERT: frozen batch norm instead of weight norm
+  do_stable_layer_norm: bool = False  # pre-norm transformer (large models) vs post-norm (base)
+  apply_spec_augment: bool = True  # SpecAugment masking of projected features in training
+  mask_time_prob: float = 0.05  # fraction of frames masked (upper bound) in training
+  mask_time_length: int = 10  # frames per time-mask span
+  mask_time_min_masks: int = 2  # minimum time-mask spans per example
+  mask_feature_prob: float = 0.0  # fraction of channels zeroed (upper bound) in training
+  mask_feature_length: int = 10  # channels per feature-mask span
+  mask_feature_min_masks: int = 0  # minimum feature-mask spans
+  initializer_range: float = 0.02  # std of dense kernels at init
+  frame_alignment: str = "interpolate"  # with num_frames: "interpolate" (VOCASET) or "pairs" (BIWI)
+  audio_frames_per_frame: int = 2  # audio frames per mesh frame for frame_alignment="pairs"
+  scan_layers: bool = True  # scan over stacked layer params (fast compile) or unroll
+  remat: bool = False  # rematerialise transformer layers in the backward pass
+  dtype: Dtype = jnp.float32  # compute dtype (bfloat16 on accelerators)
+  param_dtype: Dtype = jnp.float32  # parameter dtype
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    lengths = {len(self.conv_dim), len(self.conv_kernel), len(self.conv_stride)}
+    if len(lengths) != 1:
+      raise ValueError(
+        "conv_dim, conv_kernel and conv_stride must have one entry per conv layer, got lengths "
+        f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}"
+      )
+    if self.feat_extract_norm not in ("group", "layer"):
+      raise ValueError(f"feat_extract_norm={self.feat_extract_norm!r} is not 'group' or 'layer'")
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+        f"hidden_size={self.hidden_size} is not divisible by "
+        f"num_attention_heads={self.num_attention_heads}"
+      )
+    if self.hidden_size % self.num_conv_pos_embedding_groups:
+      raise ValueError(
+        f"hidden_size={self.hidden_size} is not divisible by "
+        f"num_conv_pos_embedding_groups={self.num_conv_pos_embedding_groups}"
+      )
+    if self.frame_alignment not in ("interpolate", "pairs"):
+      raise ValueError(f"frame_alignment={self.frame_alignment!r} is not 'interpolate' or 'pairs'")
+    _activation(self.feat_extract_activation, "feat_extract_activation")
+    _activation(self.hidden_act, "hidden_act")
+
+  @classmethod
+  def from_hf_config(cls, hf_config: Mapping[str, Any], **overrides: Any) -> Wav2Vec2Encoder:
+    """Builds the encoder a `Wav2Vec2Config` / `HubertConfig` (as a dict) describes.
+
+    Keys this trunk does not use (vocabulary, heads, quantizer) are ignored; features it does
+    not implement (adapters) are an error. `overrides` set any field (dtype, dropouts, ...).
+    """
+    model_type = hf_config.get("model_type")
+    if model_type not in ("wav2vec2", "hubert"):
+      raise ValueError(
+        f"config model_type={model_type!r}: only 'wav2vec2' and 'hubert' share this trunk"
+      )
+    if hf_config.get("add_adapter"):
+      raise ValueError("config add_adapter=True (adapter after the encoder): not supported")
+    if hf_config.get("adapter_attn_dim") is not None:
+      raise ValueError("config adapter_attn_dim is set (MMS attention adapters): not supported")
+    position_type = hf_config.get("position_embeddings_type")
+    if position_type not in (None, "conv"):
+      raise ValueError(f"config position_embeddings_type={position_type!r}: not supported")
+    fields: dict[str, Any] = {name: hf_config[name] for name in _HF_FIELDS if name in hf_config}
+    for name in ("conv_dim", "conv_kernel", "conv_stride"):
+      if name in fields:
+        fields[name] = tuple(int(v) for v in fields[name])
+    fields.update(overrides)
+    return cls(**fields)
+
+  @classmethod
+  def from_variant(cls, variant: str, **overrides: Any) -> Wav2Vec2Encoder:
+    """Builds a named size ("tiny", "base", "large"); `overrides` set any field."""
+    if variant not in VARIANTS:
+      raise ValueError(f"unknown wav2vec2 variant {variant!r}; known: {sorted(VARIANTS)}")
+    return cls(**{**VARIANTS[variant], **overrides})
+
+  @property
+  def receptive_field(self) -> int:
+    """Samples that make exactly one audio frame: the shortest usable input."""
+    field = 1
+    for kernel, stride in zip(reversed(self.conv_kernel), reversed(self.conv_stride), strict=True):
+      field = (field - 1) * stride + kernel
+    return field
+
+  def num_audio_frames(self, num_samples: Array | int) -> Array | int:
+    """Audio frames T_a for `num_samples` samples (int or [B] array)."""
+    return conv_output_lengths(num_samples, self.conv_kernel, self.conv_stride)
+
+  @nn.compact
+  def __call__(
+    self,
+    audio: Array,
+    audio_mask: Array | None = None,
+    train: bool = False,
+    *,
+    num_frames: int | None = None,
+    frame_mask: Array | None = None,
+    output_hidden_states: bool = False,
+  ) -> tuple[Array, dict[str, Array]]:
+    """Encodes a batch of waveforms.
+
+    Args:
+      audio: [B, S] f32 waveform (normalised, 16 kHz for pretrained checkpoints).
+      audio_mask: [B, S] bool valid samples (right padding); None when all are valid.
+      train: enables dropout, layerdrop and SpecAugment (needs the "dropout" rng).
+      num_frames: align the CNN features to N mesh frames before the transformer, by
+        `frame_alignment` (N frames when "interpolate", R * N audio frames when "pairs").
+      frame_mask: [B, N] bool valid mesh frames; implies num_frames = N and gives each example's
+        target length for the alignment.
+      output_hidden_states: also return every layer's hidden states in aux.
+
+    Returns:
+      hidden: [B, T, D] with T = T_a (no alignment), N ("interpolate") or R * N ("pairs").
+      aux: "extract_features" [B, T, C] the (normalised) conv features fed to the projection,
+        "frame_mask" [B, T] bool valid output frames, and with output_hidden_states
+        "hidden_states" [L + 1, B, T, D].
+    """
+    if audio.ndim != 2:
+      raise ValueError(f"audio must be [B, S], got shape {audio.shape}")
+    if audio.shape[1] < self.receptive_field:
+      raise ValueError(
+        f"audio has {audio.shape[1]} samples, fewer than the receptive field of the conv stack "
+        f"({self.receptive_field} samples)"
+      )
+    features = FeatureExtractor(
+      self.conv_dim,
+      self.conv_kernel,
+      self.conv_stride,
+      self.conv_bias,
+      self.feat_extract_norm,
+      self.feat_extract_activation,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="feature_extractor",
+    )(audio)  # [B, T_a, C]
+    batch, num_audio_frames = features.shape[:2]
+    feature_lengths = None
+    mask = None
+    if audio_mask is not None:
+      feature_lengths = self.num_audio_frames(jnp.sum(audio_mask, axis=-1, dtype=jnp.int32))
+      mask = jnp.arange(num_audio_frames)[None] < feature_lengths[:, None]  # [B, T_a]
+    if frame_mask is not None or num_frames is not None:
+      features, mask = self._align(features, feature_lengths, num_frames, frame_mask)
+
+    hidden, extract_features = FeatureProjection(
+      self.hidden_size,
+      self.feat_proj_layer_norm,
+      self.layer_norm_eps,
+      self.feat_proj_dropout,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="feature_projection",
+    )(features, train)
+    hidden = nn.with_logical_constraint(hidden, ("batch", "time", "embed"))
+
+    if self.mask_time_prob > 0 or self.mask_feature_prob > 0:
+      masked_spec_embed = self.param(
+        "masked_spec_embed",
+        nn.with_logical_partitioning(nn.initializers.uniform(1.0), ("embed",)),
+        (self.hidden_size,),
+        self.param_dtype,
+      )
+      if train and self.apply_spec_augment:
+        hidden = self._spec_augment(hidden, mask, masked_spec_embed)
+
+    hidden, hidden_states = TransformerEncoder(
+      self.num_hidden_layers,
+      self.num_attention_heads,
+      self.intermediate_size,
+      self.hidden_act,
+      self.num_conv_pos_embeddings,
+      self.num_conv_pos_embedding_groups,
+      self.conv_pos_batch_norm,
+      self.feat_extract_activation,
+      self.do_stable_layer_norm,
+      self.layer_norm_eps,
+      self.hidden_dropout,
+      self.attention_dropout,
+      self.activation_dropout,
+      self.layerdrop,
+      self.initializer_range,
+      self.scan_layers,
+      self.remat,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="encoder",
+    )(hidden, mask, train, output_hidden_states)
+
+    if mask is None:
+      mask = jnp.ones((batch, hidden.shape[1]), bool)
+    aux = {"extract_features": extract_features, "frame_mask": mask}
+    if output_hidden_states:
+      aux["hidden_states"] = hidden_states
+    return hidden, aux
+
+  def _align(
+    self,
+    features: Array,
+    feature_lengths: Array | None,
+    num_frames: int | None,
+    frame_mask: Array | None,
+  ) -> tuple[Array, Array | None]:
+    """Aligns [B, T_a, C] conv features to the mesh frames; returns them and their valid mask."""
+    target_lengths = None
+    if frame_mask is not None:
+      if num_frames is not None and num_frames != frame_mask.shape[1]:
+        raise ValueError(f"num_frames={num_frames} but frame_mask has shape {frame_mask.shape}")
+      num_frames = frame_mask.shape[1]
+      target_lengths = jnp.sum(frame_mask, axis=-1, dtype=jnp.int32)
+    if self.frame_alignment == "interpolate":
+      features = interpolate_features(features, num_frames, feature_lengths, target_lengths)
+      return features, frame_mask
+    ratio = self.audio_frames_per_frame
+    audio_lengths = jnp.full((features.shape[0],), features.shape[1], jnp.int32)
+    if feature_lengths is not None:
+      audio_lengths = feature_lengths
+    mesh_lengths = audio_lengths // ratio  # an odd trailing audio frame is dropped
+    if target_lengths is not None:
+      mesh_lengths = jnp.minimum(mesh_lengths, target_lengths)
+    features = pair_audio_frames(features, num_frames, ratio)
+    mask = jnp.arange(features.shape[1])[None] < (ratio * mesh_lengths)[:, None]
+    return features, mask
+
+  def _spec_augment(self, hidden: Array, mask: Array | None, masked_spec_embed: Array) -> Array:
+    """Masks time spans (with the learned embedding) and channel spans (with zeros)."""
+    batch, length, width = hidden.shape
+    lengths = jnp.full((batch,), length, jnp.int32)
+    if mask is not None:
+      lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    rng = self.make_rng("dropout")
+    time_rng, feature_rng = jax.random.split(rng)
+    if self.mask_time_prob > 0:
+      time_mask = span_mask(
+        time_rng,
+        lengths,
+        length,
+        self.mask_time_prob,
+        self.mask_time_length,
+        self.mask_time_min_masks,
+      )  # [B, T]
+      hidden = jnp.where(time_mask[..., None], masked_spec_embed.astype(hidden.dtype), hidden)
+    if self.mask_feature_prob > 0:
+      feature_mask = span_mask(
+        feature_rng,
+        jnp.full((batch,), width, jnp.int32),
+        width,
+        self.mask_feature_prob,
+        self.mask_feature_length,
+        self.mask_feature_min_masks,
+      )  # [B, D]
+      hidden = jnp.where(feature_mask[:, None, :], 0, hidden)
+    return hidden
