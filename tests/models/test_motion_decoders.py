@@ -168,13 +168,19 @@ def test_aligned_attention_equals_dense_alignment_mask(audio_frames_per_frame):
   query = jnp.asarray(rng.normal(size=(batch, frames, heads, depth)), jnp.float32)
   key = jnp.asarray(rng.normal(size=(batch, audio_frames, heads, depth)), jnp.float32)
   value = jnp.asarray(rng.normal(size=(batch, audio_frames, heads, depth)), jnp.float32)
-  mask = alignment_mask(frames, audio_frames, audio_frames_per_frame)
-  dense_result = dot_product_attention(query, key, value, mask=mask)
   grouped = (batch, frames, audio_frames_per_frame, heads, depth)
   used = frames * audio_frames_per_frame
-  grouped_result = aligned_attention(
-    query, key[:, :used].reshape(grouped), value[:, :used].reshape(grouped)
-  )
+
+  @jax.jit
+  def both(query, key, value):
+    mask = alignment_mask(frames, audio_frames, audio_frames_per_frame)
+    dense_result = dot_product_attention(query, key, value, mask=mask)
+    grouped_result = aligned_attention(
+      query, key[:, :used].reshape(grouped), value[:, :used].reshape(grouped)
+    )
+    return dense_result, grouped_result
+
+  dense_result, grouped_result = both(query, key, value)
   np.testing.assert_allclose(grouped_result, dense_result, atol=1e-6)
 
 
@@ -192,6 +198,21 @@ def test_generate_with_cache_matches_generate_without_cache(name, request):
   assert cached.shape == setup.vertices.shape
   assert float(jnp.max(jnp.abs(cached - setup.template[:, None]))) > 1e-2  # it really moves
   np.testing.assert_allclose(cached, reference, atol=1e-5, rtol=0)
+
+
+def test_generate_exports_with_a_symbolic_length(faceformer_biwi_emotion):
+  """The predict function is exported with symbolic time (DESIGN: export); T = T_a // 2 here."""
+  s = faceformer_biwi_emotion
+  (audio_frames,) = jax.export.symbolic_shape("t_a")
+  audio_spec = jax.ShapeDtypeStruct((BATCH, audio_frames, AUDIO_DIM), jnp.float32)
+  exported = jax.export.export(jax.jit(s.generate))(
+    s.params, audio_spec, s.template, s.style, s.conditions
+  )
+  assert str(exported.out_avals[0].shape[1]) == "floordiv(t_a, 2)"
+  expected = s.generate(s.params, s.audio, s.template, s.style, s.conditions)
+  np.testing.assert_allclose(
+    exported.call(s.params, s.audio, s.template, s.style, s.conditions), expected, atol=1e-6
+  )
 
 
 def test_teacher_forcing_on_generated_motion_reproduces_generation(faceformer):
