@@ -385,9 +385,7 @@ class ClipVisionEncoder(nn.Module):
       padding="VALID",
       use_bias=False,
       dtype=self.dtype,
-      kernel_init=nn.with_logical_partitioning(
-        patch_init, ("kernel", "kernel", "conv_in", "embed")
-      ),
+      kernel_init=nn.with_logical_partitioning(patch_init, (None, None, "conv_in", "embed")),
       name="patch_embedding",
     )(pixel_values.astype(self.dtype))  # [B, h, w, D]
     patches = patches.reshape(batch, -1, self.width)  # [B, N, D], row-major like HF's flatten

@@ -1,0 +1,181 @@
+"""A ViViT-style factorised space-time video encoder, trained from scratch (no CLIP).
+
+Where it sits: the `vivit_scratch` variants of the expression and action-unit experiments use it
+in place of `fdjax.models.temporal.VideoClassifier`, with the same call signature:
+`video [B, T, H, W, 3]` uint8 -> `(logits [B, C], aux)`, or the clip embedding `[B, D]` when
+`num_classes == 0` (pretraining, probing).
+
+Architecture (ViViT "factorised encoder", Arnab et al. 2021): tubelets of `tubelet_size` frames x
+`patch_size`^2 pixels are embedded by one 3D convolution (`tubelet_size=1` gives per-frame
+patches); a spatial transformer runs over the patches of each time step with its own class token;
+the per-step class tokens, with learned temporal positions and a temporal class token, go through
+a temporal transformer whose class token is the clip embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fdjax.models.clip import Transformer, layer_norm
+from fdjax.models.temporal import normalize_video, padding_attention_mask
+
+Array = jax.Array
+Dtype = Any
+
+# ImageNet's RGB statistics: the usual normalisation for video transformers trained from scratch.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+VIVIT_VARIANTS: dict[str, dict[str, Any]] = {
+  "B/16x2": dict(
+    image_size=224, patch_size=16, tubelet_size=2, width=768, spatial_depth=12,
+    temporal_depth=4, num_heads=12, mlp_dim=3072,
+  ),
+  "S/16x2": dict(
+    image_size=224, patch_size=16, tubelet_size=2, width=384, spatial_depth=12,
+    temporal_depth=4, num_heads=6, mlp_dim=1536,
+  ),
+  "S/16x2-112": dict(
+    image_size=112, patch_size=16, tubelet_size=2, width=384, spatial_depth=12,
+    temporal_depth=4, num_heads=6, mlp_dim=1536,
+  ),
+  "tiny": dict(
+    image_size=32, patch_size=8, tubelet_size=2, width=64, spatial_depth=2, temporal_depth=1,
+    num_heads=4, mlp_dim=128, max_frames=16,
+  ),
+}  # fmt: skip
+
+
+def vivit_model(variant: str, **overrides: Any) -> VideoVisionTransformer:
+  """A `VideoVisionTransformer` of a named variant ("B/16x2", "S/16x2", "tiny", ...)."""
+  if variant not in VIVIT_VARIANTS:
+    raise ValueError(f"unknown ViViT variant {variant!r}; known: {sorted(VIVIT_VARIANTS)}")
+  return VideoVisionTransformer(**{**VIVIT_VARIANTS[variant], **overrides})
+
+
+def _learned(module: nn.Module, name: str, shape: tuple[int, ...], axes) -> Array:
+  init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+  return module.param(name, init, shape, jnp.float32)
+
+
+class VideoVisionTransformer(nn.Module):
+  """Factorised space-time transformer over uint8 video; a classifier head when num_classes > 0."""
+
+  image_size: int = 224  # frame height and width in pixels
+  patch_size: int = 16  # square patch side in pixels
+  tubelet_size: int = 2  # frames per tubelet (1 = per-frame patch embedding)
+  max_frames: int = 32  # longest clip in frames (sets the learned temporal positions)
+  width: int = 768  # transformer width
+  spatial_depth: int = 12  # blocks of the spatial transformer (per time step)
+  temporal_depth: int = 4  # blocks of the temporal transformer (over time steps)
+  num_heads: int = 12  # attention heads
+  mlp_dim: int = 3072  # MLP hidden width
+  num_classes: int = 0  # classifier outputs; 0 returns the clip embedding [B, width]
+  dropout: float = 0.0  # dropout on the clip embedding before the classifier (training only)
+  hidden_act: str = "gelu"  # MLP activation
+  layer_norm_eps: float = 1e-6  # LayerNorm epsilon
+  pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB mean for normalisation
+  pixel_std: tuple[float, float, float] = IMAGENET_STD  # RGB std for normalisation
+  remat: bool = False  # recompute block activations in the backward pass
+  dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
+
+  def _transformer(self, depth: int, name: str) -> Transformer:
+    return Transformer(
+      depth,
+      self.num_heads,
+      self.mlp_dim,
+      hidden_act=self.hidden_act,
+      layer_norm_eps=self.layer_norm_eps,
+      remat=self.remat,
+      dtype=self.dtype,
+      name=name,
+    )
+
+  @nn.compact
+  def __call__(
+    self, video: Array, train: bool = False, frame_mask: Array | None = None
+  ) -> tuple[Array, dict[str, Array]]:
+    """video uint8 (or float in [0, 255]) [B, T, H, W, 3]; frame_mask bool [B, T].
+
+    Returns (logits [B, num_classes] or the clip embedding [B, width], aux): `clip_embedding`
+    [B, width] and `step_embeddings` [B, T / tubelet_size, width] (the spatial class tokens).
+    """
+    size = self.image_size
+    if video.ndim != 5 or video.shape[2:] != (size, size, 3):
+      raise ValueError(f"video must be [B, T, {size}, {size}, 3], got shape {video.shape}")
+    batch, frames = video.shape[:2]
+    if frames % self.tubelet_size:
+      raise ValueError(
+        f"video has {frames} frames, not a multiple of tubelet_size={self.tubelet_size}"
+      )
+    if frames > self.max_frames:
+      raise ValueError(f"video has {frames} frames; the model has max_frames={self.max_frames}")
+    if size % self.patch_size:
+      raise ValueError(f"image_size {size} is not a multiple of patch_size {self.patch_size}")
+    steps = frames // self.tubelet_size
+
+    x = normalize_video(video, self.pixel_mean, self.pixel_std, self.dtype)
+    kernel = (self.tubelet_size, self.patch_size, self.patch_size)
+    x = nn.Conv(
+      self.width,
+      kernel,
+      strides=kernel,
+      padding="VALID",
+      dtype=self.dtype,
+      kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), (None, None, None, "conv_in", "embed")
+      ),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+      name="tubelet_embedding",
+    )(x)  # [B, T', h, w, D]
+    x = x.reshape(batch * steps, -1, self.width)  # [B T', N, D]: each time step on its own
+
+    spatial_cls = _learned(self, "spatial_cls_token", (self.width,), ("embed",))
+    spatial_positions = _learned(
+      self, "spatial_position_embedding", (x.shape[1] + 1, self.width), (None, "embed")
+    )
+    x = jnp.concatenate(
+      [jnp.broadcast_to(spatial_cls.astype(self.dtype), (x.shape[0], 1, self.width)), x], axis=1
+    )
+    x = x + spatial_positions.astype(self.dtype)
+    x = nn.with_logical_constraint(x, ("batch", None, "embed"))
+    x = self._transformer(self.spatial_depth, "spatial_encoder")(x)
+    x = layer_norm(self.layer_norm_eps, self.dtype, "spatial_norm")(x[:, 0])
+    step_embeddings = x.reshape(batch, steps, self.width)  # [B, T', D]
+
+    if frame_mask is None:
+      valid = jnp.ones((batch, steps), bool)
+    else:
+      # A tubelet is real when any of its frames is.
+      valid = frame_mask.astype(bool).reshape(batch, steps, self.tubelet_size).any(axis=-1)
+    temporal_cls = _learned(self, "temporal_cls_token", (self.width,), ("embed",))
+    temporal_positions = _learned(
+      self,
+      "temporal_position_embedding",
+      (self.max_frames // self.tubelet_size, self.width),
+      (None, "embed"),
+    )
+    x = step_embeddings + temporal_positions[:steps].astype(self.dtype)
+    x = jnp.concatenate(
+      [jnp.broadcast_to(temporal_cls.astype(self.dtype), (batch, 1, self.width)), x], axis=1
+    )
+    x = nn.with_logical_constraint(x, ("batch", "frames", "embed"))
+    valid = jnp.concatenate([jnp.ones((batch, 1), bool), valid], axis=1)
+    x = self._transformer(self.temporal_depth, "temporal_encoder")(x, padding_attention_mask(valid))
+    embedding = layer_norm(self.layer_norm_eps, self.dtype, "temporal_norm")(x[:, 0])
+    aux = {"clip_embedding": embedding, "step_embeddings": step_embeddings}
+    if self.num_classes == 0:
+      return embedding, aux
+    embedding = nn.Dropout(self.dropout, deterministic=not train)(embedding)
+    logits = nn.Dense(
+      self.num_classes,
+      dtype=self.dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "classes")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
+      name="head",
+    )(embedding)
+    return logits.astype(jnp.float32), aux
