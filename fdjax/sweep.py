@@ -322,6 +322,10 @@ def report(sweep_dir: str, metric: str | None = None, mode: str | None = None) -
   keys = list(dict.fromkeys(k for p in sweep.points for k in p.overrides))
   rows = [_row(sweep_dir, p) for p in sweep.points]
   ranked = [r for r in rows if _finite(r["metrics"].get(metric))]
+  finished = [r for r in rows if r["status"] == "finished"]
+  if finished and not ranked:
+    names = sorted({k for r in finished for k in r["metrics"]})
+    raise KeyError(f"no finished point has the final metric {metric!r}; they have {names}")
   ranked.sort(key=lambda r: r["metrics"][metric], reverse=(mode == "max"))
   unranked = [r for r in rows if r not in ranked]
   for rank, row in enumerate(ranked, start=1):

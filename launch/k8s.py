@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from fdjax.distributed import ENV_COORDINATOR, ENV_DISTRIBUTED, ENV_NUM_PROCESSES, ENV_PROCESS_ID
-from launch.local import split_command
+from launch.local import require_command, split_command
 
 API_VERSION = "jobset.x-k8s.io/v1alpha2"
 REPLICATED_JOB = "workers"
@@ -196,7 +196,8 @@ def jobset_manifest(
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-    prog="fdjax launch k8s", description="Write (and apply) a Kubernetes JobSet for a run."
+    prog="fdjax launch k8s",
+    description="Write (and apply) a Kubernetes JobSet that runs `-- command ...`.",
   )
   parser.add_argument("--name", required=True, help="JobSet name (DNS label)")
   parser.add_argument("--image", required=True, help="container image with fdjax")
@@ -221,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
   """`fdjax launch k8s [options] -- command ...`: writes the manifest, applies it unless dry."""
   options, command = split_command(argv)
-  args = build_parser().parse_args(options)
+  parser = build_parser()
+  args = parser.parse_args(options)
+  require_command(parser, command)
   env = {}
   for item in args.env:
     key, sep, value = item.partition("=")

@@ -88,14 +88,18 @@ def workdir_of(command: Sequence[str]) -> str | None:
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Splits `[options...] -- command...` at the first `--`; the command may not be empty."""
+  """Splits `[options...] -- command...` at the first `--` (no `--`: all options)."""
   argv = list(argv)
   if "--" not in argv:
-    raise SystemExit("usage: put the command to run after `--`, e.g. `-- fdjax train ...`")
+    return argv, []
   cut = argv.index("--")
-  if cut == len(argv) - 1:
-    raise SystemExit("no command after `--`")
   return argv[:cut], argv[cut + 1 :]
+
+
+def require_command(parser: argparse.ArgumentParser, command: Sequence[str]) -> None:
+  """Fails through `parser` when nothing follows `--`."""
+  if not command:
+    parser.error("no command: put it after `--`, e.g. `-- fdjax train --config C --workdir W`")
 
 
 def process_env(
@@ -320,7 +324,7 @@ def _report(outcomes: list[ProcessOutcome], failed: int | None, coordinator: str
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="fdjax launch local",
-    description="Run a command as N joined JAX processes on this host.",
+    description="Run `-- command ...` as N joined JAX processes on this host.",
   )
   parser.add_argument("-n", "--num-processes", type=int, required=True, help="processes")
   devices = parser.add_mutually_exclusive_group()
@@ -336,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
   """`fdjax launch local -n N [options] -- command ...`; returns the run's exit status."""
   options, command = split_command(argv)
-  args = build_parser().parse_args(options)
+  parser = build_parser()
+  args = parser.parse_args(options)
+  require_command(parser, command)
   result = run_local(
     command,
     args.num_processes,

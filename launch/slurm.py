@@ -30,7 +30,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from launch.local import resolve_command, split_command, workdir_of
+from launch.local import require_command, resolve_command, split_command, workdir_of
 
 # The file a finished `fdjax train` run leaves in its workdir (see fdjax/trainer.py).
 FINISHED_MARKER = "final_metrics.json"
@@ -294,7 +294,8 @@ def resource_options(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-    prog="fdjax launch slurm", description="Write and submit an sbatch script for a run."
+    prog="fdjax launch slurm",
+    description="Write and submit an sbatch script that runs `-- command ...`.",
   )
   add_resource_arguments(parser)
   parser.add_argument("--job-name", default="fdjax", help="SLURM job name")
@@ -307,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
   """`fdjax launch slurm [options] -- command ...`; prints the job id (or, dry, the script)."""
   options, command = split_command(argv)
-  args = build_parser().parse_args(options)
+  parser = build_parser()
+  args = parser.parse_args(options)
+  require_command(parser, command)
   job = job_from_command(
     command, workdir=args.workdir, job_name=args.job_name, **resource_options(args)
   )

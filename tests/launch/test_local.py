@@ -53,8 +53,9 @@ def test_command_helpers():
     ["-n", "2"],
     ["fdjax", "train", "--", "x"],
   )
+  assert local.split_command(["-n", "2"]) == (["-n", "2"], [])
   with pytest.raises(SystemExit):
-    local.split_command(["-n", "2"])
+    local.main(["-n", "2"])
   assert local.workdir_of(["fdjax", "train", "--workdir", "runs/a"]) == "runs/a"
   assert local.workdir_of(["fdjax", "train", "--workdir=runs/b"]) == "runs/b"
   assert local.workdir_of(["fdjax", "train"]) is None
