@@ -749,6 +749,10 @@ class FaceFormerDecoder(nn.Module):
         f"vertices must be [B, T, V, 3] with V=num_vertices={self.num_vertices}, "
         f"got {tuple(vertices.shape)}"
       )
+    if frame_mask is not None and frame_mask.shape != (batch_size, num_frames):
+      raise ValueError(
+        f"frame_mask must be [B, T]=({batch_size}, {num_frames}), got {tuple(frame_mask.shape)}"
+      )
     memory, condition = self._prepare(
       audio_features, template, style, emotion, intensity, num_frames
     )
