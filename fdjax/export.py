@@ -313,18 +313,43 @@ class Artifact:
     if spec.get("weights_argument"):
       self._weights = jax.device_put(load_weights(directory, self.signature))
     self._call = jax.jit(self.exported.call)
+    # Signatures of plain dims and no constraints take a fast check on every call; the full
+    # check (with its messages) runs when that one fails.
+    plain = all(isinstance(d, int) or d.isidentifier() for s in self.inputs for d in s["shape"])
+    self._expected = None
+    if plain and not self.constraints:
+      self._expected = [(s["name"], jnp.dtype(s["dtype"]), tuple(s["shape"])) for s in self.inputs]
+
+  def _fits(self, inputs: Mapping[str, Any]) -> bool:
+    if self._expected is None or len(inputs) != len(self._expected):
+      return False
+    sizes: dict[str, int] = {}
+    for name, dtype, dims in self._expected:
+      value = inputs.get(name)
+      if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        return False
+      if value.dtype != dtype or len(value.shape) != len(dims):
+        return False
+      for size, dim in zip(value.shape, dims):
+        if isinstance(dim, int):
+          if size != dim:
+            return False
+        elif size < 1 or sizes.setdefault(dim, size) != size:
+          return False
+    return True
 
   def check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, int]:
     """Raises `SignatureError` for inputs that do not fit; returns the symbolic dims' sizes."""
     return check_inputs(inputs, self.inputs, self.constraints)
 
   def __call__(self, inputs: Mapping[str, Any] | None = None, /, **named: Any) -> Any:
-    inputs = {**(inputs or {}), **named}
-    inputs = {
-      k: v if hasattr(v, "dtype") and hasattr(v, "shape") else np.asarray(v)
-      for k, v in inputs.items()
-    }
-    self.check_inputs(inputs)
+    inputs = named if inputs is None else {**inputs, **named}
+    if not self._fits(inputs):
+      inputs = {
+        k: v if hasattr(v, "dtype") and hasattr(v, "shape") else np.asarray(v)
+        for k, v in inputs.items()
+      }
+      self.check_inputs(inputs)
     if self._weights is not None:
       return self._call(self._weights, **inputs)
     return self._call(**inputs)

@@ -15,7 +15,6 @@ from helpers import TINY, run_fdjax
 from fdjax import config as config_lib
 from fdjax import export, trainer
 
-
 SPEC = TINY + ":steps=2"
 
 
