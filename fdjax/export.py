@@ -18,6 +18,11 @@ An artifact may hold further functions beside `predict` (a streaming step, say):
 `<name>.jaxexport` / `<name>.mlir` with its own entry under `signature["functions"]`, sharing the
 weights; `export_function` and `write_artifact` take any function of `(params, **inputs)`.
 
+Foreign runtimes get concrete sizes: IREE 3.13 compiles the concrete `model.mlir` (see
+tests/test_iree.py) but cannot lower the `stablehlo.dynamic_broadcast_in_dim` that jax emits
+for a softmax or a norm over a symbolic dim. A multi-platform export gives the StableHLO `main`
+a leading platform-index argument (`mlir_arguments` in signature.json lists them all).
+
 The loading half (`load`, `Artifact`, `read_signature`) needs only the standard library, numpy
 and jax, so this file can be copied beside a serving program that has neither fdjax nor flax.
 The exporting half imports fdjax inside its functions. Without any of this file, an artifact
@@ -754,6 +759,8 @@ def main(argv: Sequence[str]) -> int:
   if bad:
     parser.error(f"unrecognised arguments: {' '.join(bad)}")
   platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
+  from fdjax.checkpoint import CheckpointRestoreError
+
   try:
     config = _load_run_config(args.config, args.workdir, rest)
     signature = export_checkpoint(
@@ -767,7 +774,7 @@ def main(argv: Sequence[str]) -> int:
       dtype=args.dtype,
       external_weights=args.external_weights,
     )
-  except (FileNotFoundError, ValueError, KeyError, AttributeError) as e:
+  except (FileNotFoundError, ValueError, KeyError, AttributeError, CheckpointRestoreError) as e:
     print(f"fdjax export: {e}", file=sys.stderr)
     return 1
   predict = signature["functions"]["predict"]
