@@ -413,7 +413,7 @@ def _load_audio(
 
 
 def load_faces(path: str | os.PathLike) -> np.ndarray:
-  """Triangles [F, 3] int64 from a .npy of [F, 3] ints or a Wavefront .obj.
+  """Triangles [F, 3] int64 from a .npy of [F, 3] ints, a Wavefront .obj or a .ply.
 
   In an .obj, `f` lines are read (`v`, `v/vt`, `v/vt/vn`, `v//vn` tokens; 1-based or negative
   relative indices); polygons with more than three corners are split into a fan.
@@ -427,8 +427,12 @@ def load_faces(path: str | os.PathLike) -> np.ndarray:
     if faces.ndim != 2 or faces.shape[1] != 3 or not np.issubdtype(faces.dtype, np.integer):
       raise ValueError(f"{path}: expected [F, 3] integer faces, got {faces.dtype} {faces.shape}")
     return faces.astype(np.int64)
+  if suffix == ".ply":
+    from data_pipelines.ops.mesh import read_ply
+
+    return read_ply(path)[1].astype(np.int64)
   if suffix != ".obj":
-    raise ValueError(f"{path}: unsupported faces format {suffix!r} (use .npy or .obj)")
+    raise ValueError(f"{path}: unsupported faces format {suffix!r} (use .npy, .obj or .ply)")
   triangles = []
   num_vertices = 0
   for line_number, line in enumerate(path.read_text().splitlines(), start=1):

@@ -5,6 +5,7 @@ Layout written to `out_dir` (DESIGN section 4), read by `data_pipelines/builders
     vertices_npy/F2_e01.npy  float32 [T, 70110] (23370 vertices x 3), 25 fps
     wav/F2_e01.wav           16 kHz mono 16-bit PCM, as long as the vertex sequence
     templates.pkl            {"F1": float32 [23370, 3], ...} neutral faces of all 14 subjects
+    BIWI.ply                 template mesh with triangles (for rendering)
     regions/lips.txt         vertex indices of the lip region (one per line)
     regions/upper_face.txt   vertex indices of eyes, brows and forehead
 
@@ -81,6 +82,8 @@ def write(out_dir: str, size: str = "tiny", seed: int = 0) -> None:
       )
   with open(os.path.join(out_dir, "templates.pkl"), "wb") as f:
     pickle.dump(templates, f)
+  first = next(iter(templates.values()))
+  talking_mesh.write_template_mesh(os.path.join(out_dir, "BIWI.ply"), rig, first)
   for region, mask in (("lips", rig.lips), ("upper_face", rig.upper_face)):
     with open(os.path.join(out_dir, "regions", f"{region}.txt"), "w") as f:
       f.write(talking_mesh.region_lines(mask))

@@ -28,6 +28,7 @@ import dataclasses
 
 import numpy as np
 import scipy.signal
+import scipy.spatial
 
 from data_pipelines.ops import audio as audio_ops
 
@@ -322,6 +323,25 @@ def talking_sequence(
   audio = speech_audio(num_frames / fps, sample_rate, subject, seed)
   vertices, _ = animate(rig, subject, audio, sample_rate, fps, num_frames, seed + 1)
   return audio, vertices
+
+
+def rig_faces(rig: FaceRig) -> np.ndarray:
+  """Triangles [F, 3] int32 over the rig's vertices (Delaunay in the canonical face square)."""
+  return scipy.spatial.Delaunay(rig.uv.astype(np.float64)).simplices.astype(np.int32)
+
+
+def write_template_mesh(path: str, rig: FaceRig, neutral: np.ndarray) -> None:
+  """Writes an ASCII PLY of `neutral [V, 3]` with the rig's triangles, as the real datasets
+  ship a template mesh (VOCASET's FLAME_sample.ply, BIWI's BIWI.ply) for rendering."""
+  faces = rig_faces(rig)
+  with open(path, "w") as f:
+    f.write("ply\nformat ascii 1.0\n")
+    f.write(
+      f"element vertex {len(neutral)}\nproperty float x\nproperty float y\nproperty float z\n"
+    )
+    f.write(f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n")
+    np.savetxt(f, np.asarray(neutral, np.float32), fmt="%.7g")
+    np.savetxt(f, np.concatenate([np.full((len(faces), 1), 3), faces], axis=1), fmt="%d")
 
 
 def region_lines(mask: np.ndarray) -> str:

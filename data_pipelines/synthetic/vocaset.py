@@ -7,6 +7,7 @@ that `data_pipelines/builders/vocaset.py` reads):
     subj_seq_to_idx.pkl     {subject: {"sentenceXX": {frame: row of data_verts}}}
     raw_audio_fixed.pkl     {subject: {"sentenceXX": {"audio": float32 [S], "sample_rate": int}}}
     templates.pkl           {subject: float32 [5023, 3]} neutral faces
+    FLAME_sample.ply        template mesh with triangles (for rendering)
     regions/lips.txt        vertex indices of the lip region (one per line)
     regions/upper_face.txt  vertex indices of eyes, brows and forehead
 
@@ -106,6 +107,8 @@ def write(out_dir: str, size: str = "tiny", seed: int = 0) -> None:
   ):
     with open(os.path.join(out_dir, filename), "wb") as f:
       pickle.dump(content, f, protocol=2)
+  first = next(iter(templates.values()))
+  talking_mesh.write_template_mesh(os.path.join(out_dir, "FLAME_sample.ply"), rig, first)
   for region, mask in (("lips", rig.lips), ("upper_face", rig.upper_face)):
     with open(os.path.join(out_dir, "regions", f"{region}.txt"), "w") as f:
       f.write(talking_mesh.region_lines(mask))
