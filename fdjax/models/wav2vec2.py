@@ -26,6 +26,9 @@ Alignment of audio features to mesh frames, as the reference methods do it:
   frame t attend to audio frames 2t and 2t+1 (`frame_alignment="pairs"`, `pair_audio_frames`).
   Where the audio is shorter FaceFormer shortens the mesh sequence; here the features are
   zero-padded instead and the padding is marked invalid in `aux["frame_mask"]`.
+
+Export with a symbolic number of samples works when the shape promises at least one audio
+frame: `jax.export.symbolic_shape("b, s", constraints=(f"s >= {encoder.receptive_field}",))`.
 """
 
 from __future__ import annotations
@@ -172,7 +175,7 @@ def interpolate_features(
     [B, N, D] features at the mesh frame rate.
   """
   batch, num_audio_frames, _ = features.shape
-  if num_frames < 1:
+  if isinstance(num_frames, int) and num_frames < 1:
     raise ValueError(f"num_frames must be positive, got {num_frames}")
   src = jnp.full((batch,), num_audio_frames) if source_lengths is None else source_lengths
   tgt = jnp.full((batch,), num_frames) if target_lengths is None else target_lengths
@@ -184,8 +187,8 @@ def interpolate_features(
   lower = jnp.floor(position).astype(jnp.int32)
   upper = jnp.minimum(lower + 1, (src - 1)[:, None])
   weight = (position - lower)[..., None].astype(features.dtype)  # [B, N, 1]
-  below = jnp.take_along_axis(features, lower[..., None], axis=1)
-  above = jnp.take_along_axis(features, upper[..., None], axis=1)
+  below = jnp.take_along_axis(features, lower[..., None], axis=1, mode="clip")
+  above = jnp.take_along_axis(features, upper[..., None], axis=1, mode="clip")
   return below * (1 - weight) + above * weight
 
 
@@ -204,11 +207,9 @@ def pair_audio_frames(features: Array, num_frames: int, frames_per_frame: int = 
     [B, R * N, D]; frames past T_a are zeros.
   """
   length = frames_per_frame * num_frames
-  features = features[:, :length]
-  missing = length - features.shape[1]
-  if missing > 0:
-    features = jnp.pad(features, ((0, 0), (0, missing), (0, 0)))
-  return features
+  # Pad by the full length, then cut: no comparison of lengths, so symbolic shapes export.
+  features = jnp.pad(features, ((0, 0), (0, length), (0, 0)))
+  return features[:, :length]
 
 
 def span_mask(
@@ -832,7 +833,10 @@ class Wav2Vec2Encoder(nn.Module):
 
     Args:
       audio: [B, S] f32 waveform (normalised, 16 kHz for pretrained checkpoints).
-      audio_mask: [B, S] bool valid samples (right padding); None when all are valid.
+      audio_mask: [B, S] bool valid samples (right padding); None when all are valid. Padded
+        frames are zeroed before the positional conv and never attended to. Group-norm
+        checkpoints (wav2vec2-base) were trained on zero-padded batches without a mask and
+        `transformers` advises not passing one to them; it is honoured either way.
       train: enables dropout, layerdrop and SpecAugment (needs the "dropout" rng).
       num_frames: align the CNN features to N mesh frames before the transformer, by
         `frame_alignment` (N frames when "interpolate", R * N audio frames when "pairs").
@@ -848,7 +852,8 @@ class Wav2Vec2Encoder(nn.Module):
     """
     if audio.ndim != 2:
       raise ValueError(f"audio must be [B, S], got shape {audio.shape}")
-    if audio.shape[1] < self.receptive_field:
+    # Only a concrete length can be checked; a symbolic one (jax.export) is the caller's promise.
+    if isinstance(audio.shape[1], int) and audio.shape[1] < self.receptive_field:
       raise ValueError(
         f"audio has {audio.shape[1]} samples, fewer than the receptive field of the conv stack "
         f"({self.receptive_field} samples)"

@@ -22,6 +22,7 @@ import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from fdjax.config import base_config
 from fdjax.models.hf_convert import CheckpointError, load_wav2vec2, read_state_dict
 from fdjax.models.wav2vec2 import (
   Wav2Vec2Encoder,
@@ -29,6 +30,7 @@ from fdjax.models.wav2vec2 import (
   pair_audio_frames,
   span_mask,
 )
+from fdjax.optim import make_optimizer, trainable_mask
 
 TOLERANCE = 1e-4
 NUM_SAMPLES = 2400
@@ -342,16 +344,27 @@ def _micro_params(dtype=jnp.float32):
 
 
 def test_feature_extractor_is_freezable_by_name():
-  """`optim.freeze=("feature_extractor",)` must select exactly the conv stack's parameters."""
+  """`optim.freeze=("feature_extractor",)` selects exactly the conv stack's parameters."""
   encoder = Wav2Vec2Encoder.from_variant("base")
   audio = jnp.zeros((1, encoder.receptive_field))
   params = nn.meta.unbox(jax.eval_shape(lambda: encoder.init(jax.random.key(0), audio))["params"])
-  paths = traverse_util.flatten_dict(params, sep="/")
-  frozen = {p for p in paths if re.search("feature_extractor", p)}
-  assert frozen == {p for p in paths if p.startswith("feature_extractor/")}
+  mask = traverse_util.flatten_dict(trainable_mask(params, ("feature_extractor",)), sep="/")
+  frozen = {path for path, trainable in mask.items() if not trainable}
+  assert frozen == {path for path in mask if path.startswith("feature_extractor/")}
   assert "feature_extractor/conv_layers_0/conv/kernel" in frozen
-  assert "feature_extractor/conv_layers_0/layer_norm/scale" in frozen
-  assert len(frozen) == 9 and len(paths) > len(frozen)  # 7 conv kernels + group norm scale, bias
+  assert len(frozen) == 9 and len(mask) > len(frozen)  # 7 conv kernels + group norm scale, bias
+
+
+def test_frozen_feature_extractor_gets_no_updates():
+  _, params, _ = _micro_params()
+  optim = base_config().optim
+  optim.update(lr=1e-2, schedule="constant", weight_decay=0.1, freeze=("feature_extractor",))
+  tx, _ = make_optimizer(optim, total_steps=10)
+  grads = jax.tree.map(np.ones_like, params)
+  updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
+  for path, update in traverse_util.flatten_dict(updates, sep="/").items():
+    moved = bool(np.any(np.asarray(update) != 0))
+    assert moved != path.startswith("feature_extractor/"), path
 
 
 def test_train_mode_is_stochastic_finite_and_differentiable():
@@ -379,6 +392,21 @@ def test_bfloat16_compute_keeps_float32_params():
   reference, _ = _apply(encoder.clone(dtype=jnp.float32), params, audio)
   assert hidden.dtype == jnp.bfloat16
   assert np.abs(np.asarray(hidden, np.float32) - reference).mean() < 0.1
+
+
+def test_exports_with_symbolic_audio_length():
+  encoder, params, _ = _micro_params()
+  batch, samples = jax.export.symbolic_shape(
+    "b, s", constraints=(f"s >= {encoder.receptive_field}",)
+  )
+  audio = jax.ShapeDtypeStruct((batch, samples), jnp.float32)
+
+  def encode(audio):  # mesh frames at 30 fps of 16 kHz audio, FaceFormer's VOCASET alignment
+    return encoder.apply({"params": params}, audio, num_frames=audio.shape[1] * 30 // 16000)[0]
+
+  exported = jax.export.export(jax.jit(encode))(audio)
+  assert exported.out_avals[0].shape[0] == batch
+  assert str(exported.out_avals[0].shape[1]) == "floordiv(30*s, 16000)"
 
 
 def test_params_carry_logical_axis_names():
