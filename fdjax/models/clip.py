@@ -140,7 +140,7 @@ class LoraDense(nn.Module):
     kernel_init = nn.initializers.variance_scaling(
       1.0,
       "fan_in",
-      "normal",
+      "truncated_normal",
       in_axis=tuple(range(n_in)),
       out_axis=tuple(range(n_in, n_in + n_out)),
     )
@@ -273,11 +273,11 @@ class EncoderBlock(nn.Module):
     width = x.shape[-1]
     h = layer_norm(self.layer_norm_eps, self.dtype, "layer_norm1")(x)
     h = Attention(
-      self.num_heads,
-      self.lora_rank,
-      self.lora_alpha,
-      self.lora_targets,
-      self.dtype,
+      num_heads=self.num_heads,
+      lora_rank=self.lora_rank,
+      lora_alpha=self.lora_alpha,
+      lora_targets=self.lora_targets,
+      dtype=self.dtype,
       name="attention",
     )(h, mask)
     if self.adapter_dim > 0:
@@ -337,6 +337,24 @@ class Transformer(nn.Module):
     return x
 
 
+def _tower_transformer(tower: ClipVisionEncoder | ClipTextEncoder) -> Transformer:
+  """The `encoder` transformer of a CLIP tower, configured by the tower's fields."""
+  return Transformer(
+    depth=tower.depth,
+    num_heads=tower.num_heads,
+    mlp_dim=tower.mlp_dim,
+    hidden_act=tower.hidden_act,
+    layer_norm_eps=tower.layer_norm_eps,
+    lora_rank=tower.lora_rank,
+    lora_alpha=tower.lora_alpha,
+    lora_targets=tower.lora_targets,
+    adapter_dim=tower.adapter_dim,
+    remat=tower.remat,
+    dtype=tower.dtype,
+    name="encoder",
+  )
+
+
 def _embedding(module: nn.Module, name: str, shape: tuple[int, ...], stddev: float, axes) -> Array:
   init = nn.initializers.normal(stddev=stddev)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
@@ -377,7 +395,7 @@ class ClipVisionEncoder(nn.Module):
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size {self.image_size} is not a multiple of {self.patch_size}")
     batch = pixel_values.shape[0]
-    patch_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    patch_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     patches = nn.Conv(
       self.width,
       (self.patch_size, self.patch_size),
@@ -400,20 +418,7 @@ class ClipVisionEncoder(nn.Module):
     x = jnp.concatenate([class_tokens, patches], axis=1) + position_embedding.astype(self.dtype)
     x = nn.with_logical_constraint(x, ("batch", None, "embed"))
     x = layer_norm(self.layer_norm_eps, self.dtype, "pre_layernorm")(x)
-    x = Transformer(
-      self.depth,
-      self.num_heads,
-      self.mlp_dim,
-      self.hidden_act,
-      self.layer_norm_eps,
-      self.lora_rank,
-      self.lora_alpha,
-      self.lora_targets,
-      self.adapter_dim,
-      self.remat,
-      self.dtype,
-      name="encoder",
-    )(x)
+    x = _tower_transformer(self)(x)
     pooled = layer_norm(self.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])  # [B, D]
     rank = self.lora_rank if "projection" in self.lora_targets else 0
     image_embeds = LoraDense(
@@ -476,20 +481,7 @@ class ClipTextEncoder(nn.Module):
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, L, L]
     if attention_mask is not None:
       mask = mask & attention_mask.astype(bool)[:, None, None, :]  # padded keys are hidden
-    x = Transformer(
-      self.depth,
-      self.num_heads,
-      self.mlp_dim,
-      self.hidden_act,
-      self.layer_norm_eps,
-      self.lora_rank,
-      self.lora_alpha,
-      self.lora_targets,
-      self.adapter_dim,
-      self.remat,
-      self.dtype,
-      name="encoder",
-    )(x, mask)
+    x = _tower_transformer(self)(x, mask)
     x = layer_norm(self.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     if self.eos_token_id == 2:
       # Configs from before transformers PR #24773 carry eos_token_id=2; the end-of-text token is

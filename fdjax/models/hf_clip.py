@@ -1,7 +1,9 @@
 """Load a local Hugging Face CLIP checkpoint directory into `fdjax.models.clip.ClipModel`.
 
-Where it sits: task modules call `load_hf_clip(path)` (or `overlay_params` to put the converted
-towers into a larger model such as `VideoClassifier`) before fine-tuning; nothing is downloaded.
+Where it sits: task modules call `load_hf_clip(path)` before fine-tuning, and put the converted
+towers into a larger model (`temporal.init_from_clip` for `VideoClassifier`) with
+`init_missing_params`; nothing is downloaded.
+
 A checkpoint directory holds `config.json` and the weights as `model.safetensors`, sharded
 `model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`, or `pytorch_model.bin`
 (read with `torch`, needed only for that format).
@@ -358,28 +360,6 @@ def convert_clip_state_dict(
   if problems:
     raise ValueError(f"{source}: cannot convert to ClipModel: " + "; ".join(problems))
   return _unflatten(converted)
-
-
-def overlay_params(
-  params: Mapping[str, Any], pretrained: Mapping[str, Any], source: str = "pretrained"
-) -> dict[str, Any]:
-  """`params` with every leaf that `pretrained` has replaced by it (shapes must agree).
-
-  Used to start a model with PEFT or a task head from converted CLIP weights: the leaves that
-  `pretrained` lacks (LoRA, adapters, heads) keep their initial values.
-  """
-  target = _flat_paths(params)
-  problems = []
-  for path, value in _flat_paths(pretrained).items():
-    if path not in target:
-      problems.append(f"{path} has no place in the model")
-    elif np.shape(value) != np.shape(target[path]):
-      problems.append(f"{path}: {np.shape(value)} != {np.shape(target[path])}")
-    else:
-      target[path] = np.asarray(value, dtype=target[path].dtype)
-  if problems:
-    raise ValueError(f"{source}: cannot overlay: " + "; ".join(problems))
-  return _unflatten(target)
 
 
 def init_missing_params(

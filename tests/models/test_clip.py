@@ -9,6 +9,7 @@ within 1e-4 absolute.
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -194,6 +195,16 @@ def test_converter_reads_bfloat16_safetensors(tmp_path):
   np.testing.assert_array_equal(params["text"]["projection"]["kernel"], expected)
 
 
+def test_converter_reads_sharded_safetensors(converted, tmp_path):
+  converted["torch_model"].save_pretrained(tmp_path, max_shard_size="20KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  _, params = hf_clip.load_hf_clip(tmp_path)
+  for path, a, b in zip(
+    _paths(params), jax.tree.leaves(params), jax.tree.leaves(converted["params"])
+  ):
+    np.testing.assert_array_equal(a, b, err_msg=path)
+
+
 def test_converter_names_missing_and_unexpected_keys(converted):
   torch_model, model = converted["torch_model"], converted["model"]
   state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
@@ -280,3 +291,20 @@ def test_freeze_patterns_leave_only_peft_trainable_for_b16(peft, max_fraction):
     f"B/16 CLIP {peft}: {total} parameters, {trainable_count} ({100 * fraction:.2f}%) trainable"
   )
   assert 0 < fraction < max_fraction
+
+
+@pytest.mark.parametrize("converted", ["quick_gelu_argmax_safetensors"], indirect=True)
+def test_remat_changes_memory_not_values(converted):
+  vision, params = converted["model"].vision, converted["params"]["vision"]
+  pixels = _inputs(converted["spec"])[0].transpose(0, 2, 3, 1)
+
+  def grads(tower):
+    def loss(params):
+      image_embeds, _ = tower.apply({"params": params}, pixels)
+      return jnp.sum(image_embeds**2)
+
+    return jax.jit(jax.grad(loss))(params)
+
+  plain, remat = grads(vision), grads(vision.clone(remat=True))
+  for path, a, b in zip(_paths(plain), jax.tree.leaves(plain), jax.tree.leaves(remat)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path)
