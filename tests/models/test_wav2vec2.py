@@ -290,6 +290,17 @@ def test_misshapen_tensor_error_names_both_shapes(checkpoint_root, tmp_path):
     load_wav2vec2(os.path.dirname(path))
 
 
+def test_bfloat16_safetensors_are_read_as_float32(tmp_path):
+  from safetensors.torch import save_file as save_torch_file
+
+  weight = torch.randn(3, 5).to(torch.bfloat16)
+  save_torch_file({"w": weight}, str(tmp_path / "model.safetensors"))
+  state = read_state_dict(tmp_path)
+  value = state.take("w", (3, 5))
+  assert value.dtype == np.float32
+  np.testing.assert_array_equal(value, weight.float().numpy())
+
+
 def test_directory_without_weights_is_named(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "wav2vec2"}))
   with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
