@@ -236,8 +236,38 @@ def _copy_output(proc, outcome: ProcessOutcome, stream: bool, lock: threading.Lo
           sys.stdout.flush()
 
 
+class _ExitOrder:
+  """Records the order in which processes exit, as it happens (one waiting thread each).
+
+  Polling would see processes that die close together in the same round, and could blame a
+  process that only failed because another died first.
+  """
+
+  def __init__(self, procs: list[subprocess.Popen]):
+    self.order: list[int] = []
+    self.changed = threading.Event()
+    self._lock = threading.Lock()
+    for i, proc in enumerate(procs):
+      threading.Thread(target=self._wait, args=(i, proc), daemon=True).start()
+
+  def _wait(self, index: int, proc: subprocess.Popen) -> None:
+    proc.wait()
+    with self._lock:
+      self.order.append(index)
+    self.changed.set()
+
+  def exited(self) -> list[int]:
+    with self._lock:
+      return list(self.order)
+
+  def wait(self, timeout_s: float) -> None:
+    self.changed.wait(timeout_s)
+    self.changed.clear()
+
+
 def _supervise(procs, outcomes, grace_s: float) -> int | None:
   """Waits for all processes; on the first failure stops the rest. Returns the failed index."""
+  exits = _ExitOrder(procs)
   forwarded = []
 
   def forward(signum, frame):
@@ -253,32 +283,33 @@ def _supervise(procs, outcomes, grace_s: float) -> int | None:
       previous[signum] = signal.signal(signum, forward)
   try:
     while True:
-      codes = [proc.poll() for proc in procs]
-      failed = next((i for i, c in enumerate(codes) if c not in (None, 0)), None)
+      exited = exits.exited()
+      failed = next((i for i in exited if procs[i].returncode != 0), None)
       if failed is not None and not forwarded:
-        _stop_others(procs, outcomes, failed, grace_s)
+        _stop_others(procs, outcomes, failed, grace_s, exits)
         return failed
-      if all(c is not None for c in codes):
+      if len(exited) == len(procs):
         return failed
-      time.sleep(0.1)
+      exits.wait(0.1)
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
 
 
-def _stop_others(procs, outcomes, failed: int, grace_s: float) -> None:
-  running = [i for i, proc in enumerate(procs) if proc.poll() is None]
+def _stop_others(procs, outcomes, failed: int, grace_s: float, exits: _ExitOrder) -> None:
+  running = [i for i in range(len(procs)) if i not in exits.exited()]
   for i in running:
     _signal_group(procs[i], signal.SIGTERM)
     outcomes[i].stopped_by = "SIGTERM"
   deadline = time.monotonic() + grace_s
+  while time.monotonic() < deadline and len(exits.exited()) < len(procs):
+    exits.wait(0.1)
   for i in running:
-    try:
-      procs[i].wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
+    if i not in exits.exited():
       _signal_group(procs[i], signal.SIGKILL)
       outcomes[i].stopped_by = "SIGTERM, then SIGKILL"
-      procs[i].wait()
+  while len(exits.exited()) < len(procs):
+    exits.wait(0.1)
   # The failed process's own children (e.g. data workers) must not outlive it.
   _signal_group(procs[failed], signal.SIGKILL)
 
