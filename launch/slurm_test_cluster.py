@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo")
@@ -56,7 +57,11 @@ class LocalSlurmCluster:
     self.cpus = cpus
     self.partition = partition
     self.conf_path = os.path.join(self.root, "etc", "slurm.conf")
-    self.munge_socket = os.path.join(self.root, "munge", "munge.socket")
+    self.munge_dir = os.path.join(self.root, "munge")
+    if len(self.munge_dir) > 80:
+      # A Unix socket path must fit in 108 bytes; deep temporary directories do not.
+      self.munge_dir = tempfile.mkdtemp(prefix="fdjax-munge-")
+    self.munge_socket = os.path.join(self.munge_dir, "munge.socket")
     self._procs: dict[str, subprocess.Popen] = {}
 
   def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -75,11 +80,12 @@ class LocalSlurmCluster:
 
   def start(self, timeout_s: float = 60.0) -> None:
     """Writes the configuration, starts the daemons and waits until the node is idle."""
-    for sub in ("etc", "state", "spool", "log", "run", "munge"):
+    for sub in ("etc", "state", "spool", "log", "run"):
       os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+    os.makedirs(self.munge_dir, exist_ok=True)
     # munged refuses directories that others may write to.
-    os.chmod(os.path.join(self.root, "munge"), 0o700)
-    key = os.path.join(self.root, "munge", "munge.key")
+    os.chmod(self.munge_dir, 0o700)
+    key = os.path.join(self.munge_dir, "munge.key")
     if not os.path.exists(key):
       with open(key, "wb") as f:
         f.write(os.urandom(1024))
@@ -99,7 +105,7 @@ class LocalSlurmCluster:
         f"--key-file={key}",
         f"--pid-file={os.path.join(self.root, 'run', 'munged.pid')}",
         f"--log-file={os.path.join(log, 'munged.log')}",
-        f"--seed-file={os.path.join(self.root, 'munge', 'munged.seed')}",
+        f"--seed-file={os.path.join(self.munge_dir, 'munged.seed')}",
       ],
     )
     self._wait_for(lambda: os.path.exists(self.munge_socket), timeout_s, "munged socket")
@@ -126,6 +132,8 @@ class LocalSlurmCluster:
       except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    if not self.munge_dir.startswith(self.root + os.sep):
+      shutil.rmtree(self.munge_dir, ignore_errors=True)
 
   def _spawn(self, name: str, argv: list[str]) -> None:
     out = open(os.path.join(self.root, "log", f"{name}.stdout"), "ab")

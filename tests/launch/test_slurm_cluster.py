@@ -35,7 +35,6 @@ def cluster(tmp_path_factory):
     if os.environ.get("FDJAX_REQUIRE_SLURM") == "1":
       pytest.fail(f"FDJAX_REQUIRE_SLURM=1 but {reason}")
     pytest.skip(reason)
-  # Short root: the munge socket path must fit in a Unix socket address (108 bytes).
   root = tmp_path_factory.mktemp("slurm")
   with slurm_test_cluster.LocalSlurmCluster(str(root)) as running:
     yield running
