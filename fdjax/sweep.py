@@ -4,8 +4,8 @@ A config file defines the points with `get_sweep()`, a list of override dicts, b
 `product` and `zip_`:
 
     def get_sweep():
-      return sweep.product(sweep.zip_(**{"optim.lr": [1e-3, 3e-4], "optim.warmup_steps": [0, 100]}),
-                           seed=[0, 1])
+      schedules = sweep.zip_(**{"optim.lr": [1e-3, 3e-4], "optim.warmup_steps": [0, 100]})
+      return sweep.product(schedules, seed=[0, 1])  # 4 points
 
 `fdjax sweep --config C --workdir DIR [--launcher local|slurm] [--parallel K]` writes
 `DIR/sweep.json` (the points and the metric that ranks them) and runs each point as
@@ -276,8 +276,14 @@ def run_local(
   return statuses
 
 
-def submit_slurm(sweep: Sweep, sweep_dir: str, *, parallel: int | None, dry_run: bool, **options):
-  """Submits the unfinished points as one SLURM job array; returns (script path, job id)."""
+def submit_slurm(
+  sweep: Sweep, sweep_dir: str, *, parallel: int | None, dry_run: bool, **options
+) -> tuple[str | None, str | None]:
+  """Submits the unfinished points as one SLURM job array.
+
+  `options` are `launch.slurm.SlurmJob` fields (nodes, time, partition, ...). Returns the
+  script's path and the job id; (path, None) for a dry run, (None, None) when all finished.
+  """
   from launch import slurm
 
   todo = [p for p in sweep.points if not is_finished(os.path.join(sweep_dir, p.name))]
