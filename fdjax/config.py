@@ -142,6 +142,12 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ConfigDict:
   return ml_collections.FrozenConfigDict(config)
 
 
+def load_json_config(path: str) -> ml_collections.FrozenConfigDict:
+  """The resolved config a run saved (`<workdir>/config.json`), frozen."""
+  with open(path) as f:
+    return ml_collections.FrozenConfigDict(json.load(f))
+
+
 def load_config_module(path: str):
   """Imports a config file by path (its directory need not be a package)."""
   if not os.path.isfile(path):

@@ -35,7 +35,7 @@ from fdjax import optim as optim_lib
 from fdjax import state as state_lib
 from fdjax import step as step_lib
 from fdjax.metric_writer import MetricWriter
-from fdjax.tasks import load_task
+from fdjax.tasks import load_task, task_loss_fn
 
 # Peak dense bf16 FLOP/s per device, for MFU. Devices not listed get no MFU.
 PEAK_FLOPS = {
@@ -180,7 +180,7 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
     rules,
     shardings,
     model=model,
-    loss_fn=task.loss_fn,
+    loss_fn=task_loss_fn(task, config),
     tx=tx,
     schedule=schedule,
     trainable=optim_lib.trainable_mask(state.params, config.optim.freeze),
@@ -192,6 +192,11 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
   )
   data_iter = iter(data)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+  if checkpointer.latest_step() is None and hasattr(task, "load_pretrained"):
+    loaded = task.load_pretrained(config, jax.device_get(state.params))
+    state = state.replace(
+      params=jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded, state.params)
+    )
   if checkpointer.latest_step() is not None:
     abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings

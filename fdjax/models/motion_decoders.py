@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdjax.models.layers import DenseGeneral
+
 Array = jax.Array
 
 # Large negative score for masked keys: finite, so a fully masked row gives uniform weights
@@ -281,29 +283,25 @@ class MultiHeadAttention(nn.Module):
     head_dim = self.d_model // self.num_heads
 
     def projection(name):
-      return nn.DenseGeneral(
+      return DenseGeneral(
         (self.num_heads, head_dim),
+        kernel_axes=("embed", "heads", "head_dim"),
+        bias_axes=("heads", "head_dim"),
+        kernel_init=nn.initializers.xavier_uniform(),
         dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(
-          nn.initializers.xavier_uniform(), ("embed", "heads", "head_dim")
-        ),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "head_dim")),
         name=name,
       )
 
     self.query_projection = projection("query")
     self.key_projection = projection("key")
     self.value_projection = projection("value")
-    self.output_projection = nn.DenseGeneral(
+    self.output_projection = DenseGeneral(
       self.d_model,
       axis=(-2, -1),
+      kernel_axes=("heads", "head_dim", "embed"),
+      bias_axes=("embed",),
+      kernel_init=nn.initializers.xavier_uniform(),
       dtype=self.dtype,
-      param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(
-        nn.initializers.xavier_uniform(batch_axis=()), ("heads", "head_dim", "embed")
-      ),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
       name="out",
     )
 

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdjax.models.layers import DenseGeneral
+
 Array = jax.Array
 Dtype = Any
 
@@ -490,12 +492,14 @@ class SelfAttention(nn.Module):
     head_dim = width // self.num_heads
     kernel_init = nn.initializers.normal(self.initializer_range)
     projection = functools.partial(
-      nn.DenseGeneral,
+      DenseGeneral,
       (self.num_heads, head_dim),
+      kernel_axes=("embed", "heads", "head_dim"),
+      bias_axes=("heads", "head_dim"),
+      kernel_init=kernel_init,
+      bias_init=nn.initializers.zeros,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "heads", "head_dim")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
     )
     query = projection(name="q_proj")(x)  # [B, T, H, Dh]
     key = projection(name="k_proj")(x)
@@ -507,13 +511,15 @@ class SelfAttention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
-    return nn.DenseGeneral(
+    return DenseGeneral(
       width,
       axis=(-2, -1),
+      kernel_axes=("heads", "head_dim", "embed"),
+      bias_axes=("embed",),
+      kernel_init=kernel_init,
+      bias_init=nn.initializers.zeros,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, ("heads", "head_dim", "embed")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
       name="out_proj",
     )(out)
 

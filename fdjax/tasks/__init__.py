@@ -16,6 +16,9 @@ A task module provides:
         `loss`: scalar mean over the batch's valid elements. `aux`: dict of scalar metrics;
         `aux["weight"]`, if present, is the number of valid elements the mean is over, which
         makes gradient accumulation exact for masked batches (see `fdjax.step`).
+        A task whose loss has hyper-parameters provides instead
+    make_loss_fn(config) -> loss_fn
+        returning a function of that signature.
 
     train_data(config, *, process_index: int, process_count: int) -> grain.IterDataset
         This process's endless stream of training batches (numpy dicts), normally built with
@@ -38,6 +41,10 @@ A task module provides:
         the server fills in for inputs a request leaves out, e.g. a `template` [V, 3]);
         `symbolic_constraints(config) -> list[str]` (e.g. `["s >= 400"]`).
 
+    load_pretrained(config, params) -> params
+        (optional) Parameters with pretrained parts filled in (e.g. from a local Hugging Face
+        checkpoint); called on a fresh run only, before the first step. Shapes must not change.
+
     init_fn(model, rngs, batch) -> variables
         (optional) When `model.init(rngs, batch)` is not how the model is initialised.
 
@@ -51,7 +58,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-REQUIRED = ("build_model", "dummy_batch", "loss_fn", "train_data")
+REQUIRED = ("build_model", "dummy_batch", "train_data")
 
 
 def load_task(name: str) -> ModuleType:
@@ -71,6 +78,15 @@ def load_task(name: str) -> ModuleType:
   else:
     raise ModuleNotFoundError(f"config.task={name!r}: no module {' or '.join(errors)}")
   missing = [f for f in REQUIRED if not hasattr(module, f)]
+  if not hasattr(module, "loss_fn") and not hasattr(module, "make_loss_fn"):
+    missing.append("loss_fn (or make_loss_fn)")
   if missing:
     raise AttributeError(f"task module {module.__name__} lacks {', '.join(missing)}")
   return module
+
+
+def task_loss_fn(task: ModuleType, config) -> object:
+  """The task's loss function for `config` (`make_loss_fn(config)` or `loss_fn`)."""
+  if hasattr(task, "make_loss_fn"):
+    return task.make_loss_fn(config)
+  return task.loss_fn

@@ -1,0 +1,81 @@
+"""The config shared by the audio2mesh experiments (VOCASET and BIWI layouts).
+
+Variants (decoder families): `faceformer` (autoregressive, FaceFormer), `nonautoregressive`,
+`codetalker_vq` (CodeTalker stage 1, motion VQ-VAE) and `codetalker` (stage 2; needs
+`--config.model.prior_workdir=<stage-1 workdir>`). Encoder sizes: `base` (wav2vec2-base shapes;
+load weights with `--config.model.encoder.checkpoint=DIR`, a local Hugging Face directory) and
+`tiny` (trains from scratch on a CPU). `runlocal=True` shrinks data and steps for tests.
+"""
+
+from ml_collections import ConfigDict
+
+from fdjax.config import base_config
+
+VARIANTS = ("faceformer", "nonautoregressive", "codetalker_vq", "codetalker")
+
+
+def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
+  """The base config specialised to speech-driven animation on `dataset`."""
+  if args.variant not in VARIANTS:
+    raise ValueError(f"variant={args.variant!r}: expected one of {VARIANTS}")
+  if args.encoder not in ("base", "tiny"):
+    raise ValueError(f"encoder={args.encoder!r}: expected base or tiny")
+  c = base_config()
+  c.task = "audio2mesh"
+  c.data.update(dataset)
+  c.data.synthetic = "tiny" if args.runlocal else "demo"  # Twin to write when no data is found.
+  c.data.raw_dir = ""  # Raw download (or twin) directory; "" = the twin's cache directory.
+  c.data.data_dir = ""  # Built array_record directory; "" = the twin's cache directory.
+  c.data.skip_invalid = False  # Skip (and count) invalid examples instead of failing the build.
+  c.data.eval_split = "test"  # Split evaluated with whole sequences.
+  c.data.eval_batch_size = 4  # Whole sequences per evaluation batch (padded to the longest).
+  c.data.eval_style = 0  # Speaking style used for speakers unseen in training.
+  c.data.lip_mask = "regions/lips.txt"  # Lip vertex indices (relative paths: in raw_dir).
+  c.data.upper_face_mask = "regions/upper_face.txt"  # Upper-face vertex indices, likewise.
+
+  c.model.encoder = ConfigDict()
+  c.model.encoder.variant = args.encoder  # wav2vec2 size: base or tiny.
+  c.model.encoder.checkpoint = ""  # Local HF wav2vec2/HuBERT directory whose weights to load.
+  c.model.decoder = ConfigDict()
+  c.model.decoder.kind = args.variant  # Decoder family (see the module docstring).
+  c.model.decoder.variant = dataset.decoder_variant  # Named size of the decoder.
+  c.model.decoder.num_styles = len(dataset.train_subjects)  # One style per training speaker.
+  c.model.prior_workdir = ""  # CodeTalker stage 2: workdir of the finished stage-1 run.
+  if args.variant == "codetalker":
+    c.model.decoder.prior = ConfigDict()  # Overrides of the stage-1 VQ-VAE's fields.
+    c.optim.freeze = ("^decoder/prior/",)
+  if args.variant != "faceformer":
+    c.model.decoder.period = dataset.decoder_period  # Period of positional encoding/bias.
+  if args.encoder == "base":
+    # Pretrained encoders keep their conv feature extractor frozen, as FaceFormer does.
+    c.optim.freeze = (*c.optim.freeze, "^encoder/feature_extractor/")
+  c.model.encoder.frame_alignment = dataset.frame_alignment  # Features to mesh frames.
+  c.model.encoder.audio_frames_per_frame = dataset.audio_frames_per_frame  # For "pairs".
+
+  c.loss = ConfigDict()
+  c.loss.velocity_weight = 1.0  # Weight of the velocity (frame difference) MSE.
+  c.loss.lip_weight = 1.0  # Weight of lip vertices in both MSEs (1: unweighted).
+  c.loss.latent_weight = 1.0  # CodeTalker stage 2: weight of the latent regression.
+
+  c.optim.optimizer = "adam"
+  c.optim.lr = 1e-4 if args.encoder == "base" else 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.schedule = "cosine"
+  c.optim.end_lr_factor = 0.05
+  c.optim.clip_norm = 1.0
+  c.batch_size = 8
+  c.total_steps = 20000 if args.encoder == "base" else 1500
+  c.log_every = 50
+  c.eval_every = 0 if args.encoder == "tiny" else 5000
+  c.checkpoint.every = 1000
+  c.sweep_metric = "lve_squared"
+  c.sweep_mode = "min"
+  if args.runlocal:
+    c.total_steps = args.steps or 40
+    c.batch_size = 8
+    c.log_every = 10
+    c.checkpoint.every = 0
+    c.data.eval_batch_size = 2
+  elif args.steps:
+    c.total_steps = args.steps
+  return c
