@@ -422,13 +422,35 @@ def predict_fn(config: Any, model: nn.Module):
 
 
 def export_metadata(config: Any) -> dict:
-  return {
+  metadata = {
     "sample_rate": config.data.sample_rate,
     "fps": config.data.fps,
     "num_vertices": _num_vertices(config),
     "dataset": config.data.name,
-    "audio": "mono waveform, zero mean and unit variance over the clip",
+    "train_subjects": list(config.data.train_subjects),
   }
+  if config.model.decoder.kind != "codetalker_vq":
+    metadata["audio_input"] = "audio"
+    metadata["audio"] = "mono waveform at sample_rate, zero mean and unit variance over the clip"
+  return metadata
+
+
+def export_defaults(config: Any) -> dict[str, np.ndarray]:
+  """What the server fills in when a request sends audio only: style 0 and its template."""
+  if config.model.decoder.kind == "codetalker_vq":
+    return {}
+  _, data_dir = prepare.ensure_dataset(config.data)
+  source = pipeline.tfds_source(config.data.name, data_dir, "train")
+  first = next(e for e in source if int(e["subject"]) == 0)
+  return {"template": np.asarray(first["template"], np.float32), "style": np.int32(0)}
+
+
+def symbolic_constraints(config: Any) -> list[str]:
+  """Symbolic audio must cover at least one encoder frame (and one mesh frame)."""
+  if config.model.decoder.kind == "codetalker_vq":
+    return ["t >= 1"]
+  minimum = max(build_encoder(config).receptive_field, _window_samples(config, 1))
+  return [f"s >= {minimum}"]
 
 
 def flops_per_example(config: Any) -> float:
