@@ -64,7 +64,15 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     dcn = [int(mesh_config[f"dcn_{a}"]) for a in MESH_AXES]
     dcn = _fill(dcn, num_processes, "mesh across processes (dcn_*)")
     ici = _fill(ici, len(devices) // num_processes, "mesh within a process")
-    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    # Off TPU, each process is one "granule" (JAX would otherwise group devices by slice, and
+    # every CPU or GPU device is in slice 0).
+    array = mesh_utils.create_hybrid_device_mesh(
+      ici,
+      dcn,
+      devices,
+      process_is_granule=devices[0].platform != "tpu",
+      allow_split_physical_axes=True,
+    )
   return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
