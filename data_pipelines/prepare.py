@@ -16,11 +16,18 @@ import os
 from typing import Any
 
 DEFAULT_ROOT = os.path.join("~", ".cache", "fdjax", "datasets")
+# Bumped whenever a synthetic twin's content changes, so stale caches are not reused.
+SYNTHETIC_VERSION = 1
+
+
+def data_root() -> str:
+  """Where synthetic twins are cached: $FDJAX_DATA_ROOT, else ~/.cache/fdjax/datasets."""
+  return os.path.expanduser(os.environ.get("FDJAX_DATA_ROOT") or DEFAULT_ROOT)
 
 
 def default_dirs(name: str, synthetic: str) -> tuple[str, str]:
-  """(raw_dir, data_dir) under ~/.cache/fdjax/datasets for the synthetic twin of `name`."""
-  root = os.path.expanduser(os.path.join(DEFAULT_ROOT, f"{name}-synthetic-{synthetic}"))
+  """(raw_dir, data_dir) under `data_root()` for the synthetic twin of `name`."""
+  root = os.path.join(data_root(), f"{name}-synthetic-{synthetic}-v{SYNTHETIC_VERSION}")
   return os.path.join(root, "raw"), os.path.join(root, "tfds")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 USAGE = "usage: fdjax {train,eval,data,render,export,launch,sweep} ...  (fdjax CMD --help)"
@@ -29,6 +30,7 @@ DELEGATED = {
   "serve": ("fdjax.serve", "main"),
   "launch": ("launch", "launch_main"),
   "sweep": ("fdjax.sweep", "sweep_main"),
+  "explain": ("fdjax.explain", "main"),
 }
 
 
@@ -37,7 +39,11 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
     prog=prog,
     description="Config overrides follow as --config.key.sub=value (type-checked).",
   )
-  parser.add_argument("--config", required=True, help="path/to/config.py[:key=value,...]")
+  parser.add_argument(
+    "--config",
+    required=prog == "fdjax train",
+    help="path/to/config.py[:key=value,...] (eval: defaults to <workdir>/config.json)",
+  )
   parser.add_argument("--workdir", required=True, help="checkpoints, logs and config.json")
   return parser
 
@@ -62,14 +68,24 @@ def _prepare(args, overrides):
 
   # Grain worker processes read absl flags; outside absl.app they must be marked parsed.
   flags.FLAGS.mark_as_parsed()
+  if args.config is None:
+    args.config = os.path.join(args.workdir, "config.json")
   config = config_lib.load_config(args.config, [*overrides, ("workdir", args.workdir)])
   distributed.initialize(config.distributed_timeout_s)
   return config
 
 
 def train_main(argv: list[str]) -> int:
-  args, overrides = _parse("fdjax train", argv)
+  args, overrides = _parse(
+    "fdjax train",
+    argv,
+    lambda p: p.add_argument("--folds", default=None, help="cross-validation: all, or 1,2,3"),
+  )
   config = _prepare(args, overrides)
+  if args.folds:
+    from fdjax import folds
+
+    return folds.run_folds(config, args.workdir, args.folds)
   from fdjax import trainer
   from fdjax.checkpoint import CheckpointRestoreError
 

@@ -132,10 +132,18 @@ def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
 
 
 def load_config(spec: str, overrides: Iterable[str] = ()) -> ConfigDict:
-  """Loads `path.py[:arg]`, applies `--config.x.y=value` overrides, and returns it frozen."""
-  module = load_config_module(spec.partition(":")[0])
-  arg = spec.partition(":")[2] or None
-  config = module.get_config(arg)
+  """Loads `path.py[:arg]` (or a saved `config.json`), applies `--config.x.y=value` overrides,
+  and returns it frozen."""
+  path, _, arg = spec.partition(":")
+  if path.endswith(".json"):
+    if arg:
+      raise ValueError(f"{spec}: a saved config.json takes no ':' arguments")
+    with open(path) as f:
+      config = ConfigDict(json.load(f))
+    apply_overrides(config, overrides)
+    return ml_collections.FrozenConfigDict(config)
+  module = load_config_module(path)
+  config = module.get_config(arg or None)
   if not isinstance(config, ConfigDict):
     raise TypeError(f"{spec}: get_config must return an ml_collections.ConfigDict")
   apply_overrides(config, overrides)

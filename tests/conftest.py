@@ -18,3 +18,9 @@ import sys  # noqa: E402
 
 # Test-only modules (the tiny task, shared helpers) are imported by name from tests/.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import tempfile  # noqa: E402
+
+# Synthetic twins that experiments build on first use go to a fresh directory per test session
+# (shared by the subprocesses tests start), never to the user's cache.
+os.environ.setdefault("FDJAX_DATA_ROOT", tempfile.mkdtemp(prefix="fdjax-test-data-"))

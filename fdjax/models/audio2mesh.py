@@ -75,14 +75,23 @@ class SpeechToMesh(nn.Module):
     style: Array | None,
     *,
     audio_mask: Array | None = None,
+    frame_mask: Array | None = None,
     emotion: Array | None = None,
     intensity: Array | None = None,
     num_frames: int | None = None,
   ) -> tuple[Array, dict]:
-    """Predicts `vertices [B, T, V, 3]` from `audio [B, S]`; T defaults to the audio's span."""
-    if num_frames is None:
+    """Predicts `vertices [B, T, V, 3]` from `audio [B, S]`; T defaults to the audio's span.
+
+    For padded batches pass both masks: `audio_mask [B, S]` and `frame_mask [B, T]`, so each
+    example's valid audio is aligned to its own valid frames, not stretched over the padding.
+    """
+    if frame_mask is not None:
+      num_frames = frame_mask.shape[1]
+    elif num_frames is None:
       num_frames = frames_in(audio.shape[1], self.sample_rate, self.fps)
-    features, _ = self.encoder(audio, audio_mask, False, num_frames=num_frames)
+    features, _ = self.encoder(
+      audio, audio_mask, False, num_frames=num_frames, frame_mask=frame_mask
+    )
     return self.decoder.generate(
       features,
       template,

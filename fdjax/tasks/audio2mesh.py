@@ -253,17 +253,17 @@ def _bucket(batch: dict, config: Any) -> dict:
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_frames"))
-def _generate(model, params, audio, audio_mask, template, style, emotion, intensity, num_frames):
+@functools.partial(jax.jit, static_argnames=("model",))
+def _generate(model, params, audio, audio_mask, frame_mask, template, style, emotion, intensity):
   predicted, _ = model.apply(
     {"params": params},
     audio,
     template,
     style,
     audio_mask=audio_mask,
+    frame_mask=frame_mask,
     emotion=emotion,
     intensity=intensity,
-    num_frames=num_frames,
     method="generate",
   )
   return predicted
@@ -328,11 +328,11 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
         params,
         put(batch["audio"]),
         put(batch["audio_mask"]),
+        put(batch["frame_mask"]),
         put(batch["template"]),
         put(style.astype(np.int32)),
         put(batch.get("emotion")),
         put(batch.get("intensity")),
-        num_frames,
       )
     predicted = np.asarray(jax.device_get(predicted), np.float32)  # [B, T, V, 3]
     truth, template, frame_mask = batch["vertices"], batch["template"], batch["frame_mask"]
