@@ -270,15 +270,20 @@ def crop_and_resize(
     out[:] = frames
     return out
   matrix = None if color_matrix is None else tuple(float(m) for m in color_matrix)
-  for i, frame in enumerate(frames):
-    image = Image.fromarray(frame)
-    if not (whole and (height, width) == (frame_h, frame_w)):
+  resize = not (whole and (height, width) == (frame_h, frame_w))
+  frames = np.ascontiguousarray(frames)
+  # Frame by frame, so each image stays in cache through all steps (one tall image of the
+  # whole clip is slower); frombuffer/tobytes skip fromarray/asarray's array-interface round
+  # trips, a few percent of the clip's time.
+  for i in range(len(frames)):
+    image = Image.frombuffer("RGB", (frame_w, frame_h), frames[i], "raw", "RGB", 0, 1)
+    if resize:
       image = image.resize((width, height), resample, box=(x0, y0, x1, y1))
     if flip:
       image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if matrix is not None:
       image = image.convert("RGB", matrix)
-    out[i] = np.asarray(image)
+    out[i] = np.frombuffer(image.tobytes(), np.uint8).reshape(height, width, 3)
   return out
 
 
