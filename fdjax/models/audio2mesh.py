@@ -12,17 +12,25 @@ for BIWI), then through one of the decoders of `fdjax.models.motion_decoders` /
 prediction from audio alone, for any audio length. Parameters live under `encoder/` and
 `decoder/` (the CodeTalker prior under `decoder/prior/`), so configs freeze parts by regex, e.g.
 `optim.freeze=("encoder/feature_extractor",)`.
+
+With a causal encoder (`Wav2Vec2Encoder(causal=True, attention_window=W)`) the transformer runs
+at the audio frame rate and its frames are aligned to mesh frames afterwards by the causal rule
+of `align_causal`; with a `FaceFormerDecoder(cache_window=K)` the model can then stream:
+`stream_init` makes the state of new streams and `stream_step` turns the next fixed chunk of
+audio into the next frames (`fdjax/streaming.py` has the chunk rules and the state layout).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from fdjax.models.codetalker import MotionVQVAE
-from fdjax.models.wav2vec2 import Wav2Vec2Encoder
+from fdjax.models.wav2vec2 import Wav2Vec2Encoder, align_causal, causal_frame_indices
 
 Array = jax.Array
 
@@ -49,12 +57,8 @@ class SpeechToMesh(nn.Module):
     """Training pass. Returns `vertices [B, T, V, 3]` and aux with the decoder's intermediates."""
     vertices = batch["vertices"]
     num_frames = vertices.shape[1]
-    features, _ = self.encoder(
-      batch["audio"],
-      batch.get("audio_mask"),
-      train,
-      num_frames=num_frames,
-      frame_mask=batch.get("frame_mask"),
+    features = self._encode(
+      batch["audio"], batch.get("audio_mask"), train, num_frames, batch.get("frame_mask")
     )  # [B, T * r, D]
     predicted, aux = self.decoder(
       features,
@@ -89,9 +93,7 @@ class SpeechToMesh(nn.Module):
       num_frames = frame_mask.shape[1]
     elif num_frames is None:
       num_frames = frames_in(audio.shape[1], self.sample_rate, self.fps)
-    features, _ = self.encoder(
-      audio, audio_mask, False, num_frames=num_frames, frame_mask=frame_mask
-    )
+    features = self._encode(audio, audio_mask, False, num_frames, frame_mask)
     return self.decoder.generate(
       features,
       template,
@@ -100,6 +102,125 @@ class SpeechToMesh(nn.Module):
       intensity=intensity,
       num_frames=num_frames,
     )
+
+  def _encode(self, audio, audio_mask, train, num_frames, frame_mask) -> Array:
+    """Audio features aligned to the mesh frames: [B, T * r, D]."""
+    if not self.encoder.causal:
+      features, _ = self.encoder(
+        audio, audio_mask, train, num_frames=num_frames, frame_mask=frame_mask
+      )
+      return features
+    # At the audio frame rate, then each mesh frame reads the audio frames that end last before
+    # it does; padded audio frames only reach padded mesh frames, which the frame mask drops.
+    features, _ = self.encoder(audio, audio_mask, train)  # [B, T_a, D]
+    return align_causal(
+      features,
+      num_frames,
+      sample_rate=self.sample_rate,
+      fps=self.fps,
+      hop=self.encoder.hop,
+      frames_per_frame=self._audio_frames_per_frame(),
+    )
+
+  def _audio_frames_per_frame(self) -> int:
+    return getattr(self.decoder, "audio_frames_per_frame", 1)
+
+  def stream_chunk_frames(self, chunk_samples: int) -> int:
+    """Mesh frames F in a stream chunk of `chunk_samples` samples.
+
+    Raises a clear error unless the model streams (causal encoder, frame-by-frame decoder) and
+    the chunk is exact: whole mesh frames and whole audio frames, with mesh frames no shorter
+    than the `audio_frames_per_frame` audio frames each reads.
+    """
+    self._check_streamable()
+    fps, hop, rate = int(self.fps), self.encoder.hop, self.sample_rate
+    frames, remainder = divmod(chunk_samples * fps, rate)
+    if remainder or chunk_samples % hop or frames < 1:
+      step = math.lcm(hop, rate // math.gcd(rate, fps))
+      raise ValueError(
+        f"a stream chunk of {chunk_samples} samples is not a whole number of mesh frames "
+        f"({rate}/{fps} samples each) and of audio frames ({hop} samples each); use a "
+        f"multiple of {step} samples"
+      )
+    return frames
+
+  def _check_streamable(self) -> None:
+    if not self.encoder.causal or not hasattr(self.decoder, "stream"):
+      raise ValueError(
+        "streaming needs a causal encoder (causal=True) and a decoder that predicts frame by "
+        f"frame (FaceFormerDecoder); this model has causal={self.encoder.causal} and a "
+        f"{type(self.decoder).__name__}"
+      )
+    if not float(self.fps).is_integer():
+      raise ValueError(f"streaming needs an integral fps, got {self.fps}")
+    ratio = self._audio_frames_per_frame()
+    if self.sample_rate // (int(self.fps) * self.encoder.hop) < ratio:
+      raise ValueError(
+        f"mesh frames at {self.fps:g} fps end before the {ratio} audio frames of "
+        f"{self.encoder.hop} samples they read do: the causal alignment would look ahead"
+      )
+
+  def stream_init(
+    self,
+    template: Array,
+    style: Array | None,
+    *,
+    emotion: Array | None = None,
+    intensity: Array | None = None,
+  ) -> dict[str, Array]:
+    """The state of new streams from `template [B, V, 3]` and `style [B]` int32 (and emotion,
+    intensity when the decoder uses them); `fdjax/streaming.py` documents the layout."""
+    self._check_streamable()
+    encoder = self.encoder.initial_stream_state(template.shape[0])
+    decoder = self.decoder.stream_init(template, style, emotion=emotion, intensity=intensity)
+    state = {f"encoder_{k}": v for k, v in encoder.items() if k in ("keys", "values", "valid")}
+    state.update(
+      audio_context=encoder["audio_context"], position_context=encoder["position_context"]
+    )
+    state.update(
+      {f"decoder_{k}": v for k, v in decoder.items() if k in ("keys", "values", "valid")}
+    )
+    state.update({k: v for k, v in decoder.items() if k not in ("keys", "values", "valid")})
+    return state
+
+  def stream_step(self, state: dict[str, Array], audio: Array) -> tuple[dict[str, Array], Array]:
+    """The next chunk of every stream.
+
+    Args:
+      state: from `stream_init` or the previous step.
+      audio: `[B, S]` the next S samples (S fixed; see `stream_chunk_frames`).
+
+    Returns:
+      The updated state and `vertices [B, F, V, 3]`: after c chunks, frames `c * F` to
+      `c * F + F - 1` of `generate` over the whole audio.
+    """
+    num_frames = self.stream_chunk_frames(audio.shape[1])
+    encoder_state = {k: state[f"encoder_{k}"] for k in ("keys", "values", "valid")}
+    encoder_state.update(
+      audio_context=state["audio_context"], position_context=state["position_context"]
+    )
+    features, aux = self.encoder(audio, stream_state=encoder_state)  # [B, A, D]
+    # The chunk starts on a mesh frame and on an audio frame boundary, so within it the causal
+    # rule is the whole stream's rule shifted by the chunk's first audio frame.
+    indices = causal_frame_indices(
+      num_frames, self.sample_rate, self.fps, self.encoder.hop, self._audio_frames_per_frame()
+    )
+    features = jnp.take(features, indices.reshape(-1), axis=1)  # [B, F * r, D]
+    decoder_state = {k: state[f"decoder_{k}"] for k in ("keys", "values", "valid")}
+    decoder_state.update({k: state[k] for k in ("motion_input", "condition", "template", "phase")})
+    vertices, decoder_state = self.decoder.stream(features, decoder_state)
+    encoder_state = aux["stream_state"]
+    new_state = {}
+    for key in state:
+      if key.startswith("encoder_"):
+        new_state[key] = encoder_state[key.removeprefix("encoder_")]
+      elif key.startswith("decoder_"):
+        new_state[key] = decoder_state[key.removeprefix("decoder_")]
+      elif key in encoder_state:
+        new_state[key] = encoder_state[key]
+      else:
+        new_state[key] = decoder_state[key]
+    return new_state, vertices
 
 
 class MotionAutoencoder(nn.Module):

@@ -12,7 +12,10 @@ result with the captured `vertices` `[B, T, V, 3]`.
   layer against the cache, so the work per frame is one pass of one frame plus `O(T)` reads
   and writes of `d_model`-wide buffers, and memory is linear in the length.
   `generate_without_cache` re-runs the whole causal decoder at every step, as FaceFormer's
-  `predict` does; it is the reference the cache is tested against.
+  `predict` does; it is the reference the cache is tested against. With `cache_window=K` every
+  frame attends to the last K frames only (in training and in generation alike), and
+  `stream_init` / `stream` decode a stream chunk by chunk with a fixed-size cache of K - 1
+  frames (`fdjax/streaming.py`).
 - `NonAutoregressiveDecoder`: one pass of a transformer encoder over the frame-aligned audio.
 - Both take optional emotion and intensity conditioning (EMOTE / EmoFace style): embeddings of
   the class and level indices added to the speaking-style embedding.
@@ -633,7 +636,13 @@ class FaceFormerDecoder(nn.Module):
   num_intensities: int = 0  # emotion intensity levels; 0 disables
   dropout_rate: float = 0.1  # dropout on the encoded input and the residual branches
   pre_norm: bool = False  # False = post-norm layers, as FaceFormer (PyTorch default)
+  cache_window: int = 0  # frames a frame attends to, itself included (bounded cache); 0 = all
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    if self.cache_window < 0:
+      raise ValueError(f"cache_window must be >= 0, got {self.cache_window}")
 
   @classmethod
   def from_variant(cls, variant: str, **overrides: Any) -> FaceFormerDecoder:
@@ -693,12 +702,19 @@ class FaceFormerDecoder(nn.Module):
     bias = periodic_alibi_bias(
       positions, positions, alibi_slopes(self.num_heads), self.period, causal=True
     )
-    causal_mask = positions[None, :] <= positions[:, None]  # [T, T]
+    causal_mask = self._allowed(positions[:, None], positions[None, :])  # [T, T]
     x = self._encode_inputs(inputs, train)
     for layer in self.layers:
       x = layer(x, memory, bias, causal_mask, train)
       x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
     return self._output(x)
+
+  def _allowed(self, query_positions: Array, key_positions: Array) -> Array:
+    """Causal self-attention mask, limited to the last `cache_window` frames when set."""
+    allowed = key_positions <= query_positions
+    if self.cache_window > 0:
+      allowed &= key_positions > query_positions - self.cache_window
+    return allowed
 
   def _to_vertices(self, offsets: Array, template: Array, frame_mask: Array | None):
     batch_size, num_frames = offsets.shape[:2]
@@ -815,7 +831,7 @@ class FaceFormerDecoder(nn.Module):
       encoding = periodic_positional_encoding(position, module.d_model, module.period)
       x = (next_input + encoding.astype(next_input.dtype))[:, None]  # [B, 1, D]
       bias = periodic_alibi_bias(position[None], frame_positions, slopes, module.period, True)
-      mask = (frame_positions <= position)[None]  # [1, T]
+      mask = module._allowed(position, frame_positions)[None]  # [1, T]
       new_caches = []
       for layer, cache in zip(module.layers, caches, strict=True):
         x, cache = layer.step(x, frame_memory[:, None], slot, cache, bias, mask)
@@ -869,6 +885,111 @@ class FaceFormerDecoder(nn.Module):
     _, offsets = scan(self, buffer, jnp.arange(num_frames))
     predicted, offsets = self._to_vertices(jnp.swapaxes(offsets, 0, 1), template, None)
     return predicted, {"offsets": offsets}
+
+  def stream_init(
+    self,
+    template: Array,
+    style: Array | None,
+    *,
+    emotion: Array | None = None,
+    intensity: Array | None = None,
+  ) -> dict[str, Array]:
+    """The decoder's state before the first frame of a stream (see `stream`).
+
+    Returns:
+      "keys", "values" `[B, L, K - 1, H, Dh]` every layer's self-attention keys and values of
+      the last K - 1 frames (K = `cache_window`), "valid" `[B, K - 1]` bool which of those
+      frames exist, "motion_input" `[B, D]` the next frame's input before its positional
+      encoding (the embedded last prediction plus the condition; the condition at the start),
+      "condition" `[B, D]` style (+ emotion, intensity), "template" `[B, V, 3]`, "phase" `[B]`
+      int32 the next frame's position modulo `period` (all the positional encoding needs).
+    """
+    if self.cache_window < 1:
+      raise ValueError(
+        "streaming needs a bounded key/value cache: set cache_window >= 1 (frames attended to)"
+      )
+    batch_size = template.shape[0]
+    check_template(template, self.num_vertices, batch_size)
+    condition = self.condition_embedding(style, emotion, intensity, batch_size=batch_size)
+    head_dim = self.d_model // self.num_heads
+    cache = (batch_size, self.num_layers, self.cache_window - 1, self.num_heads, head_dim)
+    return {
+      "keys": jnp.zeros(cache, self.dtype),
+      "values": jnp.zeros(cache, self.dtype),
+      "valid": jnp.zeros((batch_size, self.cache_window - 1), bool),
+      "motion_input": condition,
+      "condition": condition,
+      "template": template.astype(jnp.float32),
+      "phase": jnp.zeros((batch_size,), jnp.int32),
+    }
+
+  def stream(
+    self, audio_features: Array, state: dict[str, Array]
+  ) -> tuple[Array, dict[str, Array]]:
+    """Decodes the next frames of a stream against the bounded cache of `stream_init`.
+
+    The same arithmetic as `generate` with `cache_window` frames of context: each frame runs
+    every layer once against the last K - 1 frames' keys and values (shifted by one frame per
+    step), so the state never grows and the frames equal those `generate` makes of the whole
+    sequence.
+
+    Args:
+      audio_features: `[B, F * r, D_audio]` the next F frames' aligned audio features.
+      state: from `stream_init` or the previous call.
+
+    Returns:
+      `vertices [B, F, V, 3]` and the updated state.
+    """
+    if self.cache_window < 1:
+      raise ValueError("streaming needs cache_window >= 1")
+    batch_size = audio_features.shape[0]
+    num_frames = audio_features.shape[1] // self.audio_frames_per_frame
+    memory = group_audio_frames(audio_features, num_frames, self.audio_frames_per_frame)
+    memory = self.audio_projection(memory.astype(self.dtype))  # [B, F, r, D]
+    window = self.cache_window
+    slots = jnp.arange(window)
+    # Slot j of the K slots holds the frame K - 1 - j steps back; the last is the current one.
+    bias = periodic_alibi_bias(
+      jnp.array([window - 1]), slots, alibi_slopes(self.num_heads), self.period, True
+    )  # [H, 1, K]
+    current = slots == window - 1  # [K]
+    keys, values, valid = state["keys"], state["values"], state["valid"]
+    motion_input, phase = state["motion_input"], state["phase"]
+    head_dim = self.d_model // self.num_heads
+    empty = jnp.zeros((batch_size, 1, self.num_heads, head_dim), keys.dtype)
+    offsets = []
+    for frame in range(num_frames):
+      encoding = periodic_positional_encoding(phase, self.d_model, self.period)  # [B, D]
+      x = (motion_input + encoding.astype(motion_input.dtype))[:, None]  # [B, 1, D]
+      slot_valid = jnp.concatenate([valid, jnp.ones((batch_size, 1), bool)], axis=1)  # [B, K]
+      mask = slot_valid[:, None, None, :]  # [B, 1, 1, K]
+      new_keys, new_values = [], []
+      for index, layer in enumerate(self.layers):
+        cache = (
+          jnp.concatenate([keys[:, index], empty], axis=1),  # [B, K, H, Dh]
+          jnp.concatenate([values[:, index], empty], axis=1),
+        )
+        x, (cache_key, cache_value) = layer.step(
+          x, memory[:, frame : frame + 1], current, cache, bias, mask
+        )
+        new_keys.append(cache_key[:, 1:])
+        new_values.append(cache_value[:, 1:])
+      keys, values = jnp.stack(new_keys, axis=1), jnp.stack(new_values, axis=1)
+      valid = slot_valid[:, 1:]
+      frame_offsets = self._output(x[:, 0])  # [B, V*3]
+      offsets.append(frame_offsets)
+      motion_input = self._embed_offsets(frame_offsets) + state["condition"]
+      phase = (phase + 1) % self.period
+    predicted, _ = self._to_vertices(jnp.stack(offsets, axis=1), state["template"], None)
+    new_state = {
+      **state,
+      "keys": keys,
+      "values": values,
+      "valid": valid,
+      "motion_input": motion_input,
+      "phase": phase,
+    }
+    return predicted, new_state
 
 
 # Not a published model: a FaceFormer-sized encoder without cross-attention, so two layers.

@@ -27,6 +27,26 @@ Alignment of audio features to mesh frames, as the reference methods do it:
   Where the audio is shorter FaceFormer shortens the mesh sequence; here the features are
   zero-padded instead and the padding is marked invalid in `aux["frame_mask"]`.
 
+Causal encoders (`causal=True`) are the streaming variant (`fdjax/streaming.py`): no output
+frame depends on later audio.
+- The conv stack is left-padded with `receptive_field - hop` zeros (80 samples for the
+  wav2vec2 convs), so audio frame i covers samples `[i * hop - 80, (i + 1) * hop)` and ends
+  where its 20 ms hop ends; S samples make `S // hop` frames.
+- wav2vec2-base's group norm on conv 0 normalises each channel over the whole clip; a causal
+  encoder uses `feat_extract_norm="frame"` instead (a layer norm over channels per frame on
+  conv 0, with the same parameters, so pretrained weights load) or "layer".
+- The positional conv is padded with `kernel - 1` zeros on the left only.
+- Frame i attends to frames `(i - attention_window, i]` (all earlier ones when 0).
+- The transformer runs at the audio frame rate; the caller aligns its output to mesh frames
+  with `align_causal` (mesh frame t reads the audio frames that end last at or before the end
+  of frame t), since only the caller knows the mesh frame rate.
+Given `stream_state` (see `initial_stream_state`), `__call__` encodes one chunk of a stream
+and
+returns the updated buffers in `aux["stream_state"]`. The buffers hold left context only
+(audio samples, positional-conv inputs, per-layer keys and values of the last
+`attention_window - 1` frames), so their size is fixed, and the frames equal those of the
+whole clip encoded at once.
+
 Export with a symbolic number of samples works when the shape promises at least one audio
 frame: `jax.export.symbolic_shape("b, s", constraints=(f"s >= {encoder.receptive_field}",))`.
 """
@@ -214,6 +234,57 @@ def pair_audio_frames(features: Array, num_frames: int, frames_per_frame: int = 
   return features[:, :length]
 
 
+def causal_frame_indices(
+  num_frames: Any, sample_rate: int, fps: float, hop: int, frames_per_frame: int = 1
+) -> Array:
+  """Audio frames each mesh frame reads under the causal alignment rule.
+
+  Mesh frame t spans samples `[t * sr / fps, (t + 1) * sr / fps)`; audio frame i of a causal
+  encoder ends at sample `(i + 1) * hop`. Frame t reads the `frames_per_frame` (r) audio frames
+  that end last at or before its own end: `last(t) = floor((t + 1) * sr / (fps * hop)) - 1` and
+  `last(t) - r + 1 .. last(t)`. At 16 kHz, hop 320: 30 fps reads audio frames 0, 2, 4, 5, 7, 9,
+  ... (5 audio frames per 3 mesh frames); 25 fps with r = 2 reads 2t and 2t + 1 (BIWI's pairs).
+  Integer arithmetic when `fps` is integral, so it also works for symbolic (export) lengths.
+
+  Returns:
+    [T, r] int32 audio frame indices; negative where a mesh frame ends before r audio frames
+    do (mesh frames shorter than audio frames), which `align_causal` clips to frame 0.
+  """
+  frames = jnp.arange(num_frames, dtype=jnp.int32)[:, None] + 1  # [T, 1]
+  if float(fps).is_integer():
+    last = frames * sample_rate // (int(fps) * hop) - 1
+  else:
+    last = jnp.floor(frames * (sample_rate / (fps * hop))).astype(jnp.int32) - 1
+  return last + jnp.arange(1 - frames_per_frame, 1, dtype=jnp.int32)[None]  # [T, r]
+
+
+def align_causal(
+  features: Array,
+  num_frames: Any,
+  *,
+  sample_rate: int,
+  fps: float,
+  hop: int,
+  frames_per_frame: int = 1,
+) -> Array:
+  """Gathers a causal encoder's audio frames for each mesh frame (`causal_frame_indices`).
+
+  Args:
+    features: [B, T_a, D] audio frames of a causal encoder (hop `hop` samples).
+    num_frames: mesh frames T.
+    sample_rate, fps: audio samples and mesh frames per second.
+    hop: samples per audio frame (`Wav2Vec2Encoder.hop`).
+    frames_per_frame: audio frames per mesh frame r.
+
+  Returns:
+    [B, T * r, D]: frame t's r audio frames at rows `t * r .. t * r + r - 1`. Indices past the
+    last audio frame (audio shorter than the frames) repeat it; those frames are padding.
+  """
+  indices = causal_frame_indices(num_frames, sample_rate, fps, hop, frames_per_frame)
+  indices = jnp.clip(indices.reshape(-1), 0, features.shape[1] - 1)  # [T * r]
+  return jnp.take(features, indices, axis=1, mode="clip")
+
+
 def span_mask(
   rng: Array,
   lengths: Array,
@@ -318,7 +389,9 @@ class FeatureExtractor(nn.Module):
   conv_kernel: tuple[int, ...]  # kernel size per conv layer
   conv_stride: tuple[int, ...]  # stride per conv layer
   conv_bias: bool  # convs have biases
-  feat_extract_norm: str  # "group": GroupNorm on layer 0 only; "layer": LayerNorm on every layer
+  # "group": GroupNorm (over time) on layer 0 only; "frame": LayerNorm (over channels) on layer
+  # 0 only; "layer": LayerNorm on every layer
+  feat_extract_norm: str
   activation: str  # activation after each layer
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32  # parameter dtype
@@ -332,8 +405,10 @@ class FeatureExtractor(nn.Module):
     ):
       if self.feat_extract_norm == "layer":
         norm = "layer"
+      elif i == 0:
+        norm = "group" if self.feat_extract_norm == "group" else "layer"
       else:
-        norm = "group" if i == 0 else None
+        norm = None
       x = ConvLayer(
         features,
         kernel,
@@ -419,12 +494,18 @@ class PositionalConvEmbedding(nn.Module):
   groups: int  # channel groups of the conv
   batch_norm: bool  # HuBERT's conv_pos_batch_norm instead of the weight norm
   activation: str  # activation after the conv
+  causal: bool = False  # pad kernel_size - 1 frames on the left only: no frame sees later ones
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32  # parameter dtype
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """[B, T, D] -> [B, T, D] positional embedding to add to x."""
+  def __call__(self, x: Array, context: Array | None = None) -> tuple[Array, Array | None]:
+    """[B, T, D] -> ([B, T, D] positional embedding to add to x, updated context or None).
+
+    `context` ([B, kernel_size - 1, D], causal only) holds the conv inputs of the frames before
+    x, in place of the zero padding: a stream of chunks then gets the frames of the whole
+    sequence. The updated context is the last kernel_size - 1 inputs, x included.
+    """
     width = x.shape[-1]
     shape = (self.kernel_size, width // self.groups, width)  # [K, D / G, D]
     names = ("kernel", "conv_in", "conv_out")
@@ -461,23 +542,35 @@ class PositionalConvEmbedding(nn.Module):
       (width,),
       self.param_dtype,
     )
-    pad = self.kernel_size // 2
+    x = x.astype(self.dtype)
+    history = self.kernel_size - 1
+    if context is not None:
+      if not self.causal:
+        raise ValueError("a positional conv context (streaming) needs causal=True")
+      x = jnp.concatenate([context.astype(self.dtype), x], axis=1)  # [B, K - 1 + T, D]
+      context = x[:, x.shape[1] - history :]
+      padding = ((0, 0),)
+    elif self.causal:
+      padding = ((history, 0),)
+    else:
+      padding = ((self.kernel_size // 2, self.kernel_size // 2),)
     y = jax.lax.conv_general_dilated(
-      x.astype(self.dtype),
+      x,
       kernel.astype(self.dtype),
       window_strides=(1,),
-      padding=((pad, pad),),
+      padding=padding,
       dimension_numbers=("NWC", "WIO", "NWC"),
       feature_group_count=self.groups,
     )
     y = y + bias.astype(self.dtype)
-    if self.kernel_size % 2 == 0:
+    if not self.causal and self.kernel_size % 2 == 0:
       y = y[:, :-1]  # symmetric padding of an even kernel yields one frame too many
-    return _activation(self.activation, "feat_extract_activation")(y)
+    return _activation(self.activation, "feat_extract_activation")(y), context
 
 
 class SelfAttention(nn.Module):
-  """Bidirectional multi-head self-attention with an optional key padding mask."""
+  """Multi-head self-attention under a boolean mask (key padding, causal window), optionally
+  against cached keys and values of earlier frames (streaming)."""
 
   num_heads: int  # attention heads H
   dropout: float  # dropout on the attention probabilities
@@ -486,8 +579,20 @@ class SelfAttention(nn.Module):
   param_dtype: Dtype = jnp.float32  # parameter dtype
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array | None, train: bool) -> Array:
-    """[B, T, D], mask [B, T] bool (valid keys) -> [B, T, D]."""
+  def __call__(
+    self, x: Array, mask: Array | None, train: bool, past: tuple[Array, Array] | None = None
+  ) -> tuple[Array, tuple[Array, Array]]:
+    """Attends x to itself (after `past`, when given).
+
+    Args:
+      x: [B, T, D].
+      mask: bool broadcastable to [B, H, T, P + T] (True = may attend), or None.
+      train: enables attention dropout.
+      past: keys and values [B, P, H, Dh] of the P frames before x.
+
+    Returns:
+      [B, T, D], and the keys and values [B, T, H, Dh] of x (for a cache).
+    """
     width = x.shape[-1]
     head_dim = width // self.num_heads
     kernel_init = nn.initializers.normal(self.initializer_range)
@@ -504,14 +609,18 @@ class SelfAttention(nn.Module):
     query = projection(name="q_proj")(x)  # [B, T, H, Dh]
     key = projection(name="k_proj")(x)
     value = projection(name="v_proj")(x)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) * head_dim**-0.5
+    keys, values = key, value
+    if past is not None:
+      keys = jnp.concatenate([past[0].astype(key.dtype), key], axis=1)  # [B, P + T, H, Dh]
+      values = jnp.concatenate([past[1].astype(value.dtype), value], axis=1)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, keys) * head_dim**-0.5
     logits = logits.astype(jnp.float32)
     if mask is not None:
-      logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
-    return DenseGeneral(
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, values)
+    out = DenseGeneral(
       width,
       axis=(-2, -1),
       kernel_axes=("heads", "head_dim", "embed"),
@@ -522,6 +631,7 @@ class SelfAttention(nn.Module):
       param_dtype=self.param_dtype,
       name="out_proj",
     )(out)
+    return out, (key, value)
 
 
 class FeedForward(nn.Module):
@@ -579,8 +689,14 @@ class EncoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32  # parameter dtype
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array | None, train: bool) -> tuple[Array, Array | None]:
-    """[B, T, D] -> ([B, T, D], the same again if keep_output else None)."""
+  def __call__(
+    self, x: Array, mask: Array | None, train: bool, past: tuple[Array, Array] | None = None
+  ) -> tuple[Array, tuple[Array | None, tuple[Array, Array] | None]]:
+    """[B, T, D] -> ([B, T, D], (the output again if keep_output, x's keys and values if past)).
+
+    `mask` is broadcastable to [B, H, T, P + T]; `past` holds the keys and values
+    [B, P, H, Dh] of the P frames before x (streaming).
+    """
     inputs = x
     norm = functools.partial(_layer_norm, self.layer_norm_eps, self.dtype, self.param_dtype)
     attention = SelfAttention(
@@ -603,18 +719,18 @@ class EncoderLayer(nn.Module):
     )
     dropout = nn.Dropout(self.hidden_dropout)
     if self.stable_layer_norm:
-      h = attention(norm("layer_norm")(x), mask, train)
+      h, key_value = attention(norm("layer_norm")(x), mask, train, past)
       x = x + dropout(h, deterministic=not train)
       x = x + feed_forward(norm("final_layer_norm")(x), train)
     else:
-      h = attention(x, mask, train)
+      h, key_value = attention(x, mask, train, past)
       x = norm("layer_norm")(x + dropout(h, deterministic=not train))
       x = norm("final_layer_norm")(x + feed_forward(x, train))
     if train and self.layerdrop > 0:
       skip = jax.random.uniform(self.make_rng("dropout"), ()) < self.layerdrop
       x = jnp.where(skip, inputs, x)
     x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
-    return x, (x if self.keep_output else None)
+    return x, (x if self.keep_output else None, key_value if past is not None else None)
 
 
 class TransformerEncoder(nn.Module):
@@ -637,30 +753,63 @@ class TransformerEncoder(nn.Module):
   initializer_range: float  # std of dense kernels at init
   scan_layers: bool  # one scanned layer with stacked params (fast compile) or L unrolled ones
   remat: bool  # recompute layer activations in the backward pass
+  causal: bool = False  # causal positional conv; frames attend to themselves and earlier ones
+  attention_window: int = 0  # causal: frames attended to, the frame itself included; 0 = all
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32  # parameter dtype
 
   @nn.compact
   def __call__(
-    self, x: Array, mask: Array | None, train: bool, output_hidden_states: bool
-  ) -> tuple[Array, Array | None]:
-    """[B, T, D] -> ([B, T, D], [L + 1, B, T, D] layer inputs/outputs or None)."""
+    self,
+    x: Array,
+    mask: Array | None,
+    train: bool,
+    output_hidden_states: bool,
+    stream_state: dict[str, Array] | None = None,
+  ) -> tuple[Array, Array | None, dict[str, Array] | None]:
+    """[B, T, D] -> ([B, T, D], [L + 1, B, T, D] layer inputs/outputs or None, stream state).
+
+    With `stream_state` (causal, see `Wav2Vec2Encoder.initial_stream_state`) x is the next
+    chunk of a stream: "position_context" replaces the positional conv's zero padding,
+    "keys"/"values" [B, L, P, H, Dh] are every layer's keys and values of the P frames before
+    x and "valid" [B, P] marks those that exist (False before the stream's start). The
+    updated state (the same arrays, shifted by T frames) is returned; else None.
+    """
     if mask is not None:
       x = jnp.where(mask[..., None], x, 0)  # padding must not leak through the positional conv
-    x = x + PositionalConvEmbedding(
+    position, position_context = PositionalConvEmbedding(
       self.num_conv_pos_embeddings,
       self.num_conv_pos_embedding_groups,
       self.conv_pos_batch_norm,
       self.pos_conv_activation,
+      causal=self.causal,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="pos_conv_embed",
-    )(x)
+    )(x, None if stream_state is None else stream_state["position_context"])
+    x = x + position
     if not self.do_stable_layer_norm:
       x = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm")(x)
     x = nn.Dropout(self.hidden_dropout)(x, deterministic=not train)
     x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
     layer_input = x
+
+    past = None
+    attention_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, T] keys
+    if stream_state is not None:
+      history = stream_state["valid"].shape[1]
+      key_valid = jnp.concatenate(
+        [stream_state["valid"], jnp.ones(x.shape[:2], bool)], axis=1
+      )  # [B, P + T]
+      allowed = self._allowed(history + jnp.arange(x.shape[1]), jnp.arange(key_valid.shape[1]))
+      attention_mask = allowed[None, None] & key_valid[:, None, None, :]  # [B, 1, T, P + T]
+      # Layers first, as the scan slices them.
+      past = (jnp.moveaxis(stream_state["keys"], 1, 0), jnp.moveaxis(stream_state["values"], 1, 0))
+    elif self.causal:
+      positions = jnp.arange(x.shape[1])
+      allowed = self._allowed(positions, positions)[None, None]  # [1, 1, T, T]
+      attention_mask = allowed if attention_mask is None else allowed & attention_mask
+
     layer_fields = dict(
       num_heads=self.num_attention_heads,
       intermediate_size=self.intermediate_size,
@@ -683,17 +832,27 @@ class TransformerEncoder(nn.Module):
         layer_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0),
         length=self.num_hidden_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x, outputs = scanned(**layer_fields, name="layers")(x, mask, train)  # outputs [L, B, T, D]
+      # outputs [L, B, T, D] or None; new_key_values [L, B, T, H, Dh] twice or None
+      x, (outputs, new_key_values) = scanned(**layer_fields, name="layers")(
+        x, attention_mask, train, past
+      )
     else:
-      per_layer = []
+      per_layer, per_layer_key_values = [], []
       for i in range(self.num_hidden_layers):
-        x, _ = layer_cls(**layer_fields, name=f"layers_{i}")(x, mask, train)
+        layer_past = None if past is None else (past[0][i], past[1][i])
+        x, (_, key_value) = layer_cls(**layer_fields, name=f"layers_{i}")(
+          x, attention_mask, train, layer_past
+        )
         per_layer.append(x)
+        per_layer_key_values.append(key_value)
       outputs = jnp.stack(per_layer) if output_hidden_states else None
+      new_key_values = None
+      if past is not None:
+        new_key_values = tuple(jnp.stack(kv) for kv in zip(*per_layer_key_values, strict=True))
     if self.do_stable_layer_norm:
       x = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm")(x)
     hidden_states = None
@@ -701,7 +860,27 @@ class TransformerEncoder(nn.Module):
       # As `transformers` reports them: the first layer's input, then every layer's output
       # (for pre-norm models the last one is before the final layer norm).
       hidden_states = jnp.concatenate([layer_input[None], outputs], axis=0)
-    return x, hidden_states
+    new_state = None
+    if stream_state is not None:
+
+      def shift(old, new):  # [L, B, P, H, Dh] + [L, B, T, H, Dh] -> the last P, batch first
+        joined = jnp.concatenate([old.astype(new.dtype), new], axis=2)
+        return jnp.moveaxis(joined[:, :, joined.shape[2] - history :], 0, 1).astype(old.dtype)
+
+      new_state = {
+        "position_context": position_context.astype(stream_state["position_context"].dtype),
+        "keys": shift(past[0], new_key_values[0]),
+        "values": shift(past[1], new_key_values[1]),
+        "valid": key_valid[:, key_valid.shape[1] - history :],
+      }
+    return x, hidden_states, new_state
+
+  def _allowed(self, query_positions: Array, key_positions: Array) -> Array:
+    """[Tq, Tk] bool: causal, and within the attention window when there is one."""
+    allowed = key_positions[None, :] <= query_positions[:, None]
+    if self.attention_window > 0:
+      allowed &= key_positions[None, :] > query_positions[:, None] - self.attention_window
+    return allowed
 
 
 class Wav2Vec2Encoder(nn.Module):
@@ -721,7 +900,9 @@ class Wav2Vec2Encoder(nn.Module):
   conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)  # kernel size per conv
   conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)  # stride per conv (product 320: 20 ms)
   conv_bias: bool = False  # feature-extractor convs have biases
-  feat_extract_norm: str = "group"  # "group": GroupNorm on conv 0 only; "layer": on every conv
+  # "group": GroupNorm over time on conv 0 only; "frame": LayerNorm over channels on conv 0 only
+  # (a causal stand-in for "group" with the same parameters); "layer": LayerNorm on every conv
+  feat_extract_norm: str = "group"
   feat_extract_activation: str = "gelu"  # activation of the convs and the positional conv
   feat_proj_layer_norm: bool = True  # layer norm before the projection (some HuBERTs drop it)
   feat_proj_dropout: float = 0.0  # dropout after the feature projection
@@ -749,6 +930,8 @@ class Wav2Vec2Encoder(nn.Module):
   initializer_range: float = 0.02  # std of dense kernels at init
   frame_alignment: str = "interpolate"  # with num_frames: "interpolate" (VOCASET) or "pairs" (BIWI)
   audio_frames_per_frame: int = 2  # audio frames per mesh frame for frame_alignment="pairs"
+  causal: bool = False  # no frame depends on later audio (streaming); aligned by align_causal
+  attention_window: int = 0  # causal: audio frames each frame attends to, itself included; 0 = all
   scan_layers: bool = True  # scan over stacked layer params (fast compile) or unroll
   remat: bool = False  # rematerialise transformer layers in the backward pass
   dtype: Dtype = jnp.float32  # compute dtype (bfloat16 on accelerators)
@@ -762,8 +945,23 @@ class Wav2Vec2Encoder(nn.Module):
         "conv_dim, conv_kernel and conv_stride must have one entry per conv layer, got lengths "
         f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}"
       )
-    if self.feat_extract_norm not in ("group", "layer"):
-      raise ValueError(f"feat_extract_norm={self.feat_extract_norm!r} is not 'group' or 'layer'")
+    if self.feat_extract_norm not in ("group", "frame", "layer"):
+      raise ValueError(
+        f"feat_extract_norm={self.feat_extract_norm!r} is not 'group', 'frame' or 'layer'"
+      )
+    if self.causal and self.feat_extract_norm == "group":
+      raise ValueError(
+        "causal=True with feat_extract_norm='group': the group norm normalises conv 0 over the "
+        "whole clip, so every frame would depend on later audio; use 'frame' (same parameters) "
+        "or 'layer'"
+      )
+    if self.attention_window < 0:
+      raise ValueError(f"attention_window must be >= 0, got {self.attention_window}")
+    if self.attention_window and not self.causal:
+      raise ValueError(
+        f"attention_window={self.attention_window} limits a causal encoder's attention to the "
+        "past; set causal=True"
+      )
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(
         f"hidden_size={self.hidden_size} is not divisible by "
@@ -820,9 +1018,50 @@ class Wav2Vec2Encoder(nn.Module):
       field = (field - 1) * stride + kernel
     return field
 
+  @property
+  def hop(self) -> int:
+    """Samples between consecutive audio frames (320, 20 ms at 16 kHz, for wav2vec2)."""
+    return int(np.prod(self.conv_stride))
+
+  @property
+  def causal_padding(self) -> int:
+    """Zeros a causal encoder puts before the audio so that S samples make S // hop frames."""
+    return max(self.receptive_field - self.hop, 0) if self.causal else 0
+
   def num_audio_frames(self, num_samples: Array | int) -> Array | int:
     """Audio frames T_a for `num_samples` samples (int or [B] array)."""
-    return conv_output_lengths(num_samples, self.conv_kernel, self.conv_stride)
+    return conv_output_lengths(
+      num_samples + self.causal_padding, self.conv_kernel, self.conv_stride
+    )
+
+  def initial_stream_state(self, batch_size: int) -> dict[str, Array]:
+    """The state of a causal encoder before a stream's first chunk (see `__call__`).
+
+    Returns:
+      "audio_context" [B, receptive_field - hop] the last samples of the previous chunk (the
+      conv stack's left context; zeros = the causal padding), "position_context"
+      [B, num_conv_pos_embeddings - 1, D] the positional conv's inputs of the last frames,
+      "keys" and "values" [B, L, attention_window - 1, H, Dh] every layer's keys and values of
+      the last frames, "valid" [B, attention_window - 1] bool which of those frames exist.
+    """
+    if not self.causal or self.attention_window < 1:
+      raise ValueError(
+        "streaming needs a causal encoder with a bounded attention window (causal=True, "
+        f"attention_window >= 1); got causal={self.causal}, "
+        f"attention_window={self.attention_window}"
+      )
+    history = self.attention_window - 1
+    head_dim = self.hidden_size // self.num_attention_heads
+    cache = (batch_size, self.num_hidden_layers, history, self.num_attention_heads, head_dim)
+    return {
+      "audio_context": jnp.zeros((batch_size, self.causal_padding), jnp.float32),
+      "position_context": jnp.zeros(
+        (batch_size, self.num_conv_pos_embeddings - 1, self.hidden_size), self.dtype
+      ),
+      "keys": jnp.zeros(cache, self.dtype),
+      "values": jnp.zeros(cache, self.dtype),
+      "valid": jnp.zeros((batch_size, history), bool),
+    }
 
   @nn.compact
   def __call__(
@@ -834,8 +1073,9 @@ class Wav2Vec2Encoder(nn.Module):
     num_frames: int | None = None,
     frame_mask: Array | None = None,
     output_hidden_states: bool = False,
+    stream_state: dict[str, Array] | None = None,
   ) -> tuple[Array, dict[str, Array]]:
-    """Encodes a batch of waveforms.
+    """Encodes a batch of waveforms, or the next chunk of a batch of streams.
 
     Args:
       audio: [B, S] f32 waveform (normalised, 16 kHz for pretrained checkpoints).
@@ -849,21 +1089,39 @@ class Wav2Vec2Encoder(nn.Module):
       frame_mask: [B, N] bool valid mesh frames; implies num_frames = N and gives each example's
         target length for the alignment.
       output_hidden_states: also return every layer's hidden states in aux.
+      stream_state: (causal encoders) the state after the previous chunk of a stream, or
+        `initial_stream_state` before the first; `audio` is then the next chunk, a whole number
+        of hops long, and the frames equal those of the whole stream encoded at once.
 
     Returns:
       hidden: [B, T, D] with T = T_a (no alignment), N ("interpolate") or R * N ("pairs").
       aux: "extract_features" [B, T, C] the (normalised) conv features fed to the projection,
-        "frame_mask" [B, T] bool valid output frames, and with output_hidden_states
-        "hidden_states" [L + 1, B, T, D].
+        "frame_mask" [B, T] bool valid output frames, with output_hidden_states
+        "hidden_states" [L + 1, B, T, D], and with stream_state "stream_state" (updated).
     """
     if audio.ndim != 2:
       raise ValueError(f"audio must be [B, S], got shape {audio.shape}")
+    if self.causal and (num_frames is not None or frame_mask is not None):
+      raise ValueError(
+        "a causal encoder returns one frame per hop; align its frames to mesh frames with "
+        "align_causal instead of passing num_frames or frame_mask"
+      )
     # Only a concrete length can be checked; a symbolic one (jax.export) is the caller's promise.
-    if isinstance(audio.shape[1], int) and audio.shape[1] < self.receptive_field:
+    minimum = self.receptive_field - self.causal_padding
+    if stream_state is None and isinstance(audio.shape[1], int) and audio.shape[1] < minimum:
       raise ValueError(
         f"audio has {audio.shape[1]} samples, fewer than the receptive field of the conv stack "
-        f"({self.receptive_field} samples)"
+        f"({minimum} samples)"
       )
+    new_audio_context = None
+    if stream_state is not None:
+      self._check_chunk(audio, audio_mask, train)
+      audio = jnp.concatenate(
+        [stream_state["audio_context"].astype(audio.dtype), audio], axis=1
+      )  # [B, P + S]
+      new_audio_context = audio[:, audio.shape[1] - self.causal_padding :]
+    elif self.causal:
+      audio = jnp.pad(audio, ((0, 0), (self.causal_padding, 0)))
     features = FeatureExtractor(
       self.conv_dim,
       self.conv_kernel,
@@ -905,7 +1163,7 @@ class Wav2Vec2Encoder(nn.Module):
       if train and self.apply_spec_augment:
         hidden = self._spec_augment(hidden, mask, masked_spec_embed)
 
-    hidden, hidden_states = TransformerEncoder(
+    hidden, hidden_states, new_stream_state = TransformerEncoder(
       self.num_hidden_layers,
       self.num_attention_heads,
       self.intermediate_size,
@@ -923,17 +1181,35 @@ class Wav2Vec2Encoder(nn.Module):
       self.initializer_range,
       self.scan_layers,
       self.remat,
+      causal=self.causal,
+      attention_window=self.attention_window,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="encoder",
-    )(hidden, mask, train, output_hidden_states)
+    )(hidden, mask, train, output_hidden_states, stream_state)
 
     if mask is None:
       mask = jnp.ones((batch, hidden.shape[1]), bool)
     aux = {"extract_features": extract_features, "frame_mask": mask}
     if output_hidden_states:
       aux["hidden_states"] = hidden_states
+    if stream_state is not None:
+      aux["stream_state"] = {"audio_context": new_audio_context, **new_stream_state}
     return hidden, aux
+
+  def _check_chunk(self, audio: Array, audio_mask: Array | None, train: bool) -> None:
+    if not self.causal or self.attention_window < 1:
+      raise ValueError(
+        "stream_state needs a causal encoder with a bounded attention window (causal=True, "
+        "attention_window >= 1)"
+      )
+    if audio_mask is not None or train:
+      raise ValueError("a stream chunk is all valid audio and runs without dropout")
+    if not isinstance(audio.shape[1], int) or audio.shape[1] % self.hop:
+      raise ValueError(
+        f"a stream chunk must be a fixed whole number of hops ({self.hop} samples), got "
+        f"{audio.shape[1]} samples"
+      )
 
   def _align(
     self,
