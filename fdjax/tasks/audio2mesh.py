@@ -454,38 +454,129 @@ def symbolic_constraints(config: Any) -> list[str]:
 
 
 def flops_per_example(config: Any) -> float:
-  """Training FLOPs of one window (forward + backward = 3x forward), counted analytically.
+  """Training FLOPs of one window, counted analytically (for MFU).
 
-  Counts multiply-adds of the dense, convolution and attention matmuls (2 FLOPs each) for the
-  encoder (conv stack, projection, positional conv, transformer over T_a audio frames) and the
-  decoder (motion in/out projections over V*3, attention and MLP over T frames); norms,
-  activations and softmax are left out, as is usual for MFU.
+  Counts the matmuls and convolutions, 2 FLOPs per multiply-add: the wav2vec2 encoder (conv
+  stack over the window's samples; feature projection, positional conv and transformer over
+  the frames they run at: the mesh frames for "interpolate", r per mesh frame for "pairs", the
+  audio frames for a causal encoder) and the FaceFormer or non-autoregressive decoder (audio
+  projection of r features per frame, style/emotion embeddings, motion embedding of the T - 1
+  previous frames (FaceFormer), per layer the attention projections, the dense [T, T] scores
+  and weighted sums, FaceFormer's aligned cross-attention over r keys per frame, the MLP, and
+  the offset projection to V * 3). Norms, activations, softmax and the loss are left out, as
+  is usual for MFU.
+
+  Training cost follows what the step computes: each matmul costs its forward once, plus once
+  more for the gradient of its weights when they are trainable, plus once more for the
+  gradient of each input that depends on a trainable parameter. So a frozen module whose
+  inputs are data (wav2vec2's conv stack with `optim.freeze`, as FaceFormer trains it) costs
+  its forward only, the first trainable layer after it and the motion embedding of the data
+  twice their forward, and everything downstream three times. CodeTalker's variants are not
+  counted (0: the trainer then logs no MFU).
   """
+  from fdjax import optim as optim_lib
+  from fdjax.state import strip_boxes
+
   model = build_model(config)
-  if isinstance(model, MotionAutoencoder):
+  if not isinstance(model, SpeechToMesh) or not isinstance(
+    model.decoder, FaceFormerDecoder | NonAutoregressiveDecoder
+  ):
     return 0.0
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, dummy_batch(config, 1)
+    )
+  )
+  mask = optim_lib.trainable_mask(strip_boxes(shapes["params"]), config.optim.freeze)
+  trainable_paths = [
+    optim_lib.param_path(path)
+    for path, keep in jax.tree_util.tree_flatten_with_path(mask)[0]
+    if keep
+  ]
+
+  def trainable(prefix: str) -> bool:
+    return any(path.startswith(prefix) for path in trainable_paths)
+
+  total = 0.0
+
+  def add(flops: float, *gradients: bool) -> None:
+    # The forward, plus one more of the same for each gradient the backward pass computes.
+    nonlocal total
+    total += flops * (1 + sum(bool(g) for g in gradients))
+
   enc, dec = model.encoder, model.decoder
   frames = config.data.window_frames
-  samples = _window_samples(config, frames)
-  flops, length, channels = 0.0, samples, 1
-  for dim, kernel, stride in zip(enc.conv_dim, enc.conv_kernel, enc.conv_stride):
+  ratio = dec.audio_frames_per_frame
+  length = _window_samples(config, frames) + getattr(enc, "causal_padding", 0)
+  channels, needs = 1, False  # needs: the activations depend on a trainable parameter
+  for i, (dim, kernel, stride) in enumerate(zip(enc.conv_dim, enc.conv_kernel, enc.conv_stride)):
     length = (length - kernel) // stride + 1
-    flops += 2 * length * dim * channels * kernel
-    channels = dim
-  audio_frames = frames  # features are aligned to the mesh frames before the transformer
-  d, f = enc.hidden_size, enc.intermediate_size
-  flops += 2 * audio_frames * channels * d
-  flops += (
-    2 * audio_frames * d * (d // enc.num_conv_pos_embedding_groups) * enc.num_conv_pos_embeddings
-  )
-  flops += enc.num_hidden_layers * (
-    2 * audio_frames * 4 * d * d + 4 * audio_frames * audio_frames * d + 4 * audio_frames * d * f
-  )
-  dm = dec.d_model
-  v3 = 3 * getattr(dec, "num_vertices", 0)
-  mlp = getattr(dec, "mlp_dim", 2 * dm)
-  flops += 2 * frames * d * dm  # audio projection
-  flops += 2 * 2 * frames * v3 * dm  # motion embedding in, offsets out
-  per_layer = 2 * frames * 4 * dm * dm + 4 * frames * frames * dm + 4 * frames * dm * mlp
-  flops += dec.num_layers * per_layer * 2  # self- and cross-attention blocks
-  return 3.0 * flops
+    weights = trainable(f"encoder/feature_extractor/conv_layers_{i}/")
+    add(2 * length * channels * dim * kernel, weights, needs)
+    channels, needs = dim, needs or weights
+  if getattr(enc, "causal", False):
+    steps = length  # the transformer runs at the audio frame rate, aligned afterwards
+  else:
+    steps = frames * ratio if enc.frame_alignment == "pairs" else frames
+  d, groups = enc.hidden_size, enc.num_conv_pos_embedding_groups
+  weights = trainable("encoder/feature_projection/")
+  add(2 * steps * channels * d, weights, needs)
+  needs = needs or weights or trainable("encoder/masked_spec_embed")
+  weights = trainable("encoder/encoder/pos_conv_embed/")
+  add(2 * steps * d * (d // groups) * enc.num_conv_pos_embeddings, weights, needs)
+  needs = needs or weights or trainable("encoder/encoder/layer_norm/")
+
+  def transformer_layer(prefix: str, steps: int, width: int, mlp: int, needs: bool) -> bool:
+    """A self-attention + MLP layer over `steps` positions; returns its output's `needs`."""
+    weights = trainable(prefix)
+    inner = needs or weights
+    add(2 * steps * 3 * width * width, weights, needs)  # query, key, value
+    add(4 * steps * steps * width, inner, inner)  # scores and weighted sum, both operands
+    add(2 * steps * width * width, weights, inner)  # output projection
+    add(4 * steps * width * mlp, weights, inner)  # MLP in and out
+    return inner
+
+  for i in range(enc.num_hidden_layers):
+    prefix = "encoder/encoder/layers/" if enc.scan_layers else f"encoder/encoder/layers_{i}/"
+    needs = transformer_layer(prefix, steps, d, enc.intermediate_size, needs)
+
+  dm, v3 = dec.d_model, 3 * dec.num_vertices
+  weights = trainable("decoder/audio_projection/")
+  add(2 * frames * ratio * d * dm, weights, needs)
+  audio_needs = needs or weights
+  condition = False
+  for field, count in (
+    ("style", dec.num_styles),
+    ("emotion", dec.num_emotions),
+    ("intensity", dec.num_intensities),
+  ):
+    if count > 0:
+      weights = trainable(f"decoder/condition_embedding/{field}_embedding/")
+      add(2 * count * dm, weights)  # one-hot input: data
+      condition = condition or weights
+
+  if isinstance(dec, NonAutoregressiveDecoder):
+    needs = audio_needs or condition
+    for i in range(dec.num_layers):
+      needs = transformer_layer(f"decoder/encoder/layer_{i}/", frames, dm, dec.mlp_dim, needs)
+  else:
+    weights = trainable("decoder/vertex_embedding/")
+    add(2 * (frames - 1) * v3 * dm, weights)  # offsets of the true previous frames: data
+    needs = weights or condition
+    for i in range(dec.num_layers):
+      prefix = f"decoder/layers_{i}/"
+      weights = trainable(prefix)
+      inner = needs or weights
+      add(2 * frames * 3 * dm * dm, weights, needs)  # self-attention query, key, value
+      add(4 * frames * frames * dm, inner, inner)  # causal scores and weighted sum (dense)
+      add(2 * frames * dm * dm, weights, inner)  # self-attention output
+      memory = audio_needs or weights
+      add(2 * frames * dm * dm, weights, inner)  # cross-attention query
+      add(2 * 2 * frames * ratio * dm * dm, weights, audio_needs)  # keys and values of memory
+      add(2 * frames * ratio * dm, inner, memory)  # aligned scores: r keys per frame
+      add(2 * frames * ratio * dm, inner or memory, memory)  # weighted sum
+      needs = inner or memory
+      add(2 * frames * dm * dm, weights, needs)  # cross-attention output
+      add(4 * frames * dm * dec.mlp_dim, weights, needs)  # MLP in and out
+  add(2 * frames * dm * v3, trainable("decoder/offset_projection/"), needs)
+  return total
