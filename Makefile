@@ -31,8 +31,16 @@ system-deps:
 	  echo "make: cannot install SLURM here (no apt-get or root); its test will skip"; \
 	fi
 
+# The main job: train the VOCASET-layout FaceFormer (tiny encoder) on the synthetic twin (built
+# on first use), evaluate on its test split (the table: model vs both baselines), export the
+# predict function, and render one test sequence with its audio.
+DEMO_CONFIG ?= experiments/audio2mesh/vocaset.py:variant=faceformer,encoder=tiny
 demo: $(VENV)/.installed
-	PYTHONPATH=tests $(BIN)/fdjax train --config tests/configs/tiny.py:steps=200 --workdir $(DEMO_WORKDIR)
+	$(BIN)/fdjax train --config $(DEMO_CONFIG) --workdir $(DEMO_WORKDIR)
+	$(BIN)/fdjax export --workdir $(DEMO_WORKDIR) --out $(DEMO_WORKDIR)/export
+	$(BIN)/fdjax render --vertices $(DEMO_WORKDIR)/samples/sample_pred.npy \
+	  --truth $(DEMO_WORKDIR)/samples/sample_truth.npy --faces $(DEMO_WORKDIR)/samples/faces.ply \
+	  --audio $(DEMO_WORKDIR)/samples/sample.wav --out $(DEMO_WORKDIR)/samples/sample.mp4
 
 test: $(VENV)/.installed-test system-deps
 	$(BIN)/python -m pytest tests
