@@ -673,7 +673,9 @@ def export_checkpoint(
 ) -> dict:
   """Restores a run's parameters and writes its task's predict function to `out_dir`.
 
-  Returns the signature written.
+  A task whose `stream_fn(config, model)` returns functions (a causal audio2mesh model) also
+  gets them in the artifact (`stream_init`, `stream_step`; `load(out_dir, "stream_step")`),
+  with its streaming metadata under `metadata["streaming"]`. Returns the signature written.
   """
   from fdjax import config as config_lib
   from fdjax import trainer
@@ -698,9 +700,25 @@ def export_checkpoint(
     dtype=dtype,
     external_weights=external_weights,
   )
+  functions = {"predict": exported}
+  streaming = task.stream_fn(config, model) if hasattr(task, "stream_fn") else None
+  if streaming is not None:
+    # Streaming functions have fixed chunks; only the batch size follows --batch.
+    stream_functions, metadata["streaming"] = streaming
+    stream_dims = {k: v for k, v in dims.items() if k == BATCH}
+    for name, (fn, specs) in stream_functions.items():
+      functions[name], _ = export_function(
+        fn,
+        specs,
+        params,
+        dims=stream_dims,
+        platforms=platforms,
+        dtype=dtype,
+        external_weights=external_weights,
+      )
   return write_artifact(
     out_dir,
-    {"predict": exported},
+    functions,
     weights,
     external_weights=external_weights,
     metadata=metadata,
@@ -788,4 +806,7 @@ def main(argv: Sequence[str]) -> int:
     f"({size / 1e6:.2f} MB, {', '.join(signature['platforms'])}, {args.dtype}): "
     f"{describe(predict['inputs'])} -> {describe(predict['outputs'])}"
   )
+  others = [name for name in signature["functions"] if name != "predict"]
+  if others:
+    print(f"also exported: {', '.join(others)} (load with fdjax.export.load(DIR, name))")
   return 0

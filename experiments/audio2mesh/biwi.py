@@ -17,7 +17,7 @@ from fdjax.config import parse_arg
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, variant="faceformer", encoder="base", runlocal=False, steps=0)
+  args = parse_arg(arg, variant="faceformer", encoder="base", runlocal=False, steps=0, causal=False)
   dataset = ConfigDict()
   dataset.name = "biwi"  # TFDS builder data_pipelines/builders/biwi.py.
   dataset.fps = 25.0  # Mesh frames per second.

@@ -5,6 +5,10 @@ Variants (decoder families): `faceformer` (autoregressive, FaceFormer), `nonauto
 `--config.model.prior_workdir=<stage-1 workdir>`). Encoder sizes: `base` (wav2vec2-base shapes;
 load weights with `--config.model.encoder.checkpoint=DIR`, a local Hugging Face directory) and
 `tiny` (trains from scratch on a CPU). `runlocal=True` shrinks data and steps for tests.
+
+`causal=True` (faceformer only) builds the streaming variant: a causal encoder attending to the
+last second of audio frames, a decoder attending to the last training window of frames, and
+`fdjax export` then also writes `stream_init` / `stream_step` (see fdjax/streaming.py).
 """
 
 from ml_collections import ConfigDict
@@ -12,6 +16,8 @@ from ml_collections import ConfigDict
 from fdjax.config import base_config
 
 VARIANTS = ("faceformer", "nonautoregressive", "codetalker_vq", "codetalker")
+# wav2vec2's 20 ms hop at 16 kHz.
+_AUDIO_FRAMES_PER_SECOND = 50
 
 
 def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
@@ -20,6 +26,11 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
     raise ValueError(f"variant={args.variant!r}: expected one of {VARIANTS}")
   if args.encoder not in ("base", "tiny"):
     raise ValueError(f"encoder={args.encoder!r}: expected base or tiny")
+  if args.causal and args.variant != "faceformer":
+    raise ValueError(
+      f"causal=True with variant={args.variant!r}: only the faceformer decoder predicts frame "
+      "by frame, which streaming needs"
+    )
   c = base_config()
   c.task = "audio2mesh"
   c.data.update(dataset)
@@ -47,10 +58,26 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
   if args.variant != "faceformer":
     c.model.decoder.period = dataset.decoder_period  # Period of positional encoding/bias.
   if args.encoder == "base":
-    # Pretrained encoders keep their conv feature extractor frozen, as FaceFormer does.
-    c.optim.freeze = (*c.optim.freeze, "^encoder/feature_extractor/")
+    # Pretrained encoders keep their conv feature extractor frozen, as FaceFormer does; the
+    # causal variant's per-frame conv-0 norm replaces the pretrained group norm, so it trains.
+    if args.causal:
+      c.optim.freeze = (*c.optim.freeze, r"^encoder/feature_extractor/conv_layers_\d+/conv/")
+    else:
+      c.optim.freeze = (*c.optim.freeze, "^encoder/feature_extractor/")
   c.model.encoder.frame_alignment = dataset.frame_alignment  # Features to mesh frames.
   c.model.encoder.audio_frames_per_frame = dataset.audio_frames_per_frame  # For "pairs".
+  c.model.encoder.causal = args.causal  # No frame depends on later audio (streaming).
+  # Audio frames (50 per second) each frame attends to when causal; 0 = whole clip.
+  c.model.encoder.attention_window = _AUDIO_FRAMES_PER_SECOND if args.causal else 0
+  if args.causal:
+    # wav2vec2-base's conv-0 group norm spans the whole clip; a per-frame norm replaces it.
+    c.model.encoder.feat_extract_norm = "frame"
+  if args.variant == "faceformer":
+    # Frames each frame attends to (bounded key/value cache) when causal: one training window.
+    c.model.decoder.cache_window = dataset.window_frames if args.causal else 0
+  # Mesh frames per chunk of `fdjax export`'s stream_step; 0 = the shortest exact chunk (3
+  # frames = 1600 samples at 30 fps, 1 frame = 640 samples at 25 fps).
+  c.model.stream_chunk_frames = 0
 
   c.loss = ConfigDict()
   c.loss.velocity_weight = 1.0  # Weight of the velocity (frame difference) MSE.

@@ -11,8 +11,15 @@ FaceFormer-size, with wav2vec2-base weights from a local Hugging Face directory:
         --config.data.raw_dir=/path/to/VOCASET --config.data.data_dir=/path/to/tfds \\
         --workdir runs/faceformer_vocaset
 
+The streaming (causal) variant, exported with a `stream_step` beside `predict`:
+
+    fdjax train --config experiments/audio2mesh/vocaset.py:encoder=tiny,causal=True \\
+        --workdir runs/causal
+    fdjax export --workdir runs/causal --out artifacts/causal
+
 Arguments: variant (faceformer, nonautoregressive, codetalker_vq, codetalker), encoder (base,
-tiny), runlocal (tiny data and steps, for tests), steps (override total_steps).
+tiny), runlocal (tiny data and steps, for tests), steps (override total_steps), causal
+(streaming variant, faceformer only).
 """
 
 from ml_collections import ConfigDict
@@ -23,7 +30,7 @@ from fdjax.config import parse_arg
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, variant="faceformer", encoder="base", runlocal=False, steps=0)
+  args = parse_arg(arg, variant="faceformer", encoder="base", runlocal=False, steps=0, causal=False)
   dataset = ConfigDict()
   dataset.name = "vocaset"  # TFDS builder data_pipelines/builders/vocaset.py.
   dataset.fps = 30.0  # Mesh frames per second (captured at 60, used at 30).

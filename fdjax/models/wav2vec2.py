@@ -281,8 +281,9 @@ def align_causal(
     last audio frame (audio shorter than the frames) repeat it; those frames are padding.
   """
   indices = causal_frame_indices(num_frames, sample_rate, fps, hop, frames_per_frame)
-  indices = jnp.clip(indices.reshape(-1), 0, features.shape[1] - 1)  # [T * r]
-  return jnp.take(features, indices, axis=1, mode="clip")
+  indices = jnp.maximum(indices.reshape(1, -1, 1), 0)  # [1, T * r, 1]
+  # take_along_axis's clip needs no proof that T_a >= 1, so symbolic lengths export.
+  return jnp.take_along_axis(features, indices, axis=1, mode="clip")
 
 
 def span_mask(

@@ -580,3 +580,21 @@ def flops_per_example(config: Any) -> float:
       add(4 * frames * dm * dec.mlp_dim, weights, needs)  # MLP in and out
   add(2 * frames * dm * v3, trainable("decoder/offset_projection/"), needs)
   return total
+
+
+def stream_fn(config: Any, model: nn.Module):
+  """For a causal model, the streaming functions `fdjax export` writes beside `predict`.
+
+  Returns `({"stream_init": (fn, input_specs), "stream_step": (fn, input_specs)}, metadata)`
+  (see `fdjax.streaming.export_functions`) with the chunk of `config.model.stream_chunk_frames`,
+  or None when the model does not stream (not causal, or not frame by frame).
+  """
+  from fdjax import streaming
+
+  if not (isinstance(model, SpeechToMesh) and model.encoder.causal):
+    return None
+  chunk_frames = config.model.stream_chunk_frames
+  return (
+    streaming.export_functions(model, chunk_frames),
+    streaming.metadata(model, chunk_frames),
+  )

@@ -1,0 +1,235 @@
+"""Streaming speech-to-animation: a causal audio2mesh model run chunk by chunk, in bounded state.
+
+Where it sits: a causal `SpeechToMesh` (`experiments/audio2mesh/vocaset.py:causal=True`; see
+`fdjax/models/audio2mesh.py`) is trained like any other. `fdjax export` then writes, beside
+`predict`, the functions built here: `stream_init` and `stream_step` (the task's `stream_fn`
+calls `export_functions`). A serving program loads them with jax alone
+(`fdjax.export.load(DIR, "stream_step")`) and feeds fixed chunks of audio as they arrive:
+
+    init = fdjax.export.load(DIR, "stream_init")
+    step = fdjax.export.load(DIR, "stream_step")
+    state = init(template=template, style=style)        # template [b, V, 3], style [b]
+    for chunk in chunks:                                 # chunk [b, chunk_samples] float32
+      out = step(audio=chunk, **state)
+      state, vertices = out["state"], out["vertices"]    # vertices [b, chunk_frames, V, 3]
+
+The frames equal those of `predict` (the same causal model over the whole audio at once) to
+float rounding; tests/test_streaming.py holds them to 1e-4.
+
+Chunks and alignment. Mesh frame t spans samples `[t * sr / fps, (t + 1) * sr / fps)` (DESIGN
+section 3); audio frame i of the causal encoder ends at sample `(i + 1) * hop` (hop = 320
+samples = 20 ms at 16 kHz), its conv stack being left-padded by `receptive_field - hop` = 80
+samples. A chunk must hold whole mesh frames and whole audio frames, so that every chunk starts
+on both boundaries: at 16 kHz and 30 fps (533.33 samples a frame) the shortest is 3 frames =
+1600 samples = 5 audio frames (100 ms); at 25 fps it is 1 frame = 640 samples = 2 audio frames.
+`config.model.stream_chunk_frames` picks a multiple (0: the shortest). Mesh frame t reads the
+r audio frames that end last at or before its own end (`wav2vec2.causal_frame_indices`): at
+30 fps, r = 1, frames 0, 1, 2 of a chunk read its audio frames 0, 2, 4. Nothing looks ahead:
+a chunk's frames are complete when its last sample has arrived, so the algorithmic latency is
+one chunk (plus compute).
+
+State layout (`state_specs`): a dict of arrays with a leading batch axis, whose shapes do not
+depend on the stream's length:
+
+    audio_context     [b, receptive_field - hop]   last samples (conv stack's left context)
+    position_context  [b, pos_conv_taps - 1, D]    positional conv inputs of the last frames
+    encoder_keys      [b, L, W - 1, H, Dh]         per-layer keys of the last W - 1 audio frames
+    encoder_values    [b, L, W - 1, H, Dh]         and their values (W = attention_window)
+    encoder_valid     [b, W - 1] bool              which of those frames exist (stream start)
+    decoder_keys      [b, L_d, K - 1, H_d, Dh_d]   decoder keys of the last K - 1 mesh frames
+    decoder_values    [b, L_d, K - 1, H_d, Dh_d]   and values (K = cache_window)
+    decoder_valid     [b, K - 1] bool              which of those frames exist
+    motion_input      [b, d_model]                 next decoder input: embedded last frame
+    condition         [b, d_model]                 style (+ emotion, intensity) embedding
+    template          [b, V, 3]                    the neutral meshes the offsets add to
+    phase             [b] int32                    next frame's position modulo the period
+
+Caches shift by one chunk per step instead of growing (ALiBi biases depend on distances only,
+the positional encoding on the phase only), and streams in one batch may be at different
+points: nothing is shared across the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdjax.models.audio2mesh import SpeechToMesh
+
+Array = jax.Array
+State = dict[str, Array]
+
+
+class StreamGeometry(NamedTuple):
+  """The fixed chunk of a stream: F mesh frames = S samples = A audio frames."""
+
+  chunk_frames: int  # F, mesh frames per chunk
+  chunk_samples: int  # S, audio samples per chunk
+  audio_frames: int  # A, encoder frames per chunk
+  sample_rate: int  # audio samples per second
+  fps: float  # mesh frames per second
+
+  @property
+  def seconds(self) -> float:
+    """Audio duration of one chunk (also the algorithmic latency)."""
+    return self.chunk_samples / self.sample_rate
+
+
+def shortest_chunk_frames(model: SpeechToMesh) -> int:
+  """The fewest mesh frames that make a whole number of audio frames (3 at 30 fps, 16 kHz)."""
+  model._check_streamable()
+  fps, rate, hop = int(model.fps), model.sample_rate, model.encoder.hop
+  samples = math.lcm(hop, rate // math.gcd(rate, fps))  # whole frames and whole hops
+  return samples * fps // rate
+
+
+def geometry(model: SpeechToMesh, chunk_frames: int = 0) -> StreamGeometry:
+  """The chunk of `chunk_frames` mesh frames (0: the shortest exact one), checked."""
+  shortest = shortest_chunk_frames(model)
+  if chunk_frames < 0 or chunk_frames % shortest:
+    raise ValueError(
+      f"stream_chunk_frames={chunk_frames}: must be a multiple of {shortest} (whole audio "
+      f"frames of {model.encoder.hop} samples at {model.sample_rate} Hz and {model.fps:g} fps), "
+      "or 0 for the shortest"
+    )
+  frames = chunk_frames or shortest
+  samples = frames * model.sample_rate // int(model.fps)
+  model.stream_chunk_frames(samples)  # the model's own check of the chunk
+  return StreamGeometry(
+    chunk_frames=frames,
+    chunk_samples=samples,
+    audio_frames=samples // model.encoder.hop,
+    sample_rate=model.sample_rate,
+    fps=model.fps,
+  )
+
+
+def init(
+  model: SpeechToMesh,
+  params: Any,
+  template: Array,
+  style: Array | None,
+  *,
+  emotion: Array | None = None,
+  intensity: Array | None = None,
+) -> State:
+  """The state of new streams: `template [B, V, 3]`, `style [B]` int32 (see the layout above)."""
+  return model.apply(
+    {"params": params},
+    template,
+    style,
+    emotion=emotion,
+    intensity=intensity,
+    method="stream_init",
+  )
+
+
+def step(model: SpeechToMesh, params: Any, state: State, audio: Array) -> tuple[State, Array]:
+  """`(state, audio [B, S]) -> (state, vertices [B, F, V, 3])`: the next chunk of each stream."""
+  return model.apply({"params": params}, state, audio, method="stream_step")
+
+
+def run(
+  step_fn: Callable[[State, Array], tuple[State, Array]],
+  state: State,
+  audio: np.ndarray,
+  chunk_samples: int,
+) -> tuple[State, np.ndarray]:
+  """Feeds `audio [B, N * S]` chunk by chunk through `step_fn`; returns the final state and the
+  frames of all chunks `[B, N * F, V, 3]` (a whole number of chunks is required)."""
+  if audio.shape[1] % chunk_samples:
+    raise ValueError(
+      f"audio of {audio.shape[1]} samples is not a whole number of {chunk_samples}-sample chunks"
+    )
+  frames = []
+  for start in range(0, audio.shape[1], chunk_samples):
+    state, vertices = step_fn(state, audio[:, start : start + chunk_samples])
+    frames.append(np.asarray(vertices))
+  return state, np.concatenate(frames, axis=1)
+
+
+def _condition_inputs(model: SpeechToMesh) -> dict[str, tuple[str, str]]:
+  specs = {}
+  for name, count in (
+    ("style", model.decoder.num_styles),
+    ("emotion", model.decoder.num_emotions),
+    ("intensity", model.decoder.num_intensities),
+  ):
+    if count > 0:
+      specs[name] = ("b", "int32")
+  return specs
+
+
+def state_specs(model: SpeechToMesh) -> dict[str, tuple[str, str]]:
+  """`{name: (shape string, dtype)}` of the state, batch dim `b` (the export input specs)."""
+  batch = 2  # any size: it becomes the symbolic `b`
+  num_vertices = model.decoder.num_vertices
+  template = jax.ShapeDtypeStruct((batch, num_vertices, 3), jnp.float32)
+  conditions = {
+    name: jax.ShapeDtypeStruct((batch,), jnp.int32) for name in _condition_inputs(model)
+  }
+  state, _ = jax.eval_shape(
+    lambda t, c: model.init_with_output(jax.random.key(0), t, method="stream_init", **c),
+    template,
+    {"style": None, **conditions},
+  )
+  specs = {}
+  for name, value in state.items():
+    if value.shape[0] != batch:
+      raise AssertionError(f"state {name!r} has no leading batch axis: {value.shape}")
+    dims = ", ".join(["b", *(str(d) for d in value.shape[1:])])
+    specs[name] = (dims, jnp.dtype(value.dtype).name)
+  return specs
+
+
+def export_functions(
+  model: SpeechToMesh, chunk_frames: int = 0
+) -> dict[str, tuple[Callable[..., Any], dict[str, tuple[str, str]]]]:
+  """`stream_init` and `stream_step` in the form of a task's `predict_fn`, for `fdjax.export`.
+
+  - `stream_init(params, template [b, V, 3], style [b] (, emotion, intensity)) -> state`;
+  - `stream_step(params, audio [b, S], **state) -> {"state": state, "vertices": [b, F, V, 3]}`,
+    the state passed as one input per entry, named as in the layout above.
+
+  Returns `{name: (fn, input_specs)}`.
+  """
+  chunk = geometry(model, chunk_frames)
+  num_vertices = model.decoder.num_vertices
+  conditions = _condition_inputs(model)
+
+  def stream_init(params, template, **condition):
+    return init(model, params, template, condition.pop("style", None), **condition)
+
+  def stream_step(params, audio, **state):
+    state, vertices = step(model, params, state, audio)
+    return {"state": state, "vertices": vertices}
+
+  init_specs = {"template": (f"b, {num_vertices}, 3", "float32"), **conditions}
+  step_specs = {"audio": (f"b, {chunk.chunk_samples}", "float32"), **state_specs(model)}
+  return {"stream_init": (stream_init, init_specs), "stream_step": (stream_step, step_specs)}
+
+
+def metadata(model: SpeechToMesh, chunk_frames: int = 0) -> dict[str, Any]:
+  """What a streaming client needs to know, for signature.json's metadata["streaming"]."""
+  chunk = geometry(model, chunk_frames)
+  return {
+    "chunk_frames": chunk.chunk_frames,
+    "chunk_samples": chunk.chunk_samples,
+    "audio_frames_per_chunk": chunk.audio_frames,
+    "latency_seconds": chunk.seconds,
+    "attention_window": model.encoder.attention_window,
+    "cache_window": model.decoder.cache_window,
+    "state": sorted(state_specs(model)),
+    "usage": "state = stream_init(template, style); then per chunk: "
+    "out = stream_step(audio=chunk, **state); state = out['state']; out['vertices']",
+  }
+
+
+def state_bytes(state: State | Iterable[Any]) -> int:
+  """Total bytes of a state's arrays (the same after every step)."""
+  return int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape) for x in jax.tree.leaves(state)))

@@ -1,0 +1,246 @@
+"""Streaming audio2mesh: a causal model fed chunk by chunk equals the same model run offline.
+
+The model is the causal runlocal config (tiny causal wav2vec2, FaceFormer VOCASET decoder) with
+short windows (8 audio frames, 4 mesh frames) so that a 14-chunk stream (42 frames) outlives
+every window and wraps the decoder's 30-frame phase. Its parameters are perturbed at random:
+the untrained decoder's zero-initialised output layer would predict the template everywhere,
+which any two functions agree on.
+"""
+
+import gc
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdjax import config as config_lib
+from fdjax import export, streaming, trainer
+from fdjax.models.audio2mesh import SpeechToMesh
+from fdjax.models.motion_decoders import FaceFormerDecoder
+from fdjax.models.wav2vec2 import Wav2Vec2Encoder, causal_frame_indices
+from fdjax.tasks import load_task
+
+SPEC = "experiments/audio2mesh/vocaset.py:encoder=tiny,runlocal=True,causal=True"
+WINDOWS = ["--config.model.encoder.attention_window=8", "--config.model.decoder.cache_window=4"]
+TOLERANCE = 1e-4
+NUM_CHUNKS = 14
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """The causal model, perturbed parameters, a batch of audio and the offline prediction."""
+  config = config_lib.load_config(SPEC, WINDOWS)
+  task = load_task(config.task)
+  model = task.build_model(config)
+  variables = jax.jit(model.init)(jax.random.key(0), task.dummy_batch(config, 1))
+  params = jax.tree.map(np.asarray, jax.device_get(variables["params"]))
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(0)
+  leaves = [(x + 0.3 * rng.standard_normal(x.shape)).astype(x.dtype) for x in leaves]
+  params = jax.tree.unflatten(treedef, leaves)
+  chunk = streaming.geometry(model)
+  audio = rng.standard_normal((BATCH, NUM_CHUNKS * chunk.chunk_samples)).astype(np.float32)
+  template = rng.standard_normal((BATCH, model.decoder.num_vertices, 3)).astype(np.float32)
+  style = np.array([0, 5], np.int32)
+  predict, _ = task.predict_fn(config, model)
+  offline = np.asarray(jax.jit(predict)(params, audio, template, style))
+  assert offline.shape == (BATCH, NUM_CHUNKS * chunk.chunk_frames, model.decoder.num_vertices, 3)
+  # The motion is large next to the tolerance, so agreement is not trivial.
+  assert np.abs(offline - template[:, None]).max() > 1e3 * TOLERANCE
+  return {
+    "config": config,
+    "model": model,
+    "params": params,
+    "chunk": chunk,
+    "audio": audio,
+    "template": template,
+    "style": style,
+    "offline": offline,
+  }
+
+
+def jitted_stream(model, params):
+  init = jax.jit(lambda template, style: streaming.init(model, params, template, style))
+  step = jax.jit(lambda state, audio: streaming.step(model, params, state, audio))
+  return init, step
+
+
+def test_chunks_hold_whole_mesh_and_audio_frames(setup):
+  model = setup["model"]
+  assert streaming.geometry(model) == (3, 1600, 5, 16000, 30.0)
+  assert streaming.geometry(model, 6)[:3] == (6, 3200, 10)
+  with pytest.raises(ValueError, match="stream_chunk_frames=4: must be a multiple of 3"):
+    streaming.geometry(model, 4)
+  with pytest.raises(ValueError, match="1000 samples is not a whole number .* multiple of 1600"):
+    model.stream_chunk_frames(1000)
+  biwi = SpeechToMesh(
+    model.encoder, FaceFormerDecoder.from_variant("tiny", audio_frames_per_frame=2), fps=25
+  )
+  assert streaming.geometry(biwi)[:3] == (1, 640, 2)
+  offline_model = SpeechToMesh(Wav2Vec2Encoder.from_variant("tiny"), model.decoder)
+  with pytest.raises(ValueError, match="streaming needs a causal encoder"):
+    streaming.geometry(offline_model)
+  with pytest.raises(ValueError, match="group norm normalises conv 0 over the whole clip"):
+    Wav2Vec2Encoder.from_variant("tiny", causal=True)
+
+
+def test_causal_alignment_reads_the_audio_frames_that_end_last():
+  indices = np.asarray(causal_frame_indices(9, 16000, 30, 320))[:, 0]
+  np.testing.assert_array_equal(indices, [0, 2, 4, 5, 7, 9, 10, 12, 14])
+  frames = np.arange(9)
+  frame_end = (frames + 1) * 16000 / 30
+  assert np.all((indices + 1) * 320 <= frame_end)  # finished by the end of the mesh frame
+  assert np.all((indices + 2) * 320 > frame_end)  # and the next one is not
+  pairs = np.asarray(causal_frame_indices(4, 16000, 25, 320, frames_per_frame=2))
+  np.testing.assert_array_equal(pairs, [[0, 1], [2, 3], [4, 5], [6, 7]])
+
+
+def test_offline_causal_model_ignores_later_audio(setup):
+  model, params = setup["model"], setup["params"]
+  audio, template, style = setup["audio"][:, :9600], setup["template"], setup["style"]
+
+  @jax.jit
+  def generate(audio):
+    return model.apply({"params": params}, audio, template, style, method="generate")[0]
+
+  changed = audio.copy()
+  changed[:, 4000:] = 0.0  # inside mesh frame 7 (samples 3733-4266)
+  before, after = np.asarray(generate(audio)), np.asarray(generate(changed))
+  np.testing.assert_array_equal(before[:, :7], after[:, :7])
+  assert np.abs(before[:, 7:] - after[:, 7:]).max() > 1e-3
+
+
+def test_jitted_stream_equals_offline(setup):
+  init, step = jitted_stream(setup["model"], setup["params"])
+  state = init(setup["template"], setup["style"])
+  _, streamed = streaming.run(step, state, setup["audio"], setup["chunk"].chunk_samples)
+  # Equal from the first frame on: the stream's zero context is the offline zero padding.
+  np.testing.assert_allclose(streamed, setup["offline"], atol=TOLERANCE, rtol=0)
+
+
+def test_exported_stream_step_equals_offline(setup, tmp_path):
+  model, params = setup["model"], setup["params"]
+  functions = {}
+  for name, (fn, specs) in streaming.export_functions(model).items():
+    functions[name], weights = export.export_function(fn, specs, params)
+  task = load_task("audio2mesh")
+  predict, predict_specs = task.predict_fn(setup["config"], model)
+  constraints = task.symbolic_constraints(setup["config"])
+  functions["predict"], _ = export.export_function(
+    predict, predict_specs, params, constraints=constraints
+  )
+  export.write_artifact(
+    str(tmp_path),
+    functions,
+    weights,
+    metadata={"streaming": streaming.metadata(model)},
+    constraints=constraints,
+  )
+  signature = export.read_signature(str(tmp_path))
+  assert signature["metadata"]["streaming"]["chunk_samples"] == 1600
+  step = export.load(str(tmp_path), "stream_step")
+  inputs = {spec["name"]: spec["shape"] for spec in step.inputs}
+  assert inputs["audio"] == ["b", 1600] and inputs["encoder_keys"] == ["b", 2, 7, 4, 16]
+  state_names = set(inputs) - {"audio"}
+  assert {o["name"] for o in step.outputs} == {"vertices", *(f"state/{k}" for k in state_names)}
+
+  def exported_step(state, audio):
+    out = step(audio=audio, **state)
+    return out["state"], out["vertices"]
+
+  state = export.load(str(tmp_path), "stream_init")(
+    template=setup["template"], style=setup["style"]
+  )
+  _, streamed = streaming.run(exported_step, state, setup["audio"], 1600)
+  np.testing.assert_allclose(streamed, setup["offline"], atol=TOLERANCE, rtol=0)
+  offline = export.load(str(tmp_path))(
+    audio=setup["audio"], template=setup["template"], style=setup["style"]
+  )
+  np.testing.assert_allclose(streamed, np.asarray(offline), atol=TOLERANCE, rtol=0)
+  with pytest.raises(export.SignatureError, match="input 'audio': dim 1 is 1599, expected 1600"):
+    step(audio=setup["audio"][:, :1599], **state)
+
+
+def _rss_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _live_device_bytes() -> tuple[int, int]:
+  gc.collect()
+  arrays = jax.live_arrays()
+  return len(arrays), sum(a.nbytes for a in arrays)
+
+
+def test_state_and_memory_stay_flat_over_a_ten_times_longer_stream(setup):
+  model, params = setup["model"], setup["params"]
+  init, step = jitted_stream(model, params)
+  chunk_samples = setup["chunk"].chunk_samples
+  rng = np.random.default_rng(1)
+  chunks = jnp.asarray(rng.standard_normal((8, BATCH, chunk_samples)), jnp.float32)
+  state = init(setup["template"], setup["style"])
+  shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+  state_bytes = streaming.state_bytes(state)
+  short, long = 100, 1000
+  measured = {}
+  for index in range(long):
+    state, vertices = step(state, chunks[index % len(chunks)])
+    if index + 1 in (short, long):
+      jax.block_until_ready(vertices)
+      del vertices
+      measured[index + 1] = (_live_device_bytes(), _rss_bytes())
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == shapes
+  assert streaming.state_bytes(state) == state_bytes
+  assert step._cache_size() == 1  # one executable for the whole stream
+  (live_short, rss_short), (live_long, rss_long) = measured.values()
+  assert live_long == live_short  # device arrays: the same count and bytes
+  # Host memory: keeping anything of the size of the state per chunk would add 900x 147 kB =
+  # 130 MB; allocator and thread-arena noise in a shared test process is a few MB.
+  growth = rss_long - rss_short
+  assert growth < 0.25 * (long - short) * state_bytes, (rss_short, rss_long)
+
+
+@pytest.fixture(scope="module")
+def causal_run(tmp_path_factory):
+  """A causal run trained for two steps with a large learning rate (visible motion)."""
+  workdir = str(tmp_path_factory.mktemp("causal_run"))
+  overrides = [
+    *WINDOWS,
+    "--config.total_steps=2",
+    "--config.optim.warmup_steps=0",
+    "--config.optim.lr=0.01",
+  ]
+  config = config_lib.load_config(SPEC, overrides)
+  trainer.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_fdjax_export_of_a_causal_run_writes_stream_functions(causal_run, setup, tmp_path):
+  config, workdir = causal_run
+  out = str(tmp_path / "artifact")
+  assert export.main(["--workdir", workdir, "--out", out, "--batch", "2"]) == 0
+  with open(os.path.join(out, "signature.json")) as f:
+    signature = json.load(f)
+  assert set(signature["functions"]) == {"predict", "stream_init", "stream_step"}
+  assert {"stream_step.jaxexport", "stream_init.mlir"} <= set(os.listdir(out))
+  assert signature["metadata"]["streaming"]["chunk_frames"] == 3
+  step = export.load(out, "stream_step")
+  assert step.inputs[0] == {"name": "audio", "shape": [2, 1600], "dtype": "float32"}
+
+  task, model, params, _ = trainer.restore_params(config, workdir)
+  template, style, audio = setup["template"], setup["style"], setup["audio"][:, : 6 * 1600]
+  predict, _ = task.predict_fn(config, model)
+  offline = np.asarray(jax.jit(predict)(jax.device_get(params), audio, template, style))
+  assert np.abs(offline - template[:, None]).max() > 1e2 * TOLERANCE
+
+  def exported_step(state, chunk):
+    out = step(audio=chunk, **state)
+    return out["state"], out["vertices"]
+
+  state = export.load(out, "stream_init")(template=template, style=style)
+  _, streamed = streaming.run(exported_step, state, audio, 1600)
+  np.testing.assert_allclose(streamed, offline, atol=TOLERANCE, rtol=0)
