@@ -346,3 +346,85 @@ def test_fdjax_export_command_reads_the_run_config(run, tmp_path):
   np.testing.assert_allclose(np.asarray(export.load(out)(x=x)), run["predict"](x), atol=1e-5)
   result = run_fdjax("export", "--workdir", str(tmp_path / "none"), "--out", out)
   assert result.returncode == 1 and "config.json: no such file" in result.stderr
+
+
+A2M_SPEC = "experiments/audio2mesh/vocaset.py:encoder=tiny,runlocal=True,steps=2"
+# No warmup and a large step: two steps then move the zero-initialised output layer visibly.
+A2M_OVERRIDES = ["--config.optim.warmup_steps=0", "--config.optim.lr=0.01"]
+
+# Loads one artifact with jax alone (the blocker is on) and calls it once per saved input set.
+A2M_JAX_ONLY = """
+import sys
+
+import jax
+import numpy as np
+
+import artifact_loader
+
+directory, cases = sys.argv[1], sys.argv[2:]
+model = artifact_loader.load(directory)
+with open(f"{directory}/model.jaxexport", "rb") as f:
+  exported = jax.export.deserialize(bytearray(f.read()))
+for case in cases:
+  inputs = dict(np.load(f"{case}_in.npz"))
+  np.save(f"{case}_loader.npy", np.asarray(model(**inputs)))
+  np.save(f"{case}_snippet.npy", np.asarray(exported.call(**inputs)))
+blocked = [m for m in sys.modules if m.partition(".")[0] in ("fdjax", "flax", "ml_collections")]
+assert not blocked, blocked
+"""
+
+
+@pytest.fixture(scope="module")
+def audio2mesh_run(tmp_path_factory):
+  """The audio2mesh runlocal config (tiny wav2vec2 + FaceFormer) trained for two steps."""
+  workdir = str(tmp_path_factory.mktemp("audio2mesh"))
+  config = config_lib.load_config(A2M_SPEC, A2M_OVERRIDES)
+  trainer.train_and_evaluate(config, workdir)
+  task, model, params, _ = trainer.restore_params(config, workdir)
+  predict, _ = task.predict_fn(config, model)
+  return workdir, jax.jit(predict), jax.device_get(params)
+
+
+def test_audio2mesh_artifact_in_a_jax_only_process_equals_predict(audio2mesh_run, tmp_path):
+  workdir, predict, params = audio2mesh_run
+  out = str(tmp_path / "artifact")
+  assert export.main(["--workdir", workdir, "--out", out]) == 0  # config from the workdir
+  signature = export.read_signature(out)
+  shapes = {s["name"]: s["shape"] for s in signature["functions"]["predict"]["inputs"]}
+  assert shapes == {"audio": ["b", "s"], "template": ["b", 5023, 3], "style": ["b"]}
+  assert signature["metadata"]["sample_rate"] == 16000 and "streaming" not in signature["metadata"]
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(BLOCKER)
+  (site / "a2m_jax_only.py").write_text(A2M_JAX_ONLY)
+  shutil.copy(export.__file__, site / "artifact_loader.py")
+  rng = np.random.default_rng(0)
+  cases = {}
+  # Two batch sizes and two lengths (1.0 s = 30 frames, 0.7 s = 21 frames) from one artifact.
+  for batch, samples in ((1, 16000), (3, 11200)):
+    case = str(tmp_path / f"case{batch}")
+    cases[case] = {
+      "audio": rng.standard_normal((batch, samples)).astype(np.float32),
+      "template": rng.normal(0, 0.1, (batch, 5023, 3)).astype(np.float32),
+      "style": np.arange(batch, dtype=np.int32),
+    }
+    np.savez(f"{case}_in.npz", **cases[case])
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run(
+    [sys.executable, str(site / "a2m_jax_only.py"), out, *cases],
+    env=env,
+    cwd=str(tmp_path),
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
+  assert proc.returncode == 0, proc.stderr
+  for case, inputs in cases.items():
+    expected = np.asarray(predict(params, **inputs))
+    batch, samples = inputs["audio"].shape
+    assert expected.shape == (batch, samples * 30 // 16000, 5023, 3)
+    # The motion is large next to the tolerance, so the comparison is not vacuous.
+    assert np.abs(expected - inputs["template"][:, None]).max() > 1e-2
+    for how in ("loader", "snippet"):
+      np.testing.assert_allclose(np.load(f"{case}_{how}.npy"), expected, atol=1e-5, rtol=0)
