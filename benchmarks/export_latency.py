@@ -97,9 +97,14 @@ def _machine():
 
 def measure_latency(config, task, model, params, inputs, directory, iters) -> dict:
   predict, input_specs = task.predict_fn(config, model)
-  exported, weights = export.export_function(predict, input_specs, params)
+  constraints = (
+    list(task.symbolic_constraints(config)) if hasattr(task, "symbolic_constraints") else []
+  )
+  exported, weights = export.export_function(predict, input_specs, params, constraints=constraints)
   metadata = dict(task.export_metadata(config)) if hasattr(task, "export_metadata") else {}
-  export.write_artifact(directory, {"predict": exported}, weights, metadata=metadata)
+  export.write_artifact(
+    directory, {"predict": exported}, weights, metadata=metadata, constraints=constraints
+  )
 
   device_params = jax.device_put(params)
   in_process = jax.jit(predict)

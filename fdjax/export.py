@@ -465,15 +465,19 @@ def export_function(
       return cast(outputs, jnp.float32)
     return fn(tree, **inputs)
 
+  # keep_unused: the StableHLO `main` takes every weight and input, also those the function
+  # never reads (a training-only parameter), so runtimes that see only the .mlir can pass the
+  # arguments in the order `mlir_arguments` lists.
   if external_weights:
     weight_structs = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights.values()]
     exported = jax.export.export(
-      jax.jit(lambda weight_list, **inputs: apply(weight_list, inputs)), platforms=platforms
+      jax.jit(lambda weight_list, **inputs: apply(weight_list, inputs), keep_unused=True),
+      platforms=platforms,
     )(weight_structs, **structs)
   else:
     constants = list(weights.values())
     exported = jax.export.export(
-      jax.jit(lambda **inputs: apply(constants, inputs)), platforms=platforms
+      jax.jit(lambda **inputs: apply(constants, inputs), keep_unused=True), platforms=platforms
     )(**structs)
   return exported, weights
 
@@ -514,6 +518,10 @@ def function_signature(
     for i, aval in enumerate(exported.out_avals)
   ]
   weight_arguments = [f"weights/{n}" for n in weight_names or ()]
+  flat_arguments = weight_arguments + [spec["name"] for spec in inputs]
+  # Functions exported without keep_unused lose the arguments they never read from `main`.
+  kept = set(exported.module_kept_var_idx)
+  flat_arguments = [name for index, name in enumerate(flat_arguments) if index in kept]
   # A multi-platform module takes the index into `platforms` as its first argument.
   platform_argument = ["_platform_index"] if len(exported.platforms) > 1 else []
   return {
@@ -522,7 +530,7 @@ def function_signature(
     "output_structure": "array" if isinstance(structure, int) else "dict",
     "weights_argument": weight_names is not None,
     # The flat argument order of the StableHLO `main`, for runtimes that see only model.mlir.
-    "mlir_arguments": platform_argument + weight_arguments + [spec["name"] for spec in inputs],
+    "mlir_arguments": platform_argument + flat_arguments,
   }
 
 
