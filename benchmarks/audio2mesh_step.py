@@ -28,11 +28,16 @@ float32. Its layer drop is off: the JAX step computes every layer (and selects),
 layer-dropping torch step would do about a tenth less work.
 
 One JSON line per framework; the torch line carries `jax_speedup` (torch step time / JAX step
-time) when both ran. Analytic FLOP count: see `flops_per_example`'s docstring; for the
-default configuration it is 21.49 GFLOP per training window (forward 10.47: conv stack 4.86,
-transformer 5.12, positional conv 0.28, decoder 0.12), and the StableHLO count of the step
-agrees within 0.3 % (the rest: the loss's reductions and the one extra frame the even-sized
-positional conv computes).
+time) when both ran. `compile_s` is the first call, compilation included (the config's
+persistent compilation cache, when warm, makes it short).
+
+FLOP count (`flops_per_example`'s docstring has the rules): for the default configuration one
+training window costs 21.49 GFLOP: the forward is 10.46 (conv stack 4.90, feature projection
+0.02, positional conv 0.28, transformer 5.13, decoder 0.12); the frozen conv stack counts once,
+the feature projection and the motion embedding (inputs that are data) twice, the rest three
+times. The StableHLO count of the lowered step is 21.53 GFLOP: within 0.3 %, the rest being the
+loss's reductions over vertices (lowered as dots) and the one extra frame the even-sized
+positional conv computes.
 """
 
 from __future__ import annotations
