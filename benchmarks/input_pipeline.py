@@ -157,6 +157,7 @@ def measure(dataset, batch_size: int, num_batches: int, warmup_batches: int) -> 
   load_after = os.getloadavg()
   examples = batch_size * num_batches
   shapes = {k: [list(np.shape(v)), str(np.asarray(v).dtype)] for k, v in batch.items()}
+  del batch  # releases the worker's shared memory before the workers stop
   iterator.close()  # stops the worker processes before the next configuration starts
   return {
     "examples_per_s": round(examples / elapsed, 2),
