@@ -38,10 +38,8 @@ def setup():
   model = task.build_model(config)
   variables = jax.jit(model.init)(jax.random.key(0), task.dummy_batch(config, 1))
   params = jax.tree.map(np.asarray, jax.device_get(variables["params"]))
-  leaves, treedef = jax.tree.flatten(params)
+  params = _perturbed(params, 0)
   rng = np.random.default_rng(0)
-  leaves = [(x + 0.3 * rng.standard_normal(x.shape)).astype(x.dtype) for x in leaves]
-  params = jax.tree.unflatten(treedef, leaves)
   chunk = streaming.geometry(model)
   audio = rng.standard_normal((BATCH, NUM_CHUNKS * chunk.chunk_samples)).astype(np.float32)
   template = rng.standard_normal((BATCH, model.decoder.num_vertices, 3)).astype(np.float32)
@@ -112,6 +110,58 @@ def test_offline_causal_model_ignores_later_audio(setup):
   before, after = np.asarray(generate(audio)), np.asarray(generate(changed))
   np.testing.assert_array_equal(before[:, :7], after[:, :7])
   assert np.abs(before[:, 7:] - after[:, 7:]).max() > 1e-3
+
+
+def _perturbed(params, seed, scale=0.3):
+  leaves, treedef = jax.tree.flatten(jax.device_get(params))
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(
+    treedef, [(x + scale * rng.standard_normal(x.shape)).astype(x.dtype) for x in leaves]
+  )
+
+
+@pytest.mark.parametrize(
+  "fields",
+  [
+    dict(scan_layers=False),
+    dict(do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True),
+    dict(conv_pos_batch_norm=True, num_conv_pos_embeddings=7),
+  ],
+  ids=["unrolled", "prenorm_layer_norms", "hubert_batch_norm_odd_taps"],
+)
+def test_causal_encoder_streams_its_offline_frames(fields):
+  fields = {"feat_extract_norm": "frame", **fields}
+  encoder = Wav2Vec2Encoder.from_variant("tiny", causal=True, attention_window=6, **fields)
+  audio = np.random.default_rng(2).standard_normal((2, 8 * 640)).astype(np.float32)
+  params = _perturbed(jax.jit(encoder.init)(jax.random.key(0), audio[:, :640])["params"], 3)
+  offline, _ = jax.jit(encoder.apply)({"params": params}, audio)  # [B, 16, D]
+  assert offline.shape[1] == audio.shape[1] // encoder.hop
+
+  @jax.jit
+  def step(state, chunk):
+    hidden, aux = encoder.apply({"params": params}, chunk, stream_state=state)
+    return aux["stream_state"], hidden
+
+  _, streamed = streaming.run(step, encoder.initial_stream_state(2), audio, 640)
+  np.testing.assert_allclose(streamed, offline, atol=TOLERANCE, rtol=0)
+
+
+def test_decoder_window_is_the_same_in_training_and_generation():
+  decoder = FaceFormerDecoder.from_variant("tiny", cache_window=3, period=4)
+  rng = np.random.default_rng(4)
+  audio = jnp.asarray(rng.standard_normal((2, 10, 16)), jnp.float32)
+  template = jnp.asarray(rng.standard_normal((2, 8, 3)), jnp.float32)
+  style, vertices = jnp.array([0, 2]), jnp.zeros((2, 10, 8, 3))
+  params = _perturbed(decoder.init(jax.random.key(0), audio, template, style, vertices), 5)
+  generated, _ = decoder.apply(params, audio, template, style, method="generate")
+  uncached, _ = decoder.apply(params, audio, template, style, method="generate_without_cache")
+  teacher_forced, _ = decoder.apply(params, audio, template, style, generated)
+  np.testing.assert_allclose(uncached, generated, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(teacher_forced, generated, atol=1e-5, rtol=0)
+  unbounded, _ = decoder.clone(cache_window=0).apply(
+    params, audio, template, style, method="generate"
+  )
+  assert np.abs(unbounded[:, 3:] - generated[:, 3:]).max() > 1e-3  # the window matters
 
 
 def test_jitted_stream_equals_offline(setup):

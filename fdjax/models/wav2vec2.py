@@ -40,12 +40,10 @@ frame depends on later audio.
 - The transformer runs at the audio frame rate; the caller aligns its output to mesh frames
   with `align_causal` (mesh frame t reads the audio frames that end last at or before the end
   of frame t), since only the caller knows the mesh frame rate.
-Given `stream_state` (see `initial_stream_state`), `__call__` encodes one chunk of a stream
-and
-returns the updated buffers in `aux["stream_state"]`. The buffers hold left context only
-(audio samples, positional-conv inputs, per-layer keys and values of the last
-`attention_window - 1` frames), so their size is fixed, and the frames equal those of the
-whole clip encoded at once.
+Given `stream_state` (see `initial_stream_state`), `__call__` encodes one chunk of a stream and
+returns the updated buffers in `aux["stream_state"]`. The buffers hold left context only (audio
+samples, positional-conv inputs, per-layer keys and values of the last `attention_window - 1`
+frames), so their size is fixed, and the frames equal those of the whole clip encoded at once.
 
 Export with a symbolic number of samples works when the shape promises at least one audio
 frame: `jax.export.symbolic_shape("b, s", constraints=(f"s >= {encoder.receptive_field}",))`.
