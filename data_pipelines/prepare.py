@@ -10,6 +10,7 @@ first. So an experiment runs out of the box on the twin, and on the real data by
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import importlib
 import os
@@ -61,20 +62,32 @@ def ensure_dataset(data_config: Any) -> tuple[str, str]:
   raw_dir, data_dir = resolve_dirs(data_config)
   name = data_config.name
   if jax.process_index() == 0 and not is_built(name, data_dir):
-    has_raw = os.path.isdir(raw_dir) and bool(os.listdir(raw_dir))
-    if not has_raw:
-      if not data_config.synthetic:
-        raise FileNotFoundError(
-          f"dataset {name!r}: no build in {data_dir} and no raw files in {raw_dir}"
-        )
-      print(f"writing the synthetic {name} twin ({data_config.synthetic}) to {raw_dir}", flush=True)
-      synthetic = importlib.import_module(f"data_pipelines.synthetic.{name}")
-      synthetic.write(raw_dir, size=data_config.synthetic, seed=0)
-    print(f"building {name} from {raw_dir} into {data_dir}", flush=True)
-    builder = importlib.import_module(f"data_pipelines.builders.{name}")
-    builder.build(raw_dir, data_dir, skip_invalid=data_config.skip_invalid)
+    # Several runs on this machine (sweep points) may ask at once: one prepares, the others
+    # wait for it and then find the build.
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not is_built(name, data_dir):
+        _prepare(data_config, raw_dir, data_dir)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(f"dataset {name} ready")
   return raw_dir, data_dir
+
+
+def _prepare(data_config: Any, raw_dir: str, data_dir: str) -> None:
+  """Synthesises (if allowed and needed) and builds the dataset."""
+  name = data_config.name
+  has_raw = os.path.isdir(raw_dir) and bool(os.listdir(raw_dir))
+  if not has_raw:
+    if not data_config.synthetic:
+      raise FileNotFoundError(
+        f"dataset {name!r}: no build in {data_dir} and no raw files in {raw_dir}"
+      )
+    print(f"writing the synthetic {name} twin ({data_config.synthetic}) to {raw_dir}", flush=True)
+    synthetic = importlib.import_module(f"data_pipelines.synthetic.{name}")
+    synthetic.write(raw_dir, size=data_config.synthetic, seed=0)
+  print(f"building {name} from {raw_dir} into {data_dir}", flush=True)
+  builder = importlib.import_module(f"data_pipelines.builders.{name}")
+  builder.build(raw_dir, data_dir, skip_invalid=data_config.skip_invalid)

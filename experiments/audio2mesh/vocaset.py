@@ -42,3 +42,10 @@ def get_config(arg=None):
   dataset.frame_alignment = "interpolate"  # Audio features interpolated to mesh frames.
   dataset.audio_frames_per_frame = 1  # Decoder sees one audio feature per frame.
   return audio2mesh_config(dataset, args)
+
+
+def get_sweep():
+  """An ablation of learning rate and velocity-loss weight (4 points; `fdjax sweep`)."""
+  from fdjax import sweep
+
+  return sweep.product(**{"optim.lr": [3e-4, 1e-3], "loss.velocity_weight": [0.0, 1.0]})
