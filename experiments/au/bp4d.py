@@ -1,0 +1,37 @@
+"""Action-unit detection on BP4D (12 AUs, 3 subject-exclusive folds).
+
+The demo, on the synthetic twin (built on first use), with the CPU-sized CLIP:
+
+    fdjax train --config experiments/au/bp4d.py:variant=clip_adapter,size=tiny \\
+        --workdir runs/bp4d_adapter [--folds all]
+
+CLIP ViT-B/16 from a local Hugging Face directory, on the real data:
+
+    fdjax train --config experiments/au/bp4d.py:variant=clip_adapter \\
+        --config.model.clip_checkpoint=/path/to/clip-vit-base-patch16 \\
+        --config.data.raw_dir=/path/to/BP4D --config.data.data_dir=/path/to/tfds \\
+        --workdir runs/bp4d_b16 --folds all
+
+Arguments: variant (clip_linear, clip_text, clip_adapter, clip_lora, vivit_scratch), size
+(base, tiny), frames (T consecutive frames, 8), fold (1-3), runlocal, steps. See
+experiments/au/common.py.
+"""
+
+from ml_collections import ConfigDict
+
+from data_pipelines.builders import bp4d
+from experiments.au.common import au_config
+from fdjax.config import parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(
+    arg, variant="clip_adapter", size="base", frames=8, fold=1, runlocal=False, steps=0
+  )
+  dataset = ConfigDict()
+  dataset.name = "bp4d"  # TFDS builder data_pipelines/builders/bp4d.py.
+  dataset.aus = bp4d.AUS  # Action units, in the order of the `aus` label vector.
+  dataset.num_folds = len(bp4d.PARTS)  # Subject-exclusive folds.
+  dataset.train_split = "fold{fold}_train"  # Split names, `{fold}` filled from data.fold.
+  dataset.eval_split = "fold{fold}_test"
+  return au_config(dataset, args)

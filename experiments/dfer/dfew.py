@@ -1,0 +1,43 @@
+"""Dynamic facial expression recognition on DFEW (7 classes, 5-fold cross-validation).
+
+The demo, on the synthetic twin (built on first use), with the CPU-sized CLIP:
+
+    fdjax train --config experiments/dfer/dfew.py:variant=clip_adapter,size=tiny \\
+        --workdir runs/dfew_adapter
+
+All five folds, then the mean +/- std summary in runs/dfew_adapter_folds/folds_summary.md:
+
+    fdjax train --config experiments/dfer/dfew.py:variant=clip_adapter,size=tiny \\
+        --workdir runs/dfew_adapter_folds --folds all
+
+CLIP ViT-B/16 from a local Hugging Face directory, on the real data (stored at 256 pixels for
+224-pixel crops: `fdjax data build dfew --frame-size 256 ...`):
+
+    fdjax train --config experiments/dfer/dfew.py:variant=clip_adapter \\
+        --config.model.clip_checkpoint=/path/to/clip-vit-base-patch16 \\
+        --config.data.raw_dir=/path/to/DFEW --config.data.data_dir=/path/to/tfds \\
+        --config.data.builder_config=256px_32f --workdir runs/dfew_b16 --folds all
+
+Arguments: variant (clip_linear, clip_text, clip_adapter, clip_lora, vivit_scratch), size
+(base, tiny), frames (T, 16), fold (1-5), runlocal (tiny data and steps, for tests), steps
+(override total_steps). See experiments/dfer/common.py.
+"""
+
+from ml_collections import ConfigDict
+
+from data_pipelines.builders import dfew
+from experiments.dfer.common import dfer_config
+from fdjax.config import parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(
+    arg, variant="clip_adapter", size="base", frames=16, fold=1, runlocal=False, steps=0
+  )
+  dataset = ConfigDict()
+  dataset.name = "dfew"  # TFDS builder data_pipelines/builders/dfew.py.
+  dataset.class_names = dfew.CLASS_NAMES  # Label i is class_names[i].
+  dataset.num_folds = dfew.NUM_FOLDS  # Folds of the cross-validation protocol.
+  dataset.train_split = "fold{fold}_train"  # Split names, `{fold}` filled from data.fold.
+  dataset.eval_split = "fold{fold}_test"
+  return dfer_config(dataset, args)
