@@ -10,8 +10,9 @@ All five folds, then the mean +/- std summary in runs/dfew_adapter_folds/folds_s
     fdjax train --config experiments/dfer/dfew.py:variant=clip_adapter,size=tiny \\
         --workdir runs/dfew_adapter_folds --folds all
 
-CLIP ViT-B/16 from a local Hugging Face directory, on the real data (stored at 256 pixels for
-224-pixel crops: `fdjax data build dfew --frame-size 256 ...`):
+CLIP ViT-B/16 from a local Hugging Face directory, on the real data stored at 256 pixels for
+224-pixel crops (`data_pipelines.builders.dfew.build(raw_dir, data_dir, frame_size=256)`; the
+128-pixel build that `fdjax data build` makes is upscaled otherwise):
 
     fdjax train --config experiments/dfer/dfew.py:variant=clip_adapter \\
         --config.model.clip_checkpoint=/path/to/clip-vit-base-patch16 \\
