@@ -305,3 +305,21 @@ def test_a_short_clip_adapter_run_learns_its_training_clips(tmp_path):
   assert losses[-1] < 0.7 * losses[0]
   assert result.eval_metrics["num_examples"] == 28
   assert result.eval_metrics["uar"] >= 0.6
+
+
+@pytest.mark.parametrize(
+  "experiment", ["dfer/dfew.py", "dfer/mafw.py", "dfer/ferv39k.py", "au/bp4d.py", "au/disfa.py"]
+)
+@pytest.mark.parametrize(
+  "variant", ["clip_linear", "clip_text", "clip_adapter", "clip_lora", "vivit_scratch"]
+)
+def test_every_experiment_variant_builds_its_model(experiment, variant):
+  config = config_lib.load_config(
+    os.path.join(ROOT, "experiments", experiment) + f":variant={variant},size=tiny"
+  )
+  trainable, total = dfer.parameter_counts(config)
+  assert 0 < trainable <= total
+  if variant == "vivit_scratch":
+    assert trainable == total and config.optim.freeze == ()
+  else:
+    assert trainable < total
