@@ -1,0 +1,151 @@
+"""Training-step time, clips/s and MFU of the video expression models; one JSON line per size.
+
+    python benchmarks/video_step.py                       # CLIP B/16 and tiny, clip_adapter
+    python benchmarks/video_step.py --sizes base --batch 32 --steps 20    # on a GPU
+
+Times the framework's own jitted train step (`fdjax.step.jit_train_step`: forward, backward,
+optimizer update, frozen-parameter masking, state donation) of the `experiments/dfer/dfew.py`
+config of `--variant` at each size: `base` is CLIP ViT-B/16 over `--frames` frames of 224x224
+pixels (remat on, as the config sets it), `tiny` the CPU-sized CLIP (32x32 pixels). Batches are
+random uint8 clips already on the devices, so the input pipeline is not measured. Reported:
+the median step time over `--steps` steps after `--warmup` steps (the first compiles), clips/s
+= batch / step time, model FLOPs per clip from `fdjax.tasks.dfer.flops_per_example` (the
+analytic count documented there: matmul FLOPs of patch embedding, transformer blocks,
+adapters/LoRA, projection and temporal head, training = 3x forward where gradients flow,
+remat's recomputation not counted), achieved TFLOP/s, and MFU = achieved / (peak dense bf16
+FLOP/s of the device x devices) where the peak is known (`fdjax.trainer.PEAK_FLOPS`; null on
+CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "experiments", "dfer", "dfew.py")
+
+
+def cpu_model() -> str:
+  """The processor's marketing name (Linux), else the architecture."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def benchmark(variant: str, size: str, frames: int, batch: int, steps: int, warmup: int) -> dict:
+  from fdjax import config as config_lib
+  from fdjax import mesh as mesh_lib
+  from fdjax import optim as optim_lib
+  from fdjax import state as state_lib
+  from fdjax import step as step_lib
+  from fdjax import trainer
+  from fdjax.tasks import dfer, load_task, task_loss_fn
+
+  config = config_lib.load_config(
+    f"{CONFIG}:variant={variant},size={size},frames={frames}",
+    [("batch_size", batch), ("compilation_cache_dir", "")],
+  )
+  task = load_task(config.task)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.as_rules(config.rules)
+  mesh_lib.check_batch_size(config.batch_size, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    model = task.build_model(config)
+    tx, schedule = optim_lib.make_optimizer(config.optim, config.total_steps)
+    state, shardings = state_lib.create_train_state(
+      jax.random.key(0), mesh, rules, model, tx, task.dummy_batch(config, 1), task.init_fn
+    )
+    trainable, total = optim_lib.count_params(state.params, config.optim.freeze)
+    compute_dtype = step_lib.resolve_compute_dtype(config.precision.compute_dtype)
+    train_step = step_lib.jit_train_step(
+      mesh,
+      rules,
+      shardings,
+      model=model,
+      loss_fn=task_loss_fn(task, config),
+      tx=tx,
+      schedule=schedule,
+      trainable=optim_lib.trainable_mask(state.params, config.optim.freeze),
+      grad_accum_steps=1,
+      compute_dtype=compute_dtype,
+    )
+    rng = np.random.default_rng(0)
+    host = task.dummy_batch(config, batch)
+    host["video"] = rng.integers(0, 256, host["video"].shape, dtype=np.uint8)
+    host["label"] = rng.integers(0, len(config.data.class_names), batch).astype(np.int32)
+    sharding = mesh_lib.batch_sharding(mesh, rules)
+    device_batch = {k: jax.device_put(v, sharding) for k, v in host.items()}
+    times = []
+    for i in range(warmup + steps):
+      start = time.perf_counter()
+      state, metrics = train_step(state, device_batch)
+      jax.block_until_ready((state, metrics))
+      if i >= warmup:
+        times.append(time.perf_counter() - start)
+  step_time = float(np.median(times))
+  flops = dfer.flops_per_example(config)
+  achieved = flops * batch / step_time
+  peak = trainer.peak_flops_per_device()
+  vision = dfer.image_size(model)
+  return {
+    "benchmark": "video_step",
+    "model": f"CLIP {model.variant} {variant}" if config.model.kind == "clip" else variant,
+    "size": size,
+    "frames": frames,
+    "image_size": vision,
+    "batch": batch,
+    "devices": jax.device_count(),
+    "device_kind": jax.devices()[0].device_kind,
+    "compute_dtype": str(np.dtype(compute_dtype)),
+    "remat": bool(config.model.remat),
+    "trainable_params": trainable,
+    "total_params": total,
+    "steps_timed": steps,
+    "step_time_s": round(step_time, 4),
+    "step_time_min_s": round(float(np.min(times)), 4),
+    "clips_per_s": round(batch / step_time, 3),
+    "flops_per_clip": flops,
+    "achieved_tflops_per_s": round(achieved / 1e12, 4),
+    "mfu": None if peak is None else round(achieved / (peak * jax.device_count()), 4),
+    "loss": float(metrics["loss"]),
+    "host": cpu_model(),
+    "cpu_count": os.cpu_count(),
+    "jax": jax.__version__,
+    "date": datetime.date.today().isoformat(),
+  }
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--variant", default="clip_adapter", help="dfew.py variant")
+  parser.add_argument("--sizes", default="base,tiny", help="comma-separated: base, tiny")
+  parser.add_argument("--frames", type=int, default=16)
+  parser.add_argument("--batch", type=int, default=0, help="clips per step (0: 1 base, 8 tiny)")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation)")
+  args = parser.parse_args(argv)
+  for size in args.sizes.split(","):
+    batch = args.batch or (1 if size == "base" else 8)
+    result = benchmark(args.variant, size, args.frames, batch, args.steps, args.warmup)
+    print(json.dumps(result), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, ROOT)
+  sys.exit(main())
