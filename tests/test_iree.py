@@ -39,8 +39,14 @@ CASES = [
   pytest.param(TINY, ["--config.total_steps=2"], "2", "t", id="tiny"),
   # wav2vec2 (tiny) + FaceFormer: 2 s of audio, 60 frames decoded in a while loop.
   pytest.param(AUDIO2MESH, A2M_OVERRIDES, "1", "60", id="audio2mesh"),
-  # The streaming variant's offline predict: causal convs, windowed causal attention.
-  pytest.param(f"{AUDIO2MESH},causal=True", A2M_OVERRIDES, "1", "60", id="audio2mesh_causal"),
+  # The video expression classifier: tiny CLIP with a temporal adapter, 4 frames.
+  pytest.param(
+    "experiments/dfer/dfew.py:variant=clip_adapter,size=tiny,runlocal=True,frames=4",
+    ["--config.total_steps=2"],
+    "2",
+    "t",
+    id="dfer",
+  ),
 ]
 
 
