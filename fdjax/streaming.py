@@ -52,7 +52,7 @@ points: nothing is shared across the batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -230,6 +230,6 @@ def metadata(model: SpeechToMesh, chunk_frames: int = 0) -> dict[str, Any]:
   }
 
 
-def state_bytes(state: State | Iterable[Any]) -> int:
+def state_bytes(state: State) -> int:
   """Total bytes of a state's arrays (the same after every step)."""
   return int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape) for x in jax.tree.leaves(state)))
