@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-USAGE = "usage: fdjax {train,eval,data,render,export,launch,sweep} ...  (fdjax CMD --help)"
+USAGE = "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep} ...  (fdjax CMD --help)"
 
 # Subcommands implemented elsewhere: name -> (module, function taking argv).
 DELEGATED = {
