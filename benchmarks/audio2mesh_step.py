@@ -47,7 +47,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import sys
@@ -57,6 +56,9 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hostinfo import machine  # noqa: E402
 
 from fdjax import config as config_lib
 from fdjax import mesh as mesh_lib
@@ -68,20 +70,6 @@ from fdjax.tasks import load_task, task_loss_fn
 
 DEFAULT_CONFIG = "experiments/audio2mesh/vocaset.py:variant=faceformer"
 MM_PER_METRE = 1000.0
-
-
-def machine() -> str:
-  """CPU model and core count, e.g. 'AMD EPYC 7B13, 2 cores, Linux'."""
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -32,12 +32,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hostinfo import machine  # noqa: E402
 
 from data_pipelines import pipeline, prepare, video
 from data_pipelines.builders import _video, dfew
@@ -46,20 +48,6 @@ from data_pipelines.synthetic import dfew as dfew_twin
 PIPELINES = ("audio_mesh", "video_16x112", "video_16x224")
 # Output side -> stored side of the DFEW build that feeds it (the builders' standard configs).
 VIDEO_STORED_SIZE = {112: 128, 224: 256}
-
-
-def machine() -> str:
-  """CPU model and core count, e.g. 'AMD EPYC 7B13, 2 cores, Linux'."""
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def _cpu_seconds(pid: int) -> float:

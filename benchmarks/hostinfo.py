@@ -1,0 +1,23 @@
+"""What every benchmark line records about the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_model() -> str:
+  """The processor's marketing name (Linux /proc/cpuinfo), else the architecture."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+  """CPU model and core count, e.g. 'AMD EPYC 7B13, 2 cores, Linux'."""
+  return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()}"
