@@ -6,9 +6,11 @@
 Prints one JSON line per measurement:
 
 1. `stream_rtf`, per chunk size: a stream of `--chunks` chunks fed one by one (audio from the
-   host, output waited for), through `stream_step` jitted in-process (`jit`) and through the
-   exported artifact loaded with `fdjax.export.load` (`artifact`), the two alternating chunk by
-   chunk so that load from other processes falls on both alike. The real-time factor is compute
+   host, output waited for), through `stream_step` jitted in-process with the encoder layers
+   unrolled (`jit`, see `fdjax.streaming.unrolled`), through the exported artifact loaded with
+   `fdjax.export.load` (`artifact`), and jitted with the layers scanned as in training
+   (`jit_scanned`, for reference), the three alternating chunk by chunk so that load from
+   other processes falls on all alike. The real-time factor is compute
    time per second of audio: the median chunk latency divided by the chunk's duration (target
    below 0.1 on CPU); `best_*_rtf` use the fastest run's mean; `*_cpu_seconds_per_audio_second`
    counts CPU time of all threads instead of wall time. `artifact_over_jit` is the ratio of the
@@ -89,12 +91,18 @@ def stream_rtf(model, params, chunk_frames: int, chunks: int, runs: int, directo
   device_params = jax.device_put(params)
   init = jax.jit(lambda p, template, style: streaming.init(model, p, template, style))
   step = jax.jit(lambda p, state, audio: streaming.step(model, p, state, audio))
+  # What an in-process server runs: the layers unrolled once, before jit (`streaming.unrolled`).
+  unrolled_model, unrolled_params = streaming.unrolled(model, device_params)
+  unrolled_step = jax.jit(lambda p, state, audio: streaming.step(unrolled_model, p, state, audio))
   rng = np.random.default_rng(0)
   template = rng.normal(0, 0.1, (1, model.decoder.num_vertices, 3)).astype(np.float32)
   style = np.zeros((1,), np.int32)
   audio = rng.standard_normal((16, 1, chunk.chunk_samples)).astype(np.float32)
 
   def jit_step(state, chunk_audio):
+    return unrolled_step(unrolled_params, state, chunk_audio)
+
+  def scanned_step(state, chunk_audio):
     return step(device_params, state, chunk_audio)
 
   def exported_step(state, chunk_audio):
@@ -104,6 +112,7 @@ def stream_rtf(model, params, chunk_frames: int, chunks: int, runs: int, directo
   variants = {
     "jit": (jit_step, lambda: init(device_params, template, style)),
     "artifact": (exported_step, lambda: artifact_init(template=template, style=style)),
+    "jit_scanned": (scanned_step, lambda: init(device_params, template, style)),
   }
   for fn, make_state in variants.values():  # compile and warm up
     state = make_state()
@@ -149,6 +158,8 @@ def stream_rtf(model, params, chunk_frames: int, chunks: int, runs: int, directo
     "jit_cpu_seconds_per_audio_second": round(cpu["jit"] / chunk.seconds, 4),
     "artifact_cpu_seconds_per_audio_second": round(cpu["artifact"] / chunk.seconds, 4),
     "artifact_over_jit": round(median["artifact"] / median["jit"], 3),
+    "jit_scanned_ms": round(median["jit_scanned"] * 1e3, 3),
+    "jit_scanned_rtf": round(median["jit_scanned"] / chunk.seconds, 4),
     **_describe(model),
     **_machine(),
   }

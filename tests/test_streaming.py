@@ -172,6 +172,22 @@ def test_jitted_stream_equals_offline(setup):
   np.testing.assert_allclose(streamed, setup["offline"], atol=TOLERANCE, rtol=0)
 
 
+def test_unrolled_layers_stream_the_same_frames(setup):
+  model, params = streaming.unrolled(setup["model"], setup["params"])
+  assert not model.encoder.scan_layers and setup["model"].encoder.scan_layers
+  layers = params["encoder"]["encoder"]
+  assert "layers" not in layers
+  assert (
+    sorted(layers).count("layers_0") == 1
+    and f"layers_{model.encoder.num_hidden_layers - 1}" in layers
+  )
+  init, step = jitted_stream(model, params)
+  state = init(setup["template"], setup["style"])
+  _, streamed = streaming.run(step, state, setup["audio"], setup["chunk"].chunk_samples)
+  np.testing.assert_allclose(streamed, setup["offline"], atol=TOLERANCE, rtol=0)
+  assert streaming.unrolled(model, params) == (model, params)  # already unrolled: unchanged
+
+
 def test_exported_stream_step_equals_offline(setup, tmp_path):
   model, params = setup["model"], setup["params"]
   functions = {}
