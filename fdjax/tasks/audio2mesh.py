@@ -79,6 +79,8 @@ def build_model(config: Any) -> nn.Module:
     raise ValueError(f"config.model.decoder.kind={dec.kind!r}: expected one of {sorted(DECODERS)}")
   fields = _fields(dec, "kind", "variant", "prior")
   if dec.kind == "codetalker_vq":
+    # Stage 1 reconstructs motion alone: the experiments' speaking-style count is not its field.
+    fields.pop("num_styles", None)
     return MotionAutoencoder(prior=MotionVQVAE.from_variant(dec.variant, dtype=dtype, **fields))
   if dec.kind == "codetalker":
     prior = {**_fields(dec.prior), "dtype": dtype}
