@@ -2,18 +2,22 @@
 
     data synth <dataset> --out RAW_DIR [--size tiny|demo] [--seed N]
     data build <dataset> --raw RAW_DIR --data_dir DIR [--skip_invalid]
+        [--frame_size PIXELS] [--max_frames N]     (video datasets)
     data inspect <dataset> --data_dir DIR [--out PNG]
 
 `fdjax data ...` hands its arguments to `main`. Datasets are found by import path, with no
 registry to edit: `data_pipelines.synthetic.<dataset>.write(out_dir, size, seed)` and
 `data_pipelines.builders.<dataset>.build(raw_dir, data_dir, skip_invalid)` /
-`.inspect(data_dir, out_png)`. A new dataset is a new builder module (and its twin).
+`.inspect(data_dir, out_png)`; video builders also take `frame_size` and `max_frames` (the
+stored frames; a size other than the default makes its own builder config, e.g. `256px_32f`,
+which `config.data.builder_config` selects). A new dataset is a new builder module (and its twin).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import pkgutil
 import sys
@@ -67,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
   build.add_argument(
     "--skip_invalid", action="store_true", help="skip and count invalid examples (else fail)"
   )
+  build.add_argument(
+    "--frame_size", type=int, default=None, help="video datasets: stored frame side in pixels"
+  )
+  build.add_argument(
+    "--max_frames", type=int, default=None, help="video datasets: frames kept per clip"
+  )
   inspect = commands.add_parser("inspect", help="counts, shapes, statistics and a plot")
   inspect.add_argument("dataset")
   inspect.add_argument("--data_dir", required=True)
@@ -94,7 +104,23 @@ def main(argv: list[str] | None = None) -> int:
       f"in {time.monotonic() - start:.1f}s"
     )
   elif args.command == "build":
-    sizes = module.build(args.raw, args.data_dir, skip_invalid=args.skip_invalid)
+    video_options = {
+      name: value
+      for name, value in (("frame_size", args.frame_size), ("max_frames", args.max_frames))
+      if value is not None
+    }
+    accepted = inspect.signature(module.build).parameters
+    for name in video_options:
+      if name not in accepted:
+        print(
+          f"data build: --{name} applies to video datasets; {args.dataset} has no {name}",
+          file=sys.stderr,
+        )
+        return 2
+      if video_options[name] < 1:
+        print(f"data build: --{name} must be positive, got {video_options[name]}", file=sys.stderr)
+        return 2
+    sizes = module.build(args.raw, args.data_dir, skip_invalid=args.skip_invalid, **video_options)
     print(
       json.dumps(
         {"dataset": args.dataset, "splits": sizes, "seconds": round(time.monotonic() - start, 1)}

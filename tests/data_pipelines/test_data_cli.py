@@ -55,3 +55,24 @@ def test_unknown_dataset_lists_the_available_ones(capsys):
   assert "unknown dataset 'vocaset2'" in error and "biwi" in error and "vocaset" in error
   assert cli.main(["synth", "common", "--out", "x"]) == 2
   assert "unknown synthetic twin 'common'" in capsys.readouterr().err
+
+
+def test_build_stores_video_frames_at_the_asked_size(tmp_path, capsys):
+  raw, data_dir = str(tmp_path / "raw"), str(tmp_path / "data")
+  assert cli.main(["synth", "dfew", "--out", raw, "--size", "tiny"]) == 0
+  args = ["build", "dfew", "--raw", raw, "--data_dir", data_dir]
+  assert cli.main([*args, "--frame_size", "40", "--max_frames", "6"]) == 0
+  capsys.readouterr()
+  source = tfds.data_source("dfew/40px_6f", data_dir=data_dir, split="fold1_test")
+  video = source[0]["video"]
+  assert video.shape[1:] == (40, 40, 3) and video.shape[0] <= 6
+
+
+def test_build_rejects_video_options_for_other_datasets(capsys):
+  args = ["build", "vocaset", "--raw", "x", "--data_dir", "y", "--frame_size", "64"]
+  assert cli.main(args) == 2
+  assert "--frame_size applies to video datasets; vocaset has no frame_size" in (
+    capsys.readouterr().err
+  )
+  assert cli.main(["build", "dfew", "--raw", "x", "--data_dir", "y", "--max_frames", "0"]) == 2
+  assert "--max_frames must be positive, got 0" in capsys.readouterr().err
