@@ -13,7 +13,7 @@ CLIP ViT-B/16 from a local Hugging Face directory, on the real data:
         --workdir runs/bp4d_b16 --folds all
 
 Arguments: variant (clip_linear, clip_text, clip_adapter, clip_lora, vivit_scratch), size
-(base, tiny), frames (T consecutive frames, 8), fold (1-3), runlocal, steps. See
+(base, small, tiny), frames (T consecutive frames, 8), fold (1-3), runlocal, steps. See
 experiments/au/common.py.
 """
 

@@ -12,8 +12,10 @@ Sizes (`size=`): `base` is CLIP ViT-B/16 at 224 pixels (or ViViT-B/16x2); real r
 local Hugging Face CLIP directory, `--config.model.clip_checkpoint=/path/to/clip-vit-base-patch16`
 (its tokenizer then tokenises the prompts). `tiny` is the CPU-sized CLIP of
 `fdjax.models.clip.CLIP_VARIANTS` (32 pixels, 2 blocks, width 64) or ViViT, trained from its
-random initialisation under the same freezing rules as `base`: what the synthetic twins and the
-tests run. `runlocal=True` shrinks data (the `tiny` twin) and steps for tests.
+random initialisation under the same freezing rules as `base`: what the tests run. `small` is
+the CPU-sized CLIP at 64 pixels (4 blocks, width 128; ViViT stays `tiny`), where the synthetic
+faces' brows, lids and lip corners are a few pixels tall rather than one. `runlocal=True`
+shrinks data (the `tiny` twin) and steps for tests.
 
 Only adapters, LoRA and the head train in the PEFT variants (`config.optim.freeze`). At B/16
 (7 classes), `clip_adapter` (adapter width 64, head width 256) trains 3,307,015 of 89,499,655
@@ -35,7 +37,9 @@ from fdjax.config import base_config
 from fdjax.models.clip import peft_freeze_patterns
 
 VARIANTS = ("clip_linear", "clip_text", "clip_adapter", "clip_lora", "vivit_scratch")
-SIZES = ("base", "tiny")
+SIZES = ("base", "small", "tiny")
+# CLIP tower variant per size (fdjax.models.clip.CLIP_VARIANTS).
+CLIP_SIZES = {"base": "B/16", "small": "small", "tiny": "tiny"}
 
 # Words and a fine-grained description per expression, for the text classifier's prompts.
 EXPRESSIONS = {
@@ -92,7 +96,7 @@ def video_model_config(variant: str, size: str, num_frames: int) -> tuple[Config
     m.remat = size == "base"  # Recompute activations in the backward pass.
     return m, ()
   m.kind = "clip"  # fdjax.models.temporal.VideoClassifier.
-  m.variant = "B/16" if size == "base" else "tiny"  # CLIP towers, fdjax.models.clip.CLIP_VARIANTS.
+  m.variant = CLIP_SIZES[size]  # CLIP towers, fdjax.models.clip.CLIP_VARIANTS.
   m.clip_checkpoint = ""  # Local Hugging Face CLIP directory to start from ("": random init).
   m.clip_workdir = ""  # Or: a finished fdjax run of the same CLIP size to take the towers from.
   m.classifier = "text" if variant == "clip_text" else "linear"  # Linear or prompt similarity.
@@ -103,7 +107,7 @@ def video_model_config(variant: str, size: str, num_frames: int) -> tuple[Config
   m.lora_alpha = 16.0  # LoRA scale numerator.
   m.lora_targets = ("q_proj", "v_proj")  # Projections with LoRA.
   m.stop_backbone_gradient = variant in ("clip_linear", "clip_text")  # No backward through CLIP.
-  m.head_width = 512 if size == "base" else 64  # Temporal transformer width.
+  m.head_width = {"base": 512, "small": 128, "tiny": 64}[size]  # Temporal transformer width.
   m.head_depth = 1  # Temporal transformer blocks.
   m.head_num_heads = 8 if size == "base" else 4  # Temporal attention heads.
   m.head_mlp_dim = 4 * m.head_width  # Temporal MLP width.
@@ -112,7 +116,7 @@ def video_model_config(variant: str, size: str, num_frames: int) -> tuple[Config
   m.dropout = 0.1  # Dropout on the clip embedding before the classifier.
   m.remat = size == "base"  # Recompute the image encoder's activations in the backward pass.
   if variant == "clip_adapter":
-    m.adapter_dim = 64 if size == "base" else 16
+    m.adapter_dim = {"base": 64, "small": 32, "tiny": 16}[size]
     if size == "base":
       # Width 512 would make 6.1% of B/16 trainable; 256 keeps the variant under 5% (3.7%).
       m.head_width, m.head_mlp_dim = 256, 1024

@@ -20,7 +20,7 @@ CLIP ViT-B/16 from a local Hugging Face directory, on the real data stored at 25
         --config.data.builder_config=256px_32f --workdir runs/dfew_b16 --folds all
 
 Arguments: variant (clip_linear, clip_text, clip_adapter, clip_lora, vivit_scratch), size
-(base, tiny), frames (T, 16), fold (1-5), runlocal (tiny data and steps, for tests), steps
+(base, small, tiny), frames (T, 16), fold (1-5), runlocal (tiny data and steps, for tests), steps
 (override total_steps). See experiments/dfer/common.py.
 """
 

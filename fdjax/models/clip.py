@@ -65,6 +65,11 @@ CLIP_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     vision=_tower(1024, 24, 16, 768, image_size=336, patch_size=14),
     text=_tower(768, 12, 12, 768),
   ),
+  # CPU-sized: "small" sees faces at 64 pixels (patches of 8), enough for brows, eyelids and lip
+  # corners; "tiny" (32 pixels) is for tests only.
+  "small": dict(
+    vision=_tower(128, 4, 4, 128, image_size=64, patch_size=8), text=_tower(64, 2, 4, 128)
+  ),
   "tiny": dict(vision=_tower(64, 2, 4, 32, image_size=32, patch_size=8), text=_tower(32, 2, 4, 32)),
 }
 

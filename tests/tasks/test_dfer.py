@@ -323,3 +323,14 @@ def test_every_experiment_variant_builds_its_model(experiment, variant):
     assert trainable == total and config.optim.freeze == ()
   else:
     assert trainable < total
+
+
+def test_small_size_is_the_64_pixel_clip_with_a_wider_head():
+  config = config_lib.load_config(
+    os.path.join(ROOT, "experiments", "dfer/dfew.py") + ":variant=clip_adapter,size=small"
+  )
+  assert config.model.variant == "small" and config.model.head_width == 128
+  model = dfer.build_model(config)
+  assert dfer.image_size(model) == 64
+  trainable, total = dfer.parameter_counts(config)
+  assert 0 < trainable < total
