@@ -22,18 +22,23 @@ samples = 20 ms at 16 kHz), its conv stack being left-padded by `receptive_field
 samples. A chunk must hold whole mesh frames and whole audio frames, so that every chunk starts
 on both boundaries: at 16 kHz and 30 fps (533.33 samples a frame) the shortest is 3 frames =
 1600 samples = 5 audio frames (100 ms); at 25 fps it is 1 frame = 640 samples = 2 audio frames.
-`config.model.stream_chunk_frames` picks a multiple (0: the shortest). Mesh frame t reads the
-r audio frames that end last at or before its own end (`wav2vec2.causal_frame_indices`): at
-30 fps, r = 1, frames 0, 1, 2 of a chunk read its audio frames 0, 2, 4. Nothing looks ahead:
-a chunk's frames are complete when its last sample has arrived, so the algorithmic latency is
-one chunk (plus compute).
+`config.model.stream_chunk_frames` picks a multiple (0: the shortest). At 30 fps (VOCASET, one
+audio feature per mesh frame) the encoder resamples a chunk's 5 conv frames to its 3 mesh
+frames before the transformer (`wav2vec2.resample_causal`: frames 0, 1, 2 of a chunk
+interpolate its audio frames 0, 1-2 and 3-4, none ending after the mesh frame does), so the
+transformer runs at the mesh frame rate. At 25 fps (BIWI, r = 2 audio features per mesh frame)
+the transformer runs at the audio frame rate and mesh frame t reads the r audio frames that end
+last at or before its own end (`wav2vec2.causal_frame_indices`). Nothing looks ahead: a chunk's
+frames are complete when its last sample has arrived, so the algorithmic latency is one chunk
+(plus compute).
 
 State layout (`state_specs`): a dict of arrays with a leading batch axis, whose shapes do not
-depend on the stream's length:
+depend on the stream's length. Encoder frames are transformer frames: mesh frames when the
+encoder resamples (VOCASET; W = 30 is then 1 s), audio frames otherwise (BIWI; W = 50):
 
     audio_context     [b, receptive_field - hop]   last samples (conv stack's left context)
     position_context  [b, pos_conv_taps - 1, D]    positional conv inputs of the last frames
-    encoder_keys      [b, L, W - 1, H, Dh]         per-layer keys of the last W - 1 audio frames
+    encoder_keys      [b, L, W - 1, H, Dh]         per-layer keys of the last W - 1 frames
     encoder_values    [b, L, W - 1, H, Dh]         and their values (W = attention_window)
     encoder_valid     [b, W - 1] bool              which of those frames exist (stream start)
     decoder_keys      [b, L_d, K - 1, H_d, Dh_d]   decoder keys of the last K - 1 mesh frames
@@ -66,7 +71,8 @@ State = dict[str, Array]
 
 
 class StreamGeometry(NamedTuple):
-  """The fixed chunk of a stream: F mesh frames = S samples = A audio frames."""
+  """The fixed chunk of a stream: F mesh frames = S samples = A audio frames (conv frames; the
+  transformer runs on F of them when the encoder resamples to the mesh frame rate)."""
 
   chunk_frames: int  # F, mesh frames per chunk
   chunk_samples: int  # S, audio samples per chunk

@@ -1,8 +1,9 @@
 """Streaming audio2mesh: a causal model fed chunk by chunk equals the same model run offline.
 
-The model is the causal runlocal config (tiny causal wav2vec2, FaceFormer VOCASET decoder) with
-short windows (8 audio frames, 4 mesh frames) so that a 14-chunk stream (42 frames) outlives
-every window and wraps the decoder's 30-frame phase. Its parameters are perturbed at random:
+The model is the causal runlocal config (tiny causal wav2vec2 whose conv features are resampled
+to the 30 fps mesh frame rate, FaceFormer VOCASET decoder) with short windows (8 and 4 mesh
+frames) so that a 14-chunk stream (42 frames) outlives every window and wraps the decoder's
+30-frame phase. Its parameters are perturbed at random:
 the untrained decoder's zero-initialised output layer would predict the template everywhere,
 which any two functions agree on.
 """
@@ -20,7 +21,12 @@ from fdjax import config as config_lib
 from fdjax import export, streaming, trainer
 from fdjax.models.audio2mesh import SpeechToMesh
 from fdjax.models.motion_decoders import FaceFormerDecoder
-from fdjax.models.wav2vec2 import Wav2Vec2Encoder, causal_frame_indices
+from fdjax.models.wav2vec2 import (
+  Wav2Vec2Encoder,
+  causal_frame_indices,
+  causal_resample_indices,
+  resample_causal,
+)
 from fdjax.tasks import load_task
 
 SPEC = "experiments/audio2mesh/vocaset.py:encoder=tiny,runlocal=True,causal=True"
@@ -75,10 +81,11 @@ def test_chunks_hold_whole_mesh_and_audio_frames(setup):
     streaming.geometry(model, 4)
   with pytest.raises(ValueError, match="1000 samples is not a whole number .* multiple of 1600"):
     model.stream_chunk_frames(1000)
-  biwi = SpeechToMesh(
-    model.encoder, FaceFormerDecoder.from_variant("tiny", audio_frames_per_frame=2), fps=25
-  )
+  biwi_decoder = FaceFormerDecoder.from_variant("tiny", audio_frames_per_frame=2)
+  biwi = SpeechToMesh(model.encoder.clone(fps=0.0), biwi_decoder, fps=25)
   assert streaming.geometry(biwi)[:3] == (1, 640, 2)
+  with pytest.raises(ValueError, match="the encoder resamples to fps=30 .* model has fps=25"):
+    streaming.geometry(biwi.clone(encoder=model.encoder))
   offline_model = SpeechToMesh(Wav2Vec2Encoder.from_variant("tiny"), model.decoder)
   with pytest.raises(ValueError, match="streaming needs a causal encoder"):
     streaming.geometry(offline_model)
@@ -97,7 +104,54 @@ def test_causal_alignment_reads_the_audio_frames_that_end_last():
   np.testing.assert_array_equal(pairs, [[0, 1], [2, 3], [4, 5], [6, 7]])
 
 
-def test_offline_causal_model_ignores_later_audio(setup):
+@pytest.mark.parametrize("fps", [30, 48, 25])
+def test_causal_resampling_reads_no_audio_frame_ending_after_the_mesh_frame(fps):
+  num_frames, sample_rate, hop = 240, 16000, 320
+  lower, upper, weight = map(np.asarray, causal_resample_indices(num_frames, sample_rate, fps, hop))
+  frames = np.arange(num_frames)
+  position = frames * (sample_rate / hop) / fps  # FaceFormer's uniform rate mapping
+  frame_end = (frames + 1) * sample_rate / fps
+  assert np.all((upper + 1) * hop <= frame_end) and np.all((lower + 1) * hop <= frame_end)
+  np.testing.assert_array_equal(lower, np.floor(position))
+  np.testing.assert_allclose(weight, position - np.floor(position), atol=1e-6)
+  clipped = upper < np.ceil(position)
+  if fps == 48:  # mesh frames barely shorter than audio frames: the clip keeps it causal
+    assert clipped.sum() > num_frames // 2
+    np.testing.assert_array_equal(upper[clipped], lower[clipped])
+  else:  # 30 fps (5 audio frames per 3 mesh frames) and 25 fps: never needed
+    assert not clipped.any()
+    np.testing.assert_array_equal(upper, np.ceil(position))
+  if fps == 30:
+    np.testing.assert_array_equal(lower[:6], [0, 1, 3, 5, 6, 8])
+    np.testing.assert_array_equal(upper[:6], [0, 2, 4, 5, 7, 9])
+  # A stream chunk (F mesh frames = A audio frames) reads the same frames shifted by A, with
+  # the same weights: what makes the streamed frames equal the offline ones.
+  chunk_frames = {30: 3, 48: 24, 25: 1}[fps]
+  chunk_audio_frames = chunk_frames * sample_rate // (fps * hop)
+  for start in range(0, num_frames, chunk_frames):
+    chunk = slice(start, start + chunk_frames)
+    shift = start // chunk_frames * chunk_audio_frames
+    np.testing.assert_array_equal(lower[chunk] - shift, lower[:chunk_frames])
+    np.testing.assert_array_equal(upper[chunk] - shift, upper[:chunk_frames])
+    np.testing.assert_array_equal(weight[chunk], weight[:chunk_frames])
+  features = np.random.default_rng(6).standard_normal((2, 200, 3)).astype(np.float32)
+  resampled = np.asarray(resample_causal(features, 100, sample_rate=16000, fps=fps, hop=320))
+  lower, upper, weight = lower[:100], upper[:100], weight[:100, None]
+  expected = (1 - weight) * features[:, lower] + weight * features[:, upper]
+  np.testing.assert_allclose(resampled, expected, atol=1e-6)
+
+
+def test_offline_causal_model_resamples_to_the_mesh_frame_rate(setup):
+  model, params, audio = setup["model"], setup["params"], setup["audio"][:, :9600]
+  assert model.encoder.fps == model.fps == 30 and model.encoder.attention_window == 8
+  features = model.apply(
+    {"params": params}, audio, None, False, 18, None, method=lambda m, *a: m._encode(*a)
+  )
+  assert features.shape == (BATCH, 18, model.encoder.hidden_size)  # 30 audio frames -> 18
+
+
+@pytest.mark.parametrize("last_frame", [6, 7, 8])
+def test_offline_causal_model_ignores_later_audio(setup, last_frame):
   model, params = setup["model"], setup["params"]
   audio, template, style = setup["audio"][:, :9600], setup["template"], setup["style"]
 
@@ -105,11 +159,13 @@ def test_offline_causal_model_ignores_later_audio(setup):
   def generate(audio):
     return model.apply({"params": params}, audio, template, style, method="generate")[0]
 
+  # Mesh frame t ends at sample (t + 1) * 16000 / 30; change everything from the next sample on.
+  end = -(-(last_frame + 1) * 16000 // 30)
   changed = audio.copy()
-  changed[:, 4000:] = 0.0  # inside mesh frame 7 (samples 3733-4266)
+  changed[:, end:] = 0.0
   before, after = np.asarray(generate(audio)), np.asarray(generate(changed))
-  np.testing.assert_array_equal(before[:, :7], after[:, :7])
-  assert np.abs(before[:, 7:] - after[:, 7:]).max() > 1e-3
+  np.testing.assert_array_equal(before[:, : last_frame + 1], after[:, : last_frame + 1])
+  assert np.abs(before[:, last_frame + 1] - after[:, last_frame + 1]).max() > 1e-3
 
 
 def _perturbed(params, seed, scale=0.3):
@@ -143,6 +199,40 @@ def test_causal_encoder_streams_its_offline_frames(fields):
     return aux["stream_state"], hidden
 
   _, streamed = streaming.run(step, encoder.initial_stream_state(2), audio, 640)
+  np.testing.assert_allclose(streamed, offline, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize(
+  ("fps", "encoder_fps", "ratio", "chunks"),
+  [(25, 0.0, 2, 8), (30, 0.0, 1, 6), (48, 48.0, 1, 2)],
+  ids=["biwi_pairs_at_the_audio_frame_rate", "hop_rate_at_30fps", "resampled_to_48fps_clipped"],
+)
+def test_causal_models_stream_their_offline_frames(fps, encoder_fps, ratio, chunks):
+  encoder = Wav2Vec2Encoder.from_variant(
+    "tiny", causal=True, feat_extract_norm="frame", attention_window=5, fps=encoder_fps
+  )
+  decoder = FaceFormerDecoder.from_variant("tiny", cache_window=4, audio_frames_per_frame=ratio)
+  model = SpeechToMesh(encoder, decoder, fps=fps)
+  chunk = streaming.geometry(model)
+  rng = np.random.default_rng(7)
+  audio = rng.standard_normal((2, chunks * chunk.chunk_samples)).astype(np.float32)
+  template = rng.standard_normal((2, decoder.num_vertices, 3)).astype(np.float32)
+  style = np.array([0, 2], np.int32)
+  frames = chunks * chunk.chunk_frames
+  batch = {
+    "audio": audio,
+    "vertices": np.zeros((2, frames, decoder.num_vertices, 3), np.float32),
+    "template": template,
+    "subject": style,
+  }
+  params = _perturbed(jax.jit(model.init)(jax.random.key(0), batch)["params"], 8)
+  offline, _ = jax.jit(
+    lambda audio: model.apply({"params": params}, audio, template, style, method="generate")
+  )(audio)
+  assert offline.shape[1] == frames
+  assert np.abs(offline - template[:, None]).max() > 1e3 * TOLERANCE
+  init, step = jitted_stream(model, params)
+  _, streamed = streaming.run(step, init(template, style), audio, chunk.chunk_samples)
   np.testing.assert_allclose(streamed, offline, atol=TOLERANCE, rtol=0)
 
 

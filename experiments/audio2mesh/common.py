@@ -7,7 +7,9 @@ load weights with `--config.model.encoder.checkpoint=DIR`, a local Hugging Face 
 `tiny` (trains from scratch on a CPU). `runlocal=True` shrinks data and steps for tests.
 
 `causal=True` (faceformer only) builds the streaming variant: a causal encoder attending to the
-last second of audio frames, a decoder attending to the last training window of frames, and
+last second of frames (at the mesh frame rate on VOCASET, whose causal conv features are
+resampled to it; at the audio frame rate on BIWI), a decoder attending to the last training
+window of frames, and
 `fdjax export` then also writes `stream_init` / `stream_step` (see fdjax/streaming.py).
 """
 
@@ -67,8 +69,16 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
   c.model.encoder.frame_alignment = dataset.frame_alignment  # Features to mesh frames.
   c.model.encoder.audio_frames_per_frame = dataset.audio_frames_per_frame  # For "pairs".
   c.model.encoder.causal = args.causal  # No frame depends on later audio (streaming).
-  # Audio frames (50 per second) each frame attends to when causal; 0 = whole clip.
-  c.model.encoder.attention_window = _AUDIO_FRAMES_PER_SECOND if args.causal else 0
+  # One audio feature per mesh frame (VOCASET): a causal encoder resamples its conv features to
+  # the mesh frame rate before the transformer, as FaceFormer interpolates them offline, so the
+  # transformer runs at the mesh frame rate; 0 = at the audio frame rate (BIWI's pairs).
+  resample = args.causal and dataset.frame_alignment == "interpolate"
+  c.model.encoder.fps = dataset.fps if resample else 0.0
+  c.model.encoder.sample_rate = dataset.sample_rate  # Where mesh frames fall, with fps.
+  # Transformer frames (1 s: mesh frames when resampled, else 50 audio frames) each frame
+  # attends to when causal; 0 = whole clip.
+  window = round(dataset.fps) if resample else _AUDIO_FRAMES_PER_SECOND
+  c.model.encoder.attention_window = window if args.causal else 0
   if args.causal:
     # wav2vec2-base's conv-0 group norm spans the whole clip; a per-frame norm replaces it.
     c.model.encoder.feat_extract_norm = "frame"

@@ -13,9 +13,14 @@ prediction from audio alone, for any audio length. Parameters live under `encode
 `decoder/` (the CodeTalker prior under `decoder/prior/`), so configs freeze parts by regex, e.g.
 `optim.freeze=("encoder/feature_extractor",)`.
 
-With a causal encoder (`Wav2Vec2Encoder(causal=True, attention_window=W)`) the transformer runs
-at the audio frame rate and its frames are aligned to mesh frames afterwards by the causal rule
-of `align_causal`; with a `FaceFormerDecoder(cache_window=K)` the model can then stream:
+With a causal encoder (`Wav2Vec2Encoder(causal=True, attention_window=W)`) no frame depends on
+later audio. When the decoder reads one audio feature per mesh frame (VOCASET), the encoder's
+`fps` (and `sample_rate`) equal the model's: the conv features are resampled causally to the
+mesh frame rate before the transformer (`wav2vec2.resample_causal`), which then runs at the mesh
+frame rate, as FaceFormer's interpolation does offline. With `fps=0` (BIWI: two audio frames
+per mesh frame) the transformer runs at the audio frame rate and its frames are aligned to mesh
+frames afterwards by the causal rule of `align_causal`. With a
+`FaceFormerDecoder(cache_window=K)` the model can then stream:
 `stream_init` makes the state of new streams and `stream_step` turns the next fixed chunk of
 audio into the next frames (`fdjax/streaming.py` has the chunk rules and the state layout).
 """
@@ -105,7 +110,7 @@ class SpeechToMesh(nn.Module):
 
   def _encode(self, audio, audio_mask, train, num_frames, frame_mask) -> Array:
     """Audio features aligned to the mesh frames: [B, T * r, D]."""
-    if not self.encoder.causal:
+    if not self.encoder.causal or self._resamples():
       features, _ = self.encoder(
         audio, audio_mask, train, num_frames=num_frames, frame_mask=frame_mask
       )
@@ -125,6 +130,22 @@ class SpeechToMesh(nn.Module):
   def _audio_frames_per_frame(self) -> int:
     return getattr(self.decoder, "audio_frames_per_frame", 1)
 
+  def _resamples(self) -> bool:
+    """Whether the causal encoder resamples to the mesh frame rate (its `fps` set), checked
+    against this model's rates and the decoder's one audio feature per frame."""
+    encoder = self.encoder
+    if not encoder.fps:
+      return False
+    ratio = self._audio_frames_per_frame()
+    if encoder.fps != self.fps or encoder.sample_rate != self.sample_rate or ratio != 1:
+      raise ValueError(
+        f"the encoder resamples to fps={encoder.fps:g} at sample_rate={encoder.sample_rate}, "
+        f"but the model has fps={self.fps:g}, sample_rate={self.sample_rate} and a decoder "
+        f"reading {ratio} audio frames per mesh frame; set the encoder's fps and sample_rate to "
+        "the model's (one audio frame per mesh frame), or fps=0"
+      )
+    return True
+
   def stream_chunk_frames(self, chunk_samples: int) -> int:
     """Mesh frames F in a stream chunk of `chunk_samples` samples.
 
@@ -133,6 +154,7 @@ class SpeechToMesh(nn.Module):
     than the `audio_frames_per_frame` audio frames each reads.
     """
     self._check_streamable()
+    self._resamples()
     fps, hop, rate = int(self.fps), self.encoder.hop, self.sample_rate
     frames, remainder = divmod(chunk_samples * fps, rate)
     if remainder or chunk_samples % hop or frames < 1:
@@ -199,13 +221,15 @@ class SpeechToMesh(nn.Module):
     encoder_state.update(
       audio_context=state["audio_context"], position_context=state["position_context"]
     )
-    features, aux = self.encoder(audio, stream_state=encoder_state)  # [B, A, D]
-    # The chunk starts on a mesh frame and on an audio frame boundary, so within it the causal
-    # rule is the whole stream's rule shifted by the chunk's first audio frame.
-    indices = causal_frame_indices(
-      num_frames, self.sample_rate, self.fps, self.encoder.hop, self._audio_frames_per_frame()
-    )
-    features = jnp.take(features, indices.reshape(-1), axis=1)  # [B, F * r, D]
+    # [B, F, D] when the encoder resamples to the mesh frame rate, else [B, A, D]
+    features, aux = self.encoder(audio, stream_state=encoder_state)
+    if not self._resamples():
+      # The chunk starts on a mesh frame and on an audio frame boundary, so within it the causal
+      # rule is the whole stream's rule shifted by the chunk's first audio frame.
+      indices = causal_frame_indices(
+        num_frames, self.sample_rate, self.fps, self.encoder.hop, self._audio_frames_per_frame()
+      )
+      features = jnp.take(features, indices.reshape(-1), axis=1)  # [B, F * r, D]
     decoder_state = {k: state[f"decoder_{k}"] for k in ("keys", "values", "valid")}
     decoder_state.update({k: state[k] for k in ("motion_input", "condition", "template", "phase")})
     vertices, decoder_state = self.decoder.stream(features, decoder_state)

@@ -2,7 +2,7 @@
 
 Where it sits: the audio half of the audio2mesh task family (FaceFormer, CodeTalker, SelfTalk,
 EmoFace and the methods built on them). A normalised 16 kHz waveform goes in; one feature vector
-per 20 ms audio frame comes out (or, given `num_frames`, one per mesh frame):
+per 20 ms audio frame comes out (or, given `num_frames` or a causal `fps`, one per mesh frame):
 
   audio [B, S] -> feature_extractor (strided 1-D convs) [B, T_a, C]
     -> optional alignment to the mesh frame rate (see below)
@@ -37,13 +37,21 @@ frame depends on later audio.
   conv 0, with the same parameters, so pretrained weights load) or "layer".
 - The positional conv is padded with `kernel - 1` zeros on the left only.
 - Frame i attends to frames `(i - attention_window, i]` (all earlier ones when 0).
-- The transformer runs at the audio frame rate; the caller aligns its output to mesh frames
-  with `align_causal` (mesh frame t reads the audio frames that end last at or before the end
-  of frame t), since only the caller knows the mesh frame rate.
+- With `fps` set (VOCASET, one audio feature per mesh frame) the conv features are resampled to
+  the mesh frame rate before the feature projection, as FaceFormer interpolates them, but
+  causally (`resample_causal`): mesh frame t interpolates audio frames floor(p_t) and ceil(p_t)
+  at the rate position p_t = t * (sr / hop) / fps, never reading a frame that ends after mesh
+  frame t does. The transformer then runs at the mesh frame rate (3 frames per 5 audio frames
+  at 30 fps), and `attention_window` and the positional conv count mesh frames.
+- With fps=0 (BIWI's two audio frames per mesh frame) the transformer runs at the audio frame
+  rate; the caller aligns its output to mesh frames with `align_causal` (mesh frame t reads the
+  audio frames that end last at or before the end of frame t).
 Given `stream_state` (see `initial_stream_state`), `__call__` encodes one chunk of a stream and
 returns the updated buffers in `aux["stream_state"]`. The buffers hold left context only (audio
 samples, positional-conv inputs, per-layer keys and values of the last `attention_window - 1`
-frames), so their size is fixed, and the frames equal those of the whole clip encoded at once.
+transformer frames), so their size is fixed, and the frames equal those of the whole clip
+encoded at once. A resampled chunk needs no conv-feature context: it starts on a mesh frame and
+an audio frame boundary, and its mesh frames read only its own audio frames.
 
 Export with a symbolic number of samples works when the shape promises at least one audio
 frame: `jax.export.symbolic_shape("b, s", constraints=(f"s >= {encoder.receptive_field}",))`.
@@ -282,6 +290,68 @@ def align_causal(
   indices = jnp.maximum(indices.reshape(1, -1, 1), 0)  # [1, T * r, 1]
   # take_along_axis's clip needs no proof that T_a >= 1, so symbolic lengths export.
   return jnp.take_along_axis(features, indices, axis=1, mode="clip")
+
+
+def causal_resample_indices(
+  num_frames: Any, sample_rate: int, fps: float, hop: int
+) -> tuple[Array, Array, Array]:
+  """Where each mesh frame reads a causal encoder's audio frames when resampled to its rate.
+
+  Mesh frame t sits at the uniform rate position `p_t = t * (sr / hop) / fps` in audio frames
+  (FaceFormer's rate mapping) and is interpolated between frames `floor(p_t)` and `ceil(p_t)`,
+  each index clipped to `causal_frame_indices`' `last(t)` so that no frame that ends after mesh
+  frame t ends is read. At 16 kHz, hop 320 and 30 fps the clip never triggers (frame t reads
+  `5t // 3` and `ceil(5t / 3)`, both ending by its end); at rates just below the audio frame
+  rate (48 fps) it does, and frame t then reads `last(t)` alone. Integer arithmetic when `fps` is
+  integral, so the weights are exact, equal in every stream chunk (which starts on a mesh and an
+  audio frame boundary) and work for symbolic (export) lengths.
+
+  Returns:
+    lower, upper: [T] int32 audio frame indices (>= 0); weight: [T] f32, the share of `upper`.
+  """
+  frames = jnp.arange(num_frames, dtype=jnp.int32)  # [T]
+  if float(fps).is_integer():
+    numerator, denominator = frames * sample_rate, int(fps) * hop
+    lower = numerator // denominator
+    remainder = numerator - lower * denominator
+    upper = lower + (remainder > 0).astype(jnp.int32)
+    weight = remainder.astype(jnp.float32) / denominator
+  else:
+    position = frames.astype(jnp.float32) * (sample_rate / (fps * hop))
+    lower = jnp.floor(position).astype(jnp.int32)
+    upper = jnp.ceil(position).astype(jnp.int32)
+    weight = position - lower
+  last = causal_frame_indices(num_frames, sample_rate, fps, hop)[:, 0]
+  lower = jnp.maximum(jnp.minimum(lower, last), 0)
+  upper = jnp.maximum(jnp.minimum(upper, last), 0)
+  return lower, upper, weight
+
+
+def resample_causal(
+  features: Array, num_frames: Any, *, sample_rate: int, fps: float, hop: int
+) -> Array:
+  """Linearly resamples a causal encoder's audio frames to the mesh frame rate, causally.
+
+  The causal counterpart of `interpolate_features` (see `causal_resample_indices`): mesh frame
+  t is `(1 - w_t) * features[lower_t] + w_t * features[upper_t]`, and none of the frames it
+  reads ends after it does.
+
+  Args:
+    features: [B, T_a, C] audio frames of a causal encoder (hop `hop` samples).
+    num_frames: mesh frames T.
+    sample_rate, fps: audio samples and mesh frames per second.
+    hop: samples per audio frame.
+
+  Returns:
+    [B, T, C]. Indices past the last audio frame (audio shorter than the frames) read it; those
+    frames are padding.
+  """
+  lower, upper, weight = causal_resample_indices(num_frames, sample_rate, fps, hop)
+  # take_along_axis's clip needs no proof that T_a >= 1, so symbolic lengths export.
+  below = jnp.take_along_axis(features, lower[None, :, None], axis=1, mode="clip")
+  above = jnp.take_along_axis(features, upper[None, :, None], axis=1, mode="clip")
+  weight = weight[None, :, None].astype(features.dtype)  # [1, T, 1]
+  return below * (1 - weight) + above * weight
 
 
 def span_mask(
@@ -929,8 +999,12 @@ class Wav2Vec2Encoder(nn.Module):
   initializer_range: float = 0.02  # std of dense kernels at init
   frame_alignment: str = "interpolate"  # with num_frames: "interpolate" (VOCASET) or "pairs" (BIWI)
   audio_frames_per_frame: int = 2  # audio frames per mesh frame for frame_alignment="pairs"
-  causal: bool = False  # no frame depends on later audio (streaming); aligned by align_causal
-  attention_window: int = 0  # causal: audio frames each frame attends to, itself included; 0 = all
+  causal: bool = False  # no frame depends on later audio (streaming)
+  # causal: resample the conv features to this many frames per second (the mesh frame rate) before
+  # the transformer, by `resample_causal`; 0 = keep one frame per hop (aligned by align_causal)
+  fps: float = 0.0
+  sample_rate: int = 16000  # audio samples per second (with fps: where mesh frames fall)
+  attention_window: int = 0  # causal: frames each frame attends to, itself included; 0 = all
   scan_layers: bool = True  # scan over stacked layer params (fast compile) or unroll
   remat: bool = False  # rematerialise transformer layers in the backward pass
   dtype: Dtype = jnp.float32  # compute dtype (bfloat16 on accelerators)
@@ -956,6 +1030,19 @@ class Wav2Vec2Encoder(nn.Module):
       )
     if self.attention_window < 0:
       raise ValueError(f"attention_window must be >= 0, got {self.attention_window}")
+    if self.fps < 0:
+      raise ValueError(f"fps must be >= 0, got {self.fps}")
+    if self.fps and not self.causal:
+      raise ValueError(
+        f"fps={self.fps:g} resamples a causal encoder's frames to the mesh frame rate; a "
+        "non-causal encoder aligns them with num_frames (frame_alignment)"
+      )
+    if self.fps * self.hop > self.sample_rate:
+      raise ValueError(
+        f"fps={self.fps:g} is above the audio frame rate ({self.sample_rate}/{self.hop} = "
+        f"{self.sample_rate / self.hop:g} per second): mesh frames would end before the audio "
+        "frames they read"
+      )
     if self.attention_window and not self.causal:
       raise ValueError(
         f"attention_window={self.attention_window} limits a causal encoder's attention to the "
@@ -1033,6 +1120,14 @@ class Wav2Vec2Encoder(nn.Module):
       num_samples + self.causal_padding, self.conv_kernel, self.conv_stride
     )
 
+  def num_mesh_frames(self, num_samples: Any) -> Any:
+    """Whole mesh frames (at `fps`) in `num_samples` samples: the frames a resampling causal
+    encoder returns when not told `num_frames` (integer arithmetic for an integral fps, so it
+    works on symbolic export lengths)."""
+    if float(self.fps).is_integer():
+      return num_samples * int(self.fps) // self.sample_rate
+    return int(num_samples * self.fps // self.sample_rate)
+
   def initial_stream_state(self, batch_size: int) -> dict[str, Array]:
     """The state of a causal encoder before a stream's first chunk (see `__call__`).
 
@@ -1042,6 +1137,7 @@ class Wav2Vec2Encoder(nn.Module):
       [B, num_conv_pos_embeddings - 1, D] the positional conv's inputs of the last frames,
       "keys" and "values" [B, L, attention_window - 1, H, Dh] every layer's keys and values of
       the last frames, "valid" [B, attention_window - 1] bool which of those frames exist.
+      Frames are transformer frames: audio frames, or mesh frames when `fps` is set.
     """
     if not self.causal or self.attention_window < 1:
       raise ValueError(
@@ -1084,26 +1180,30 @@ class Wav2Vec2Encoder(nn.Module):
         `transformers` advises not passing one to them; it is honoured either way.
       train: enables dropout, layerdrop and SpecAugment (needs the "dropout" rng).
       num_frames: align the CNN features to N mesh frames before the transformer, by
-        `frame_alignment` (N frames when "interpolate", R * N audio frames when "pairs").
+        `frame_alignment` (N frames when "interpolate", R * N audio frames when "pairs"), or
+        for a causal encoder with `fps` by `resample_causal` (N frames; default: the whole mesh
+        frames in the audio). Not for a causal encoder with fps=0.
       frame_mask: [B, N] bool valid mesh frames; implies num_frames = N and gives each example's
         target length for the alignment.
       output_hidden_states: also return every layer's hidden states in aux.
       stream_state: (causal encoders) the state after the previous chunk of a stream, or
         `initial_stream_state` before the first; `audio` is then the next chunk, a whole number
-        of hops long, and the frames equal those of the whole stream encoded at once.
+        of hops (and with `fps` of mesh frames) long, and the frames equal those of the whole
+        stream encoded at once.
 
     Returns:
-      hidden: [B, T, D] with T = T_a (no alignment), N ("interpolate") or R * N ("pairs").
+      hidden: [B, T, D] with T = T_a (no alignment), N ("interpolate", or causal with fps) or
+        R * N ("pairs").
       aux: "extract_features" [B, T, C] the (normalised) conv features fed to the projection,
         "frame_mask" [B, T] bool valid output frames, with output_hidden_states
         "hidden_states" [L + 1, B, T, D], and with stream_state "stream_state" (updated).
     """
     if audio.ndim != 2:
       raise ValueError(f"audio must be [B, S], got shape {audio.shape}")
-    if self.causal and (num_frames is not None or frame_mask is not None):
+    if self.causal and not self.fps and (num_frames is not None or frame_mask is not None):
       raise ValueError(
-        "a causal encoder returns one frame per hop; align its frames to mesh frames with "
-        "align_causal instead of passing num_frames or frame_mask"
+        "a causal encoder with fps=0 returns one frame per hop; align its frames to mesh frames "
+        "with align_causal, or set fps, instead of passing num_frames or frame_mask"
       )
     # Only a concrete length can be checked; a symbolic one (jax.export) is the caller's promise.
     minimum = self.receptive_field - self.causal_padding
@@ -1113,6 +1213,8 @@ class Wav2Vec2Encoder(nn.Module):
         f"({minimum} samples)"
       )
     new_audio_context = None
+    if self.fps and num_frames is None and frame_mask is None:
+      num_frames = self.num_mesh_frames(audio.shape[1])
     if stream_state is not None:
       self._check_chunk(audio, audio_mask, train)
       audio = jnp.concatenate(
@@ -1138,7 +1240,9 @@ class Wav2Vec2Encoder(nn.Module):
     if audio_mask is not None:
       feature_lengths = self.num_audio_frames(jnp.sum(audio_mask, axis=-1, dtype=jnp.int32))
       mask = jnp.arange(num_audio_frames)[None] < feature_lengths[:, None]  # [B, T_a]
-    if frame_mask is not None or num_frames is not None:
+    if self.fps:
+      features, mask = self._resample(features, feature_lengths, num_frames, frame_mask)
+    elif frame_mask is not None or num_frames is not None:
       features, mask = self._align(features, feature_lengths, num_frames, frame_mask)
 
     hidden, extract_features = FeatureProjection(
@@ -1209,6 +1313,37 @@ class Wav2Vec2Encoder(nn.Module):
         f"a stream chunk must be a fixed whole number of hops ({self.hop} samples), got "
         f"{audio.shape[1]} samples"
       )
+    if self.fps and (
+      not float(self.fps).is_integer() or audio.shape[1] * int(self.fps) % self.sample_rate
+    ):
+      raise ValueError(
+        f"a stream chunk resampled to {self.fps:g} fps must be a whole number of mesh frames "
+        f"({self.sample_rate}/{self.fps:g} samples each) at an integral fps, got "
+        f"{audio.shape[1]} samples"
+      )
+
+  def _resample(
+    self,
+    features: Array,
+    feature_lengths: Array | None,
+    num_frames: Any,
+    frame_mask: Array | None,
+  ) -> tuple[Array, Array | None]:
+    """Resamples [B, T_a, C] causal conv features to the mesh frames; returns them and their
+    valid mask (the mesh frames whose audio frames are all valid, and frame_mask)."""
+    if frame_mask is not None:
+      if num_frames is not None and num_frames != frame_mask.shape[1]:
+        raise ValueError(f"num_frames={num_frames} but frame_mask has shape {frame_mask.shape}")
+      num_frames = frame_mask.shape[1]
+    features = resample_causal(
+      features, num_frames, sample_rate=self.sample_rate, fps=self.fps, hop=self.hop
+    )  # [B, T, C]
+    mask = frame_mask
+    if feature_lengths is not None:
+      _, upper, _ = causal_resample_indices(num_frames, self.sample_rate, self.fps, self.hop)
+      read_valid = upper[None] < feature_lengths[:, None]  # [B, T]
+      mask = read_valid if mask is None else mask & read_valid
+    return features, mask
 
   def _align(
     self,

@@ -460,8 +460,9 @@ def flops_per_example(config: Any) -> float:
 
   Counts the matmuls and convolutions, 2 FLOPs per multiply-add: the wav2vec2 encoder (conv
   stack over the window's samples; feature projection, positional conv and transformer over
-  the frames they run at: the mesh frames for "interpolate", r per mesh frame for "pairs", the
-  audio frames for a causal encoder) and the FaceFormer or non-autoregressive decoder (audio
+  the frames they run at: the mesh frames for "interpolate" and for a causal encoder that
+  resamples to them (`fps` set), r per mesh frame for "pairs", the audio frames for a causal
+  encoder with fps=0) and the FaceFormer or non-autoregressive decoder (audio
   projection of r features per frame, style/emotion embeddings, motion embedding of the T - 1
   previous frames (FaceFormer), per layer the attention projections, the dense [T, T] scores
   and weighted sums, FaceFormer's aligned cross-attention over r keys per frame, the MLP, and
@@ -516,7 +517,9 @@ def flops_per_example(config: Any) -> float:
     weights = trainable(f"encoder/feature_extractor/conv_layers_{i}/")
     add(2 * length * channels * dim * kernel, weights, needs)
     channels, needs = dim, needs or weights
-  if getattr(enc, "causal", False):
+  if enc.causal and enc.fps:
+    steps = frames  # the conv features are resampled to the mesh frame rate first
+  elif enc.causal:
     steps = length  # the transformer runs at the audio frame rate, aligned afterwards
   else:
     steps = frames * ratio if enc.frame_alignment == "pairs" else frames

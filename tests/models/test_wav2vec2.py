@@ -482,6 +482,34 @@ def test_encoder_aligns_features_to_mesh_frames():
   np.testing.assert_array_equal(aux["frame_mask"].sum(-1), [48, 28])
 
 
+def test_causal_encoder_resamples_padded_batches_to_mesh_frames():
+  encoder, params, _ = _micro_params()
+  encoder = encoder.clone(causal=True, feat_extract_norm="frame", fps=30.0)  # hop 20 samples
+  audio = np.random.default_rng(5).standard_normal((2, 3200)).astype(np.float32)
+  audio[1, 1600:] = 0.0
+  audio_mask = jnp.arange(3200)[None] < jnp.array([[3200], [1600]])
+  frame_mask = jnp.arange(6)[None] < jnp.array([[6], [3]])
+  hidden, aux = _apply(encoder, params, audio, audio_mask, frame_mask=frame_mask)
+  assert hidden.shape == (2, 6, 32)  # 160 audio frames -> 6 mesh frames at 30 fps
+  np.testing.assert_array_equal(aux["frame_mask"], frame_mask)
+  alone, alone_aux = _apply(encoder, params, audio[1:, :1600])  # whole mesh frames: 3
+  assert alone.shape == (1, 3, 32) and alone_aux["frame_mask"].all()
+  np.testing.assert_allclose(hidden[1, :3], alone[0], atol=1e-5, rtol=0)
+  # Without a frame mask, mesh frames that read padded audio frames are the invalid ones.
+  _, aux = _apply(encoder, params, audio, audio_mask, num_frames=6)
+  np.testing.assert_array_equal(aux["frame_mask"].sum(-1), [6, 3])
+
+
+def test_resampling_fields_are_checked():
+  with pytest.raises(ValueError, match="fps=30 resamples a causal encoder's frames"):
+    Wav2Vec2Encoder.from_variant("tiny", fps=30.0)
+  with pytest.raises(ValueError, match="fps=60 is above the audio frame rate"):
+    Wav2Vec2Encoder.from_variant("tiny", causal=True, feat_extract_norm="frame", fps=60.0)
+  encoder, params, audio = _micro_params()
+  with pytest.raises(ValueError, match="causal encoder with fps=0 returns one frame per hop"):
+    _apply(encoder.clone(causal=True, feat_extract_norm="frame"), params, audio, num_frames=4)
+
+
 def test_span_mask_respects_lengths_and_counts():
   masker = jax.jit(span_mask, static_argnums=(2, 3, 4, 5))
   lengths = jnp.array([200, 120, 9, 200])
