@@ -18,7 +18,9 @@ Prints one JSON line per measurement:
 2. `export_latency` for the audio2mesh `predict` (the non-causal config by default), from
    benchmarks/export_latency.py: artifact and `load` callable vs jit.
 
-The model is `--config` (default: the VOCASET FaceFormer with wav2vec2-base shapes, causal);
+The model is `--config` (default: the VOCASET FaceFormer with wav2vec2-base shapes, causal,
+its transformer at the 30 fps mesh frame rate; `--override=--config.model.encoder.fps=0
+--override=--config.model.encoder.attention_window=50` puts it at the 50 Hz audio frame rate);
 parameters are random (see `_init`): timings do not depend on their values. The machine's
 load average is printed with every line, because the figures move with it.
 """
@@ -171,6 +173,8 @@ def _describe(model) -> dict:
     "encoder": f"wav2vec2 L{encoder.num_hidden_layers} D{encoder.hidden_size} "
     f"conv{encoder.conv_dim[0]}",
     "attention_window": encoder.attention_window,
+    # Transformer frames per second: the mesh frame rate when resampled, else the audio's.
+    "transformer_fps": encoder.fps or encoder.sample_rate / encoder.hop,
     "decoder": f"FaceFormer d{decoder.d_model} V{decoder.num_vertices}",
     "cache_window": decoder.cache_window,
   }
@@ -191,6 +195,13 @@ def predict_latency(spec: str, batch: int, frames: int, iters: int, directory: s
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default=STREAM_CONFIG, help="causal audio2mesh config")
+  parser.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    help="a --config.key=value override of the causal config (repeatable), e.g. "
+    "--override=--config.model.encoder.fps=0 for the transformer at the audio frame rate",
+  )
   parser.add_argument("--chunk-frames", default="3,15,30", help="comma-separated chunk sizes")
   parser.add_argument("--chunks", type=int, default=30, help="chunks per timed run")
   parser.add_argument("--runs", type=int, default=5, help="timed runs per chunk size")
@@ -200,13 +211,13 @@ def main(argv=None) -> int:
   parser.add_argument("--predict-iters", type=int, default=20, help="timed predict calls")
   args = parser.parse_args(argv)
 
-  config = config_lib.load_config(args.config)
+  config = config_lib.load_config(args.config, args.override)
   task, model, params = _init(config)
   for chunk_frames in (int(x) for x in args.chunk_frames.split(",")):
     with tempfile.TemporaryDirectory() as directory:
       write_stream_artifact(config, task, model, params, chunk_frames, directory)
       result = stream_rtf(model, params, chunk_frames, args.chunks, args.runs, directory)
-      print(json.dumps({**result, "config": args.config}), flush=True)
+      print(json.dumps({**result, "config": args.config, "overrides": args.override}), flush=True)
   if args.predict_config:
     with tempfile.TemporaryDirectory() as directory:
       result = predict_latency(
