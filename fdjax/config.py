@@ -68,7 +68,9 @@ def base_config() -> ConfigDict:
   c.optim.eps = 1e-8  # Adam epsilon.
   c.optim.momentum = 0.0  # SGD momentum (0: plain SGD).
   c.optim.weight_decay = 0.0  # Decoupled weight decay (adamw, sgd).
-  c.optim.weight_decay_exclude = (r"bias$", r"scale$", r"embedding$")  # No decay on these paths.
+  # No decay on these paths: biases, norm scales, embeddings, and the running statistics that
+  # frozen batch norms keep among the parameters (HuBERT's positional-conv batch norm).
+  c.optim.weight_decay_exclude = (r"bias$", r"scale$", r"embedding$", r"batch_norm/(mean|var)$")
   c.optim.clip_norm = 0.0  # Clip updates to this global gradient norm (0: no clipping).
   c.optim.freeze = ()  # Regexes over "/"-joined parameter paths: matches get no updates.
 

@@ -529,8 +529,8 @@ class FrozenBatchNorm(nn.Module):
   """Batch norm with fixed running statistics (HuBERT's `conv_pos_batch_norm`).
 
   The statistics sit in `params` (so one tree holds the whole model) behind `stop_gradient`, so
-  they never get a gradient; freeze them (`optim.freeze` entry `"batch_norm/(mean|var)"`) so
-  weight decay leaves them alone too. Normalising with batch statistics in training, as torch's
+  they never get a gradient, and the base config's `optim.weight_decay_exclude` names them
+  (`batch_norm/(mean|var)$`), so weight decay leaves them alone too: they stay as loaded. Normalising with batch statistics in training, as torch's
   train mode does, is not reproduced: the loaded statistics are used throughout.
   """
 

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -376,6 +377,35 @@ def test_frozen_feature_extractor_gets_no_updates():
   for path, update in traverse_util.flatten_dict(updates, sep="/").items():
     moved = bool(np.any(np.asarray(update) != 0))
     assert moved != path.startswith("feature_extractor/"), path
+
+
+def test_batch_norm_statistics_stay_as_loaded_under_adamw_with_weight_decay():
+  # HuBERT's positional-conv batch norm keeps its running statistics among the parameters.
+  fields = dict(CONFIGS["hubert_group_postnorm_batch_norm"][1], layerdrop=0.0)
+  encoder = Wav2Vec2Encoder(**fields)
+  audio = np.random.default_rng(0).standard_normal((2, NUM_SAMPLES)).astype(np.float32)
+  params = jax.jit(encoder.init)(jax.random.key(0), audio)["params"]
+  params = jax.tree.map(lambda x: np.asarray(x) + 0.5, nn.meta.unbox(params))  # "loaded" stats
+  optim = base_config().optim
+  optim.update(optimizer="adamw", lr=1e-2, schedule="constant", weight_decay=0.1)
+  tx, _ = make_optimizer(optim, total_steps=10)
+  loss = lambda p: jnp.mean(encoder.apply({"params": p}, audio)[0] ** 2)
+
+  @jax.jit
+  def steps(params):
+    state = tx.init(params)
+    for _ in range(3):
+      updates, state = tx.update(jax.grad(loss)(params), state, params)
+      params = optax.apply_updates(params, updates)
+    return params
+
+  before = traverse_util.flatten_dict(params, sep="/")
+  after = traverse_util.flatten_dict(steps(params), sep="/")
+  statistics = [path for path in before if re.search(r"batch_norm/(mean|var)$", path)]
+  assert len(statistics) == 2, sorted(before)
+  for path, value in before.items():
+    unchanged = np.array_equal(np.asarray(after[path]), value)
+    assert unchanged == (path in statistics), path
 
 
 def test_train_mode_is_stochastic_finite_and_differentiable():
