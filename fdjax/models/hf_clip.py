@@ -6,7 +6,7 @@ towers into a larger model (`temporal.init_from_clip` for `VideoClassifier`) wit
 
 A checkpoint directory holds `config.json` and the weights as `model.safetensors`, sharded
 `model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`, or `pytorch_model.bin`
-(read with `torch`, needed only for that format).
+(read with `torch`, needed only for that format), as `hf_convert.read_state_dict` reads them.
 
 The mapping from `transformers.CLIPModel` names is a renaming plus layout changes: PyTorch linear
 weights `[out, in]` become kernels `[in, out]` (attention ones split into `[D, heads, head_dim]`),
@@ -25,11 +25,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-import safetensors.numpy
 
 from fdjax.models.clip import ClipModel, ClipTextEncoder, ClipVisionEncoder
+from fdjax.models.hf_convert import read_state_dict
 
 # transformers' defaults for keys that older config.json files leave out.
 _HF_TEXT_DEFAULTS = dict(
@@ -56,79 +55,6 @@ _HF_VISION_DEFAULTS = dict(
 )
 # Buffers that some checkpoints carry and the model recomputes.
 _IGNORED_KEYS = re.compile(r"(^|\.)position_ids$")
-# safetensors dtypes by their header names; bfloat16 is read through ml_dtypes because
-# `safetensors.numpy` has no numpy type for it.
-_SAFETENSORS_DTYPES = {
-  "F64": np.float64,
-  "F32": np.float32,
-  "F16": np.float16,
-  "BF16": ml_dtypes.bfloat16,
-  "I64": np.int64,
-  "I32": np.int32,
-  "I16": np.int16,
-  "I8": np.int8,
-  "U8": np.uint8,
-  "BOOL": np.bool_,
-}
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-  """All tensors of one `.safetensors` file as numpy arrays (bfloat16 included)."""
-  with open(path, "rb") as f:
-    header_size = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(header_size))
-  dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
-  if "BF16" not in dtypes:
-    return safetensors.numpy.load_file(path)
-  # The format is an 8-byte header length, a JSON header of dtype/shape/byte offsets, then data.
-  unknown = dtypes - set(_SAFETENSORS_DTYPES)
-  if unknown:
-    raise ValueError(f"{path}: unsupported safetensors dtypes {sorted(unknown)}")
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
-  tensors = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    begin, end = info["data_offsets"]
-    raw = np.asarray(data[begin:end])
-    tensors[name] = raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-  return tensors
-
-
-def read_pytorch_bin(path: Path) -> dict[str, np.ndarray]:
-  """A `pytorch_model.bin` state dict as float32/int numpy arrays (needs `torch`)."""
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(f"{path}: reading PyTorch .bin checkpoints needs `torch` installed") from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  arrays = {}
-  for name, tensor in state.items():
-    if tensor.dtype == torch.bfloat16:
-      tensor = tensor.float()
-    arrays[name] = tensor.numpy()
-  return arrays
-
-
-def read_hf_state_dict(checkpoint_dir: str | Path) -> tuple[dict[str, np.ndarray], str]:
-  """(state dict, the file(s) it came from) for a Hugging Face checkpoint directory."""
-  root = Path(checkpoint_dir)
-  index = root / "model.safetensors.index.json"
-  if (root / "model.safetensors").exists():
-    path = root / "model.safetensors"
-    return read_safetensors(path), str(path)
-  if index.exists():
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    state: dict[str, np.ndarray] = {}
-    for shard in shards:
-      state.update(read_safetensors(root / shard))
-    return state, f"{index} ({len(shards)} shards)"
-  if (root / "pytorch_model.bin").exists():
-    path = root / "pytorch_model.bin"
-    return read_pytorch_bin(path), str(path)
-  raise FileNotFoundError(
-    f"{root}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
-  )
 
 
 def _square(value: Any, field: str, source: str) -> int:
@@ -397,8 +323,8 @@ def load_hf_clip(
   model = clip_model_from_hf_config(
     json.loads(config_path.read_text()), str(config_path), **overrides
   )
-  state_dict, source = read_hf_state_dict(root)
-  params = convert_clip_state_dict(state_dict, model, source)
+  state = read_state_dict(root)
+  params = convert_clip_state_dict(state.tensors, model, state.source)
   has_peft = any(
     tower.lora_rank > 0 or tower.adapter_dim > 0 for tower in (model.vision, model.text)
   )
