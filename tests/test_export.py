@@ -96,8 +96,8 @@ class Blocker(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Blocker())
 """
 
-# The snippet for README: an artifact with jax alone.
-JAX_ONLY = """
+# How every jax-only script starts: jax and numpy, and proof that fdjax and flax are absent.
+JAX_ONLY_PROLOGUE = """
 import json
 import sys
 
@@ -110,7 +110,17 @@ for name in ("fdjax", "flax"):
     raise SystemExit(f"{name} should not be importable here")
   except ImportError:
     pass
+"""
+# And ends: nothing of fdjax, flax or ml_collections got imported along the way.
+JAX_ONLY_EPILOGUE = """
+blocked = [m for m in sys.modules if m.partition(".")[0] in ("fdjax", "flax", "ml_collections")]
+assert not blocked, blocked
+"""
 
+# The snippet for README: an artifact with jax alone.
+JAX_ONLY = (
+  JAX_ONLY_PROLOGUE
+  + """
 symbolic, external, result = sys.argv[1:4]
 outputs = {}
 
@@ -144,35 +154,21 @@ try:
   raise SystemExit("a wrong shape was accepted")
 except artifact_loader.SignatureError as e:
   print("rejected:", e)
-blocked = [m for m in sys.modules if m.partition(".")[0] in ("fdjax", "flax", "ml_collections")]
-assert not blocked, blocked
 np.savez(f"{result}.npz", **outputs)
 """
+  + JAX_ONLY_EPILOGUE
+)
 
 
 def test_jax_only_process_loads_one_symbolic_artifact_for_two_batch_sizes(run, symbolic, tmp_path):
   external = str(tmp_path / "external")
   args = ["--config", SPEC, "--workdir", run["workdir"], "--out", external, "--batch", "2"]
   assert export.main([*args, "--external-weights"]) == 0
-  site = tmp_path / "site"
-  site.mkdir()
-  (site / "sitecustomize.py").write_text(BLOCKER)
-  (site / "jax_only.py").write_text(JAX_ONLY)
-  shutil.copy(export.__file__, site / "artifact_loader.py")
   result = str(tmp_path / "result")
   inputs = {batch: _x(batch, seed=batch) for batch in (2, 7)}
   for batch, x in inputs.items():
     np.save(f"{result}_x{batch}.npy", x)
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  proc = subprocess.run(
-    [sys.executable, str(site / "jax_only.py"), symbolic, external, result],
-    env=env,
-    cwd=str(tmp_path),
-    capture_output=True,
-    text=True,
-    timeout=240,
-  )
+  proc = run_jax_only(tmp_path, JAX_ONLY, [symbolic, external, result])
   assert proc.returncode == 0, proc.stderr
   assert "rejected: input 'x': dim 1 is 3, expected 8" in proc.stdout
   outputs = np.load(f"{result}.npz")
@@ -352,13 +348,12 @@ A2M_SPEC = "experiments/audio2mesh/vocaset.py:encoder=tiny,runlocal=True,steps=2
 # No warmup and a large step: two steps then move the zero-initialised output layer visibly.
 A2M_OVERRIDES = ["--config.optim.warmup_steps=0", "--config.optim.lr=0.01"]
 
-# Loads one artifact with jax alone (the blocker is on) and calls it once per saved input set.
-A2M_JAX_ONLY = """
-import sys
-
-import jax
-import numpy as np
-
+# Loads one artifact with jax alone (the blocker is on) and calls it once per saved input set:
+# inputs from `<case>_in.npz`, outputs (named; a lone array as "output") to `<case>_loader.npz`
+# (the copied loader) and `<case>_snippet.npz` (the README snippet).
+CASES_JAX_ONLY = (
+  JAX_ONLY_PROLOGUE
+  + """
 import artifact_loader
 
 directory, cases = sys.argv[1], sys.argv[2:]
@@ -367,11 +362,33 @@ with open(f"{directory}/model.jaxexport", "rb") as f:
   exported = jax.export.deserialize(bytearray(f.read()))
 for case in cases:
   inputs = dict(np.load(f"{case}_in.npz"))
-  np.save(f"{case}_loader.npy", np.asarray(model(**inputs)))
-  np.save(f"{case}_snippet.npy", np.asarray(exported.call(**inputs)))
-blocked = [m for m in sys.modules if m.partition(".")[0] in ("fdjax", "flax", "ml_collections")]
-assert not blocked, blocked
+  for how, outputs in (("loader", model(**inputs)), ("snippet", exported.call(**inputs))):
+    if not isinstance(outputs, dict):
+      outputs = {"output": outputs}
+    np.savez(f"{case}_{how}.npz", **{k: np.asarray(v) for k, v in outputs.items()})
 """
+  + JAX_ONLY_EPILOGUE
+)
+
+
+def run_jax_only(tmp_path, script: str, args: list[str]) -> subprocess.CompletedProcess:
+  """Runs `script` with `args` in a process where fdjax and flax cannot be imported, next to a
+  copy of fdjax/export.py importable as `artifact_loader`."""
+  site = tmp_path / "site"
+  site.mkdir(exist_ok=True)
+  (site / "sitecustomize.py").write_text(BLOCKER)
+  (site / "jax_only.py").write_text(script)
+  shutil.copy(export.__file__, site / "artifact_loader.py")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run(
+    [sys.executable, str(site / "jax_only.py"), *args],
+    env=env,
+    cwd=str(tmp_path),
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -393,11 +410,6 @@ def test_audio2mesh_artifact_in_a_jax_only_process_equals_predict(audio2mesh_run
   shapes = {s["name"]: s["shape"] for s in signature["functions"]["predict"]["inputs"]}
   assert shapes == {"audio": ["b", "s"], "template": ["b", 5023, 3], "style": ["b"]}
   assert signature["metadata"]["sample_rate"] == 16000 and "streaming" not in signature["metadata"]
-  site = tmp_path / "site"
-  site.mkdir()
-  (site / "sitecustomize.py").write_text(BLOCKER)
-  (site / "a2m_jax_only.py").write_text(A2M_JAX_ONLY)
-  shutil.copy(export.__file__, site / "artifact_loader.py")
   rng = np.random.default_rng(0)
   cases = {}
   # Two batch sizes and two lengths (1.0 s = 30 frames, 0.7 s = 21 frames) from one artifact.
@@ -409,16 +421,7 @@ def test_audio2mesh_artifact_in_a_jax_only_process_equals_predict(audio2mesh_run
       "style": np.arange(batch, dtype=np.int32),
     }
     np.savez(f"{case}_in.npz", **cases[case])
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  proc = subprocess.run(
-    [sys.executable, str(site / "a2m_jax_only.py"), out, *cases],
-    env=env,
-    cwd=str(tmp_path),
-    capture_output=True,
-    text=True,
-    timeout=240,
-  )
+  proc = run_jax_only(tmp_path, CASES_JAX_ONLY, [out, *cases])
   assert proc.returncode == 0, proc.stderr
   for case, inputs in cases.items():
     expected = np.asarray(predict(params, **inputs))
@@ -427,4 +430,5 @@ def test_audio2mesh_artifact_in_a_jax_only_process_equals_predict(audio2mesh_run
     # The motion is large next to the tolerance, so the comparison is not vacuous.
     assert np.abs(expected - inputs["template"][:, None]).max() > 1e-2
     for how in ("loader", "snippet"):
-      np.testing.assert_allclose(np.load(f"{case}_{how}.npy"), expected, atol=1e-5, rtol=0)
+      outputs = np.load(f"{case}_{how}.npz")
+      np.testing.assert_allclose(outputs["output"], expected, atol=1e-5, rtol=0)

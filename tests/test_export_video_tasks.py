@@ -12,49 +12,13 @@ with the predict function jitted in this process (1e-5). Output names, shapes an
 those signature.json declares.
 """
 
-import os
-import shutil
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
-from test_export import BLOCKER
+from test_export import CASES_JAX_ONLY, run_jax_only
 
 from fdjax import config as config_lib
 from fdjax import export, trainer
-
-# Runs in the jax-only process: each case's inputs from `<case>_in.npz`, its outputs (a dict of
-# named arrays) to `<case>_loader.npz` and `<case>_snippet.npz`.
-JAX_ONLY = """
-import sys
-
-import jax
-import numpy as np
-
-for name in ("fdjax", "flax"):
-  try:
-    __import__(name)
-    raise SystemExit(f"{name} should not be importable here")
-  except ImportError:
-    pass
-
-import artifact_loader
-
-directory, cases = sys.argv[1], sys.argv[2:]
-model = artifact_loader.load(directory)
-with open(f"{directory}/model.jaxexport", "rb") as f:
-  exported = jax.export.deserialize(bytearray(f.read()))
-for case in cases:
-  inputs = dict(np.load(f"{case}_in.npz"))
-  for how, outputs in (("loader", model(**inputs)), ("snippet", exported.call(**inputs))):
-    if not isinstance(outputs, dict):
-      outputs = {"output": outputs}
-    np.savez(f"{case}_{how}.npz", **{k: np.asarray(v) for k, v in outputs.items()})
-blocked = [m for m in sys.modules if m.partition(".")[0] in ("fdjax", "flax", "ml_collections")]
-assert not blocked, blocked
-"""
 
 
 def _video(rng, batch, frames):
@@ -112,27 +76,13 @@ def test_symbolic_artifact_in_a_jax_only_process_equals_predict(case, tmp_path):
   signature = export.read_signature(out)["functions"]["predict"]
   assert {s["name"]: s["shape"] for s in signature["inputs"]} == input_shapes
 
-  site = tmp_path / "site"
-  site.mkdir()
-  (site / "sitecustomize.py").write_text(BLOCKER)
-  (site / "jax_only.py").write_text(JAX_ONLY)
-  shutil.copy(export.__file__, site / "artifact_loader.py")
   rng = np.random.default_rng(0)
   cases = {}
   for batch in (1, 3):
     path = str(tmp_path / f"batch{batch}")
     cases[path] = (batch, make_inputs(rng, batch))
     np.savez(f"{path}_in.npz", **cases[path][1])
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  proc = subprocess.run(
-    [sys.executable, str(site / "jax_only.py"), out, *cases],
-    env=env,
-    cwd=str(tmp_path),
-    capture_output=True,
-    text=True,
-    timeout=240,
-  )
+  proc = run_jax_only(tmp_path, CASES_JAX_ONLY, [out, *cases])
   assert proc.returncode == 0, proc.stderr
 
   for path, (batch, inputs) in cases.items():
