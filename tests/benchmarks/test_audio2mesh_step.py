@@ -48,6 +48,8 @@ def test_hlo_counter_counts_matmuls_and_strided_conv_gradients():
     # The conv stack frozen, as for wav2vec2-base: its backward disappears from the step.
     ("variant=faceformer,encoder=tiny", ["--config.optim.freeze=('^encoder/feature_extractor/',)"]),
     ("variant=nonautoregressive,encoder=tiny", []),
+    # Causal (streaming) variant: the transformer runs on the conv features resampled to 30 fps.
+    ("variant=faceformer,encoder=tiny,causal=True", []),
   ],
 )
 def test_analytic_flops_match_the_lowered_training_step(arg, overrides):
