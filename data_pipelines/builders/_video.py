@@ -11,8 +11,11 @@ for uint8 tensors, one int64 varint per byte, made reading a 32-frame 128-pixel 
 times slower. The price is disk space, `T x frame_size^2 x 3` bytes per example and split; a
 clip is stored once per split that lists it (DFEW and MAFW: five times).
 
-Module-level helpers here build the standard `build` and `inspect` entry points that
-`data_pipelines/cli.py` calls for every dataset.
+Two bases carry what the builders of one kind share, so that a dataset module keeps only its
+raw layout, label parsing, class names and splits: `ClipBuilder` (DFEW, MAFW, FERV39k: one
+labelled clip per example) and `ActionUnitBuilder` (BP4D, DISFA: frame windows with AU labels,
+subject-exclusive folds). Every dataset module exposes `build = <Builder>.build_from_raw` and
+`inspect = <Builder>.inspect_built`, the entry points that `data_pipelines/cli.py` calls.
 """
 
 from __future__ import annotations
@@ -111,6 +114,35 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """The dataset's features; each builder defines its own."""
     raise NotImplementedError(f"{type(self).__name__} must define features_dict()")
 
+  def _generate_examples(self, split: str, items: Sequence):
+    yield from self.validated_examples(split, items, self._load)
+
+  def _load(self, item) -> list[tuple[str, dict]]:
+    """The `(key, example)` pairs of one raw item (a clip or a recording); raises on bad input."""
+    raise NotImplementedError(f"{type(self).__name__} must define _load()")
+
+  @classmethod
+  def build_from_raw(
+    cls,
+    raw_dir: str,
+    data_dir: str,
+    skip_invalid: bool = False,
+    *,
+    frame_size: int = DEFAULT_FRAME_SIZE,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+  ) -> dict[str, int]:
+    """Builds this dataset from `raw_dir` into `data_dir`; returns `{split: num_examples}`."""
+    return build_dataset(
+      cls, raw_dir, data_dir, skip_invalid, frame_size=frame_size, max_frames=max_frames
+    )
+
+  @classmethod
+  def inspect_built(
+    cls, data_dir: str, out_png: str | None = None, config: str | None = None
+  ) -> dict:
+    """Counts, shapes, statistics and a contact sheet of this dataset built under `data_dir`."""
+    return inspect_dataset(cls.name, data_dir, out_png, config)
+
   def cached(self, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """`compute()`, done once per build for each `key` (a clip or sequence path).
 
@@ -181,9 +213,7 @@ def load_frames(
     files = video_ops.list_frame_files(path)
     num_frames = len(files)
     indices = video_ops.uniform_indices(num_frames, min(num_frames, max_frames))
-    min_side = int(np.ceil(frame_size / crop_fraction))
-    frames = video_ops.read_frames([files[i] for i in indices], min_side=min_side)
-    video = video_ops.center_crop(frames, frame_size, crop_fraction)
+    video = read_square_frames([files[i] for i in indices], frame_size, crop_fraction)
   else:
     # The length is known only once the file is decoded, so every frame is shrunk as it
     # arrives (full-resolution frames of a long clip would not fit in memory) and the kept
@@ -199,6 +229,17 @@ def load_frames(
   return video, num_frames, indices.astype(np.int32)
 
 
+def read_square_frames(
+  files: Sequence[str], frame_size: int, crop_fraction: float = 1.0
+) -> np.ndarray:
+  """`[T, S, S, 3] uint8`: the image files, centre-cropped to squares of `frame_size` pixels.
+
+  JPEGs are decoded at the smallest reduced scale that still covers the crop.
+  """
+  frames = video_ops.read_frames(files, min_side=int(np.ceil(frame_size / crop_fraction)))
+  return video_ops.center_crop(frames, frame_size, crop_fraction)
+
+
 def check_frame_count(path: str, annotated: int | None, decoded: int, where: str) -> None:
   """Raises `InvalidExample` if the annotation's frame count is off by more than one."""
   if annotated is not None and abs(annotated - decoded) > 1:
@@ -211,6 +252,13 @@ def check_label(path: str, label: int, num_classes: int, where: str) -> None:
     raise InvalidExample(path, f"label {label} from {where} is outside 1..{num_classes}")
 
 
+def word_label(word: str, class_names: Sequence[str], key: str, annotation: str) -> int:
+  """The 0-based index of label `word` in `class_names`, or `InvalidExample` naming the file."""
+  if word not in class_names:
+    raise InvalidExample(annotation, f"label {word!r} of clip {key} is not one of {class_names}")
+  return class_names.index(word)
+
+
 def read_lines(path: str) -> list[str]:
   """Non-empty stripped lines of a text annotation file; a missing file names itself."""
   if not os.path.isfile(path):
@@ -220,7 +268,76 @@ def read_lines(path: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Frame windows for the action-unit datasets.
+# Expression clips (DFEW, MAFW, FERV39k).
+
+
+class ClipBuilder(VideoBuilder, skip_registration=True):
+  """Base of the expression builders: one example per annotated clip, labelled with a class.
+
+  A builder lists its splits with `clip_splits` as items that carry `path` (frame folder or
+  video file), `key` and `annotation` (where errors point), and reads each item's class with
+  `clip_label`. Features: video, label, num_frames, frame_indices, `extra_features()`,
+  subject, key.
+  """
+
+  CLASS_NAMES: tuple[str, ...] = ()  # class names in label order, set by each builder
+
+  def clip_splits(self, raw_dir: str) -> dict[str, Sequence]:
+    """`{split: clips}` from the raw directory's annotation files."""
+    raise NotImplementedError(f"{type(self).__name__} must define clip_splits()")
+
+  def clip_label(self, clip) -> int:
+    """The 0-based class of `clip`; raises `InvalidExample` naming the annotation."""
+    raise NotImplementedError(f"{type(self).__name__} must define clip_label()")
+
+  def clip_fields(self, clip, num_frames: int) -> dict:
+    """`subject` and the extra features of `clip`'s example, once it decoded `num_frames`."""
+    return {"subject": clip.key}
+
+  def extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+    """Features beyond the shared ones (those `clip_fields` adds besides `subject`)."""
+    return {}
+
+  def features_dict(self) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict(
+      {
+        "video": self.video_feature(),
+        "label": tfds.features.ClassLabel(names=self.CLASS_NAMES),
+        "num_frames": tfds.features.Scalar(dtype=np.int32),
+        "frame_indices": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        **self.extra_features(),
+        "subject": tfds.features.Text(),
+        "key": tfds.features.Text(),
+      }
+    )
+
+  def _split_generators(self, dl_manager):
+    splits = self.clip_splits(os.fspath(dl_manager.manual_dir))
+    return {name: self._generate_examples(name, clips) for name, clips in splits.items()}
+
+  def _load(self, clip) -> list[tuple[str, dict]]:
+    label = self.clip_label(clip)
+    video, num_frames, indices = self.load_clip(clip.path)
+    example = {
+      "video": video,
+      "label": label,
+      "num_frames": num_frames,
+      "frame_indices": indices,
+      **self.clip_fields(clip, num_frames),
+      "key": clip.key,
+    }
+    return [(clip.key, example)]
+
+  @classmethod
+  def inspect_built(
+    cls, data_dir: str, out_png: str | None = None, config: str | None = None
+  ) -> dict:
+    """Counts, shapes, label histograms and a contact sheet of this dataset, as built."""
+    return inspect_dataset(cls.name, data_dir, out_png, config, class_names=cls.CLASS_NAMES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Frame windows for the action-unit datasets (BP4D, DISFA).
 
 
 def runs(numbers: np.ndarray) -> list[slice]:
@@ -269,6 +386,76 @@ def window_examples(
       example["frame_intensity"] = intensity[window].astype(np.float32)
     examples.append((example["key"], example))
   return examples
+
+
+class ActionUnitBuilder(VideoBuilder, skip_registration=True):
+  """Base of the action-unit builders: windows of long recordings, subject-exclusive folds.
+
+  A builder lists its recordings with `list_recordings` as items that carry `path` and
+  `subject`; fold k (`fold<k>_train`, `fold<k>_test`) tests on the subjects of `PARTS[k - 1]`
+  and trains on the other partitions'. Features: video, aus, frame_aus,
+  `frame_label_features()`, num_frames, start_frame, fps, subject, `recording_features()`, key.
+  """
+
+  AUS: tuple[int, ...] = ()  # the labelled action units, set by each builder
+  PARTS: tuple[tuple[str, ...], ...] = ()  # the subject partitions the folds test on
+
+  def list_recordings(self, raw_dir: str) -> Sequence:
+    """Every recording in the raw directory."""
+    raise NotImplementedError(f"{type(self).__name__} must define list_recordings()")
+
+  def frame_label_features(self) -> dict[str, tfds.features.FeatureConnector]:
+    """Per-frame labels beyond AU occurrence."""
+    return {}
+
+  def recording_features(self) -> dict[str, tfds.features.FeatureConnector]:
+    """What identifies a recording beyond its subject."""
+    return {}
+
+  def features_dict(self) -> tfds.features.FeaturesDict:
+    num_aus = len(self.AUS)
+    return tfds.features.FeaturesDict(
+      {
+        "video": self.video_feature(),
+        "aus": tfds.features.Tensor(shape=(num_aus,), dtype=np.float32),
+        "frame_aus": tfds.features.Tensor(shape=(None, num_aus), dtype=np.float32),
+        **self.frame_label_features(),
+        "num_frames": tfds.features.Scalar(dtype=np.int32),
+        "start_frame": tfds.features.Scalar(dtype=np.int32),
+        "fps": tfds.features.Scalar(dtype=np.float32),
+        "subject": tfds.features.Text(),
+        **self.recording_features(),
+        "key": tfds.features.Text(),
+      }
+    )
+
+  def _split_generators(self, dl_manager):
+    recordings = self.list_recordings(os.fspath(dl_manager.manual_dir))
+    part_of = {subject: k for k, part in enumerate(self.PARTS) for subject in part}
+    unknown = sorted({r.subject for r in recordings} - set(part_of))
+    if unknown:
+      logging.warning(
+        "%s: subjects outside the %d-fold partition are left out: %s",
+        self.name,
+        len(self.PARTS),
+        unknown,
+      )
+    splits = {}
+    for k in range(len(self.PARTS)):
+      test = [r for r in recordings if part_of.get(r.subject) == k]
+      train = [r for r in recordings if part_of.get(r.subject, k) != k]
+      splits[f"fold{k + 1}_train"] = self._generate_examples(f"fold{k + 1}_train", train)
+      splits[f"fold{k + 1}_test"] = self._generate_examples(f"fold{k + 1}_test", test)
+    return splits
+
+  @classmethod
+  def inspect_built(
+    cls, data_dir: str, out_png: str | None = None, config: str | None = None
+  ) -> dict:
+    """Counts, shapes, AU base rates and a contact sheet of this dataset, as built."""
+    report = inspect_dataset(cls.name, data_dir, out_png, config)
+    report["aus"] = list(cls.AUS)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------

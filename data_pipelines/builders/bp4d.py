@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import logging
 import os
 
 import numpy as np
@@ -103,7 +102,7 @@ def read_occurrence(path: str) -> tuple[np.ndarray, np.ndarray]:
   return table[:, 0], codes
 
 
-class Bp4d(_video.VideoBuilder):
+class Bp4d(_video.ActionUnitBuilder):
   """BP4D frame windows with 12 AU occurrence labels, 3 subject-exclusive folds."""
 
   name = "bp4d"
@@ -113,38 +112,14 @@ class Bp4d(_video.VideoBuilder):
     "Request BP4D-Spontaneous from Binghamton University, unpack it and pass the directory "
     "that holds BP4D-training/ and AUCoding/."
   )
+  AUS = AUS
+  PARTS = PARTS
 
-  def features_dict(self) -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict(
-      {
-        "video": self.video_feature(),
-        "aus": tfds.features.Tensor(shape=(len(AUS),), dtype=np.float32),
-        "frame_aus": tfds.features.Tensor(shape=(None, len(AUS)), dtype=np.float32),
-        "num_frames": tfds.features.Scalar(dtype=np.int32),
-        "start_frame": tfds.features.Scalar(dtype=np.int32),
-        "fps": tfds.features.Scalar(dtype=np.float32),
-        "subject": tfds.features.Text(),
-        "task": tfds.features.Text(),
-        "key": tfds.features.Text(),
-      }
-    )
+  def recording_features(self) -> dict[str, tfds.features.FeatureConnector]:
+    return {"task": tfds.features.Text()}
 
-  def _split_generators(self, dl_manager):
-    sequences = read_sequences(os.fspath(dl_manager.manual_dir))
-    part_of = {subject: k for k, part in enumerate(PARTS) for subject in part}
-    unknown = sorted({s.subject for s in sequences} - set(part_of))
-    if unknown:
-      logging.warning("bp4d: subjects outside the 3-fold partition are left out: %s", unknown)
-    splits = {}
-    for k in range(len(PARTS)):
-      test = [s for s in sequences if part_of.get(s.subject) == k]
-      train = [s for s in sequences if part_of.get(s.subject, k) != k]
-      splits[f"fold{k + 1}_train"] = self._generate_examples(f"fold{k + 1}_train", train)
-      splits[f"fold{k + 1}_test"] = self._generate_examples(f"fold{k + 1}_test", test)
-    return splits
-
-  def _generate_examples(self, split: str, recordings: list[Recording]):
-    yield from self.validated_examples(split, recordings, self._load)
+  def list_recordings(self, raw_dir: str) -> list[Recording]:
+    return read_sequences(raw_dir)
 
   def _load_sequence(self, sequence: Recording) -> dict[str, np.ndarray]:
     numbers, codes = read_occurrence(sequence.path)
@@ -165,11 +140,9 @@ class Bp4d(_video.VideoBuilder):
         f"(first: {missing[0]})",
       )
     config = self.video_config
-    frames = video_ops.read_frames(
-      [images[int(n)] for n in numbers],
-      min_side=int(np.ceil(config.frame_size / config.crop_fraction)),
+    video = _video.read_square_frames(
+      [images[int(n)] for n in numbers], config.frame_size, config.crop_fraction
     )
-    video = video_ops.center_crop(frames, config.frame_size, config.crop_fraction)
     check_shape(
       sequence.frame_dir, "video", video, (len(numbers), config.frame_size, config.frame_size, 3)
     )
@@ -187,22 +160,5 @@ class Bp4d(_video.VideoBuilder):
     )
 
 
-def build(
-  raw_dir: str,
-  data_dir: str,
-  skip_invalid: bool = False,
-  *,
-  frame_size: int = _video.DEFAULT_FRAME_SIZE,
-  max_frames: int = _video.DEFAULT_MAX_FRAMES,
-) -> dict[str, int]:
-  """Builds BP4D from `raw_dir` into `data_dir`; returns `{split: num_examples}`."""
-  return _video.build_dataset(
-    Bp4d, raw_dir, data_dir, skip_invalid, frame_size=frame_size, max_frames=max_frames
-  )
-
-
-def inspect(data_dir: str, out_png: str | None = None, config: str | None = None) -> dict:
-  """Counts, shapes, AU base rates and a contact sheet of a built BP4D."""
-  report = _video.inspect_dataset("bp4d", data_dir, out_png, config)
-  report["aus"] = list(AUS)
-  return report
+build = Bp4d.build_from_raw
+inspect = Bp4d.inspect_built

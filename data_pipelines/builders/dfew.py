@@ -29,9 +29,6 @@ import csv
 import dataclasses
 import os
 
-import numpy as np
-import tensorflow_datasets as tfds
-
 from data_pipelines.builders import _video
 from data_pipelines.builders.common import InvalidExample
 
@@ -124,7 +121,7 @@ def parse_label(clip: Clip, num_classes: int) -> int:
   return label - 1
 
 
-class Dfew(_video.VideoBuilder):
+class Dfew(_video.ClipBuilder):
   """DFEW clips with their expression class, 5 folds."""
 
   name = "dfew"
@@ -134,59 +131,18 @@ class Dfew(_video.VideoBuilder):
     "Request DFEW from https://dfew-dataset.github.io/, unpack it and pass the directory "
     "that holds Clip/ and EmoLabel_DataSplit/."
   )
+  CLASS_NAMES = CLASS_NAMES
 
-  def features_dict(self) -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict(
-      {
-        "video": self.video_feature(),
-        "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-        "num_frames": tfds.features.Scalar(dtype=np.int32),
-        "frame_indices": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-        "subject": tfds.features.Text(),
-        "key": tfds.features.Text(),
-      }
-    )
+  def clip_splits(self, raw_dir: str) -> dict[str, list[Clip]]:
+    return read_splits(raw_dir)
 
-  def _split_generators(self, dl_manager):
-    splits = read_splits(os.fspath(dl_manager.manual_dir))
-    return {name: self._generate_examples(name, clips) for name, clips in splits.items()}
+  def clip_label(self, clip: Clip) -> int:
+    return parse_label(clip, len(CLASS_NAMES))
 
-  def _generate_examples(self, split: str, clips: list[Clip]):
-    yield from self.validated_examples(split, clips, self._load)
-
-  def _load(self, clip: Clip) -> list[tuple[str, dict]]:
-    label = parse_label(clip, len(CLASS_NAMES))
-    video, num_frames, indices = self.load_clip(clip.path)
+  def clip_fields(self, clip: Clip, num_frames: int) -> dict:
     _video.check_frame_count(clip.path, clip.num_frames, num_frames, clip.annotation)
-    return [
-      (
-        clip.key,
-        {
-          "video": video,
-          "label": label,
-          "num_frames": num_frames,
-          "frame_indices": indices,
-          "subject": clip.key,
-          "key": clip.key,
-        },
-      )
-    ]
+    return {"subject": clip.key}
 
 
-def build(
-  raw_dir: str,
-  data_dir: str,
-  skip_invalid: bool = False,
-  *,
-  frame_size: int = _video.DEFAULT_FRAME_SIZE,
-  max_frames: int = _video.DEFAULT_MAX_FRAMES,
-) -> dict[str, int]:
-  """Builds DFEW from `raw_dir` into `data_dir`; returns `{split: num_examples}`."""
-  return _video.build_dataset(
-    Dfew, raw_dir, data_dir, skip_invalid, frame_size=frame_size, max_frames=max_frames
-  )
-
-
-def inspect(data_dir: str, out_png: str | None = None, config: str | None = None) -> dict:
-  """Counts, shapes, label histograms and a contact sheet of a built DFEW."""
-  return _video.inspect_dataset("dfew", data_dir, out_png, config, class_names=CLASS_NAMES)
+build = Dfew.build_from_raw
+inspect = Dfew.inspect_built

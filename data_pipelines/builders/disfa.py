@@ -29,7 +29,6 @@ Features:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 
@@ -100,7 +99,7 @@ def read_intensity(label_dir: str, subject: str) -> np.ndarray:
   return np.stack(columns, axis=1)
 
 
-class Disfa(_video.VideoBuilder):
+class Disfa(_video.ActionUnitBuilder):
   """DISFA frame windows with 8 AU occurrence labels (and intensities), 3 folds."""
 
   name = "disfa"
@@ -110,38 +109,14 @@ class Disfa(_video.VideoBuilder):
     "Request DISFA from http://mohammadmahoor.com/disfa/, unpack it and pass the directory "
     "that holds Videos_LeftCamera/ and ActionUnit_Labels/."
   )
+  AUS = AUS
+  PARTS = PARTS
 
-  def features_dict(self) -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict(
-      {
-        "video": self.video_feature(),
-        "aus": tfds.features.Tensor(shape=(len(AUS),), dtype=np.float32),
-        "frame_aus": tfds.features.Tensor(shape=(None, len(AUS)), dtype=np.float32),
-        "frame_intensity": tfds.features.Tensor(shape=(None, len(AUS)), dtype=np.float32),
-        "num_frames": tfds.features.Scalar(dtype=np.int32),
-        "start_frame": tfds.features.Scalar(dtype=np.int32),
-        "fps": tfds.features.Scalar(dtype=np.float32),
-        "subject": tfds.features.Text(),
-        "key": tfds.features.Text(),
-      }
-    )
+  def frame_label_features(self) -> dict[str, tfds.features.FeatureConnector]:
+    return {"frame_intensity": tfds.features.Tensor(shape=(None, len(AUS)), dtype=np.float32)}
 
-  def _split_generators(self, dl_manager):
-    recordings = read_recordings(os.fspath(dl_manager.manual_dir))
-    part_of = {subject: k for k, part in enumerate(PARTS) for subject in part}
-    unknown = sorted({r.subject for r in recordings} - set(part_of))
-    if unknown:
-      logging.warning("disfa: subjects outside the 3-fold partition are left out: %s", unknown)
-    splits = {}
-    for k in range(len(PARTS)):
-      test = [r for r in recordings if part_of.get(r.subject) == k]
-      train = [r for r in recordings if part_of.get(r.subject, k) != k]
-      splits[f"fold{k + 1}_train"] = self._generate_examples(f"fold{k + 1}_train", train)
-      splits[f"fold{k + 1}_test"] = self._generate_examples(f"fold{k + 1}_test", test)
-    return splits
-
-  def _generate_examples(self, split: str, recordings: list[Recording]):
-    yield from self.validated_examples(split, recordings, self._load)
+  def list_recordings(self, raw_dir: str) -> list[Recording]:
+    return read_recordings(raw_dir)
 
   def _load_recording(self, recording: Recording) -> dict[str, np.ndarray]:
     intensity = read_intensity(recording.label_dir, recording.subject)
@@ -179,22 +154,5 @@ class Disfa(_video.VideoBuilder):
     )
 
 
-def build(
-  raw_dir: str,
-  data_dir: str,
-  skip_invalid: bool = False,
-  *,
-  frame_size: int = _video.DEFAULT_FRAME_SIZE,
-  max_frames: int = _video.DEFAULT_MAX_FRAMES,
-) -> dict[str, int]:
-  """Builds DISFA from `raw_dir` into `data_dir`; returns `{split: num_examples}`."""
-  return _video.build_dataset(
-    Disfa, raw_dir, data_dir, skip_invalid, frame_size=frame_size, max_frames=max_frames
-  )
-
-
-def inspect(data_dir: str, out_png: str | None = None, config: str | None = None) -> dict:
-  """Counts, shapes, AU base rates and a contact sheet of a built DISFA."""
-  report = _video.inspect_dataset("disfa", data_dir, out_png, config)
-  report["aus"] = list(AUS)
-  return report
+build = Disfa.build_from_raw
+inspect = Disfa.inspect_built

@@ -23,11 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
-import tensorflow_datasets as tfds
-
 from data_pipelines.builders import _video
-from data_pipelines.builders.common import InvalidExample
 
 CLASS_NAMES = ("Happy", "Sad", "Neutral", "Angry", "Surprise", "Disgust", "Fear")
 
@@ -59,7 +55,7 @@ def read_splits(raw_dir: str) -> dict[str, list[Clip]]:
   return splits
 
 
-class Ferv39k(_video.VideoBuilder):
+class Ferv39k(_video.ClipBuilder):
   """FERV39k clips with their class, one train/test split."""
 
   name = "ferv39k"
@@ -69,61 +65,17 @@ class Ferv39k(_video.VideoBuilder):
     "Request FERV39k from its authors, unpack it and pass the directory that holds "
     "2_ClipsforFaceCrop/ and 4_setups/."
   )
+  CLASS_NAMES = CLASS_NAMES
 
-  def features_dict(self) -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict(
-      {
-        "video": self.video_feature(),
-        "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-        "num_frames": tfds.features.Scalar(dtype=np.int32),
-        "frame_indices": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-        "subject": tfds.features.Text(),
-        "key": tfds.features.Text(),
-      }
-    )
+  def clip_splits(self, raw_dir: str) -> dict[str, list[Clip]]:
+    return read_splits(raw_dir)
 
-  def _split_generators(self, dl_manager):
-    splits = read_splits(os.fspath(dl_manager.manual_dir))
-    return {name: self._generate_examples(name, clips) for name, clips in splits.items()}
+  def clip_label(self, clip: Clip) -> int:
+    return _video.word_label(clip.word, CLASS_NAMES, clip.key, clip.annotation)
 
-  def _generate_examples(self, split: str, clips: list[Clip]):
-    yield from self.validated_examples(split, clips, self._load)
-
-  def _load(self, clip: Clip) -> list[tuple[str, dict]]:
-    if clip.word not in CLASS_NAMES:
-      raise InvalidExample(
-        clip.annotation, f"label {clip.word!r} of clip {clip.key} is not one of {CLASS_NAMES}"
-      )
-    video, num_frames, indices = self.load_clip(clip.path)
-    return [
-      (
-        clip.key,
-        {
-          "video": video,
-          "label": CLASS_NAMES.index(clip.word),
-          "num_frames": num_frames,
-          "frame_indices": indices,
-          "subject": clip.key.split("/")[0],
-          "key": clip.key,
-        },
-      )
-    ]
+  def clip_fields(self, clip: Clip, num_frames: int) -> dict:
+    return {"subject": clip.key.split("/")[0]}
 
 
-def build(
-  raw_dir: str,
-  data_dir: str,
-  skip_invalid: bool = False,
-  *,
-  frame_size: int = _video.DEFAULT_FRAME_SIZE,
-  max_frames: int = _video.DEFAULT_MAX_FRAMES,
-) -> dict[str, int]:
-  """Builds FERV39k from `raw_dir` into `data_dir`; returns `{split: num_examples}`."""
-  return _video.build_dataset(
-    Ferv39k, raw_dir, data_dir, skip_invalid, frame_size=frame_size, max_frames=max_frames
-  )
-
-
-def inspect(data_dir: str, out_png: str | None = None, config: str | None = None) -> dict:
-  """Counts, shapes, label histograms and a contact sheet of a built FERV39k."""
-  return _video.inspect_dataset("ferv39k", data_dir, out_png, config, class_names=CLASS_NAMES)
+build = Ferv39k.build_from_raw
+inspect = Ferv39k.inspect_built

@@ -32,7 +32,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines.builders import _video
-from data_pipelines.builders.common import InvalidExample
 from data_pipelines.ops import video as video_ops
 
 CLASS_NAMES = (
@@ -80,7 +79,7 @@ def read_splits(raw_dir: str) -> dict[str, list[Clip]]:
   return splits
 
 
-class Mafw(_video.VideoBuilder):
+class Mafw(_video.ClipBuilder):
   """MAFW single-expression clips with their class, 5 folds."""
 
   name = "mafw"
@@ -90,63 +89,20 @@ class Mafw(_video.VideoBuilder):
     "Request MAFW from its authors, unpack it and pass the directory that holds data/clips/ "
     "and 'Train & Test Set/'."
   )
+  CLASS_NAMES = CLASS_NAMES
 
-  def features_dict(self) -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict(
-      {
-        "video": self.video_feature(),
-        "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-        "num_frames": tfds.features.Scalar(dtype=np.int32),
-        "frame_indices": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-        "fps": tfds.features.Scalar(dtype=np.float32),
-        "subject": tfds.features.Text(),
-        "key": tfds.features.Text(),
-      }
-    )
+  def clip_splits(self, raw_dir: str) -> dict[str, list[Clip]]:
+    return read_splits(raw_dir)
 
-  def _split_generators(self, dl_manager):
-    splits = read_splits(os.fspath(dl_manager.manual_dir))
-    return {name: self._generate_examples(name, clips) for name, clips in splits.items()}
+  def clip_label(self, clip: Clip) -> int:
+    return _video.word_label(clip.word, CLASS_NAMES, clip.key, clip.annotation)
 
-  def _generate_examples(self, split: str, clips: list[Clip]):
-    yield from self.validated_examples(split, clips, self._load)
+  def extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+    return {"fps": tfds.features.Scalar(dtype=np.float32)}
 
-  def _load(self, clip: Clip) -> list[tuple[str, dict]]:
-    if clip.word not in CLASS_NAMES:
-      raise InvalidExample(
-        clip.annotation, f"label {clip.word!r} of clip {clip.key} is not one of {CLASS_NAMES}"
-      )
-    video, num_frames, indices = self.load_clip(clip.path)
-    return [
-      (
-        clip.key,
-        {
-          "video": video,
-          "label": CLASS_NAMES.index(clip.word),
-          "num_frames": num_frames,
-          "frame_indices": indices,
-          "fps": video_ops.video_fps(clip.path),
-          "subject": clip.key,
-          "key": clip.key,
-        },
-      )
-    ]
+  def clip_fields(self, clip: Clip, num_frames: int) -> dict:
+    return {"fps": video_ops.video_fps(clip.path), "subject": clip.key}
 
 
-def build(
-  raw_dir: str,
-  data_dir: str,
-  skip_invalid: bool = False,
-  *,
-  frame_size: int = _video.DEFAULT_FRAME_SIZE,
-  max_frames: int = _video.DEFAULT_MAX_FRAMES,
-) -> dict[str, int]:
-  """Builds MAFW from `raw_dir` into `data_dir`; returns `{split: num_examples}`."""
-  return _video.build_dataset(
-    Mafw, raw_dir, data_dir, skip_invalid, frame_size=frame_size, max_frames=max_frames
-  )
-
-
-def inspect(data_dir: str, out_png: str | None = None, config: str | None = None) -> dict:
-  """Counts, shapes, label histograms and a contact sheet of a built MAFW."""
-  return _video.inspect_dataset("mafw", data_dir, out_png, config, class_names=CLASS_NAMES)
+build = Mafw.build_from_raw
+inspect = Mafw.inspect_built
