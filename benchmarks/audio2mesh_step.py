@@ -63,10 +63,9 @@ from hostinfo import machine  # noqa: E402
 from fdjax import config as config_lib
 from fdjax import mesh as mesh_lib
 from fdjax import optim as optim_lib
-from fdjax import state as state_lib
 from fdjax import step as step_lib
 from fdjax import trainer
-from fdjax.tasks import load_task, task_loss_fn
+from fdjax.tasks import load_task
 
 DEFAULT_CONFIG = "experiments/audio2mesh/vocaset.py:variant=faceformer"
 MM_PER_METRE = 1000.0
@@ -165,29 +164,13 @@ def hlo_matmul_flops(text: str) -> float:
 
 
 def _build_step(config):
-  """(state, jitted step, mesh, rules, model) as `fdjax.trainer` builds them."""
+  """(state, jitted step, mesh, rules) as `fdjax.trainer` builds them."""
   task = load_task(config.task)
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.as_rules(config.rules)
   mesh_lib.check_batch_size(config.batch_size, mesh, rules, config.grad_accum_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    model = task.build_model(config)
-    tx, schedule = optim_lib.make_optimizer(config.optim, config.total_steps)
-    state, shardings = state_lib.create_train_state(
-      jax.random.key(config.seed), mesh, rules, model, tx, task.dummy_batch(config, 1)
-    )
-    step = step_lib.jit_train_step(
-      mesh,
-      rules,
-      shardings,
-      model=model,
-      loss_fn=task_loss_fn(task, config),
-      tx=tx,
-      schedule=schedule,
-      trainable=optim_lib.trainable_mask(state.params, config.optim.freeze),
-      grad_accum_steps=config.grad_accum_steps,
-      compute_dtype=step_lib.resolve_compute_dtype(config.precision.compute_dtype),
-    )
+    _, state, _, step = trainer.build_train_step(config, task, mesh, rules)
   return state, step, mesh, rules
 
 

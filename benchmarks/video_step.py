@@ -41,10 +41,9 @@ def benchmark(variant: str, size: str, frames: int, batch: int, steps: int, warm
   from fdjax import config as config_lib
   from fdjax import mesh as mesh_lib
   from fdjax import optim as optim_lib
-  from fdjax import state as state_lib
   from fdjax import step as step_lib
   from fdjax import trainer
-  from fdjax.tasks import dfer, load_task, task_loss_fn
+  from fdjax.tasks import dfer, load_task
 
   config = config_lib.load_config(
     f"{CONFIG}:variant={variant},size={size},frames={frames}",
@@ -55,25 +54,8 @@ def benchmark(variant: str, size: str, frames: int, batch: int, steps: int, warm
   rules = mesh_lib.as_rules(config.rules)
   mesh_lib.check_batch_size(config.batch_size, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    model = task.build_model(config)
-    tx, schedule = optim_lib.make_optimizer(config.optim, config.total_steps)
-    state, shardings = state_lib.create_train_state(
-      jax.random.key(0), mesh, rules, model, tx, task.dummy_batch(config, 1), task.init_fn
-    )
+    model, state, _, train_step = trainer.build_train_step(config, task, mesh, rules)
     trainable, total = optim_lib.count_params(state.params, config.optim.freeze)
-    compute_dtype = step_lib.resolve_compute_dtype(config.precision.compute_dtype)
-    train_step = step_lib.jit_train_step(
-      mesh,
-      rules,
-      shardings,
-      model=model,
-      loss_fn=task_loss_fn(task, config),
-      tx=tx,
-      schedule=schedule,
-      trainable=optim_lib.trainable_mask(state.params, config.optim.freeze),
-      grad_accum_steps=1,
-      compute_dtype=compute_dtype,
-    )
     rng = np.random.default_rng(0)
     host = task.dummy_batch(config, batch)
     host["video"] = rng.integers(0, 256, host["video"].shape, dtype=np.uint8)
@@ -101,7 +83,7 @@ def benchmark(variant: str, size: str, frames: int, batch: int, steps: int, warm
     "batch": batch,
     "devices": jax.device_count(),
     "device_kind": jax.devices()[0].device_kind,
-    "compute_dtype": str(np.dtype(compute_dtype)),
+    "compute_dtype": str(np.dtype(step_lib.resolve_compute_dtype(config.precision.compute_dtype))),
     "remat": bool(config.model.remat),
     "trainable_params": trainable,
     "total_params": total,

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -165,16 +166,16 @@ def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None) -> d
     writer.close()
 
 
-def _run(config, workdir, task, mesh, rules) -> TrainResult:
+def build_train_step(config: Any, task: Any, mesh, rules) -> tuple[Any, Any, Any, Callable]:
+  """`(model, state, shardings, train_step)`: the model, a fresh train state (seed
+  `config.seed`) and the jitted step of `config`, as training builds them; benchmarks time the
+  same step. Call it under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`."""
   model, tx, schedule = _model_and_optimizer(config, task)
   dummy = task.dummy_batch(config, 1)
   init_fn = getattr(task, "init_fn", None)
   state, shardings = state_lib.create_train_state(
     jax.random.key(config.seed), mesh, rules, model, tx, dummy, init_fn
   )
-  trainable, total = optim_lib.count_params(state.params, config.optim.freeze)
-  logging.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
-  compute_dtype = step_lib.resolve_compute_dtype(config.precision.compute_dtype)
   train_step = step_lib.jit_train_step(
     mesh,
     rules,
@@ -185,8 +186,15 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
     schedule=schedule,
     trainable=optim_lib.trainable_mask(state.params, config.optim.freeze),
     grad_accum_steps=config.grad_accum_steps,
-    compute_dtype=compute_dtype,
+    compute_dtype=step_lib.resolve_compute_dtype(config.precision.compute_dtype),
   )
+  return model, state, shardings, train_step
+
+
+def _run(config, workdir, task, mesh, rules) -> TrainResult:
+  model, state, shardings, train_step = build_train_step(config, task, mesh, rules)
+  trainable, total = optim_lib.count_params(state.params, config.optim.freeze)
+  logging.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
   data = task.train_data(
     config, process_index=jax.process_index(), process_count=jax.process_count()
   )
