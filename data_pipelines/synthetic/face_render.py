@@ -43,27 +43,6 @@ import numpy as np
 RENDER_AUS: tuple[int, ...] = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 24, 25, 26, 43)
 AU_INDEX: dict[int, int] = {au: i for i, au in enumerate(RENDER_AUS)}
 
-AU_NAMES: dict[int, str] = {
-  1: "inner brow raiser",
-  2: "outer brow raiser",
-  4: "brow lowerer",
-  5: "upper lid raiser",
-  6: "cheek raiser",
-  7: "lid tightener",
-  9: "nose wrinkler",
-  10: "upper lip raiser",
-  12: "lip corner puller",
-  14: "dimpler",
-  15: "lip corner depressor",
-  17: "chin raiser",
-  20: "lip stretcher",
-  23: "lip tightener",
-  24: "lip pressor",
-  25: "lips part",
-  26: "jaw drop",
-  43: "eyes closed",
-}
-
 # Skin tones from light to dark (linear-ish RGB in [0, 1]); identities jitter around them.
 _SKIN_TONES = np.array(
   [

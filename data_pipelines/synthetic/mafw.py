@@ -21,23 +21,13 @@ import os
 
 import numpy as np
 
+from data_pipelines.builders import mafw as mafw_builder
 from data_pipelines.ops import video as video_ops
 from data_pipelines.synthetic import face_render
 
-CLASS_NAMES = (
-  "anger",
-  "disgust",
-  "fear",
-  "happiness",
-  "neutral",
-  "sadness",
-  "surprise",
-  "contempt",
-  "anxiety",
-  "helplessness",
-  "disappointment",
-)
-NUM_FOLDS = 5
+# The builder's classes (the order of the label words) and folds.
+CLASS_NAMES = mafw_builder.CLASS_NAMES
+NUM_FOLDS = mafw_builder.NUM_FOLDS
 FPS = 25
 
 SIZES = {
