@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 
 
 def cpu_model() -> str:
   """The processor's marketing name (Linux /proc/cpuinfo), else the architecture."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
+  with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # not Linux: fall through
+    for line in f:
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
   return platform.processor() or platform.machine()
 
 

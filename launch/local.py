@@ -14,6 +14,7 @@ passed on to every process, so the trainer can checkpoint before exiting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -315,10 +316,9 @@ def _stop_others(procs, outcomes, failed: int, grace_s: float, exits: _ExitOrder
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-  try:
+  # The group may be gone already (or, after a pid reuse, not ours to signal).
+  with contextlib.suppress(ProcessLookupError, PermissionError):
     os.killpg(proc.pid, sig)
-  except (ProcessLookupError, PermissionError):
-    pass
 
 
 def _describe_exit(code: int | None) -> str:

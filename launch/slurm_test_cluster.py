@@ -16,6 +16,7 @@ it up until interrupted, printing the `SLURM_CONF` to export in another shell.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -259,11 +260,9 @@ def main(argv: list[str]) -> int:
     return 2
   with LocalSlurmCluster(argv[0]) as cluster:
     print(f"test cluster up: export SLURM_CONF={cluster.conf_path}  (Ctrl-C stops it)", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the way to stop it
       while True:
         time.sleep(3600)
-    except KeyboardInterrupt:
-      pass
   return 0
 
 
