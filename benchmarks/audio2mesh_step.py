@@ -61,7 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hostinfo import machine  # noqa: E402
 
 from fdjax import config as config_lib
-from fdjax import mesh as mesh_lib
+from fdjax import sharding as sharding_lib
 from fdjax import optim as optim_lib
 from fdjax import step as step_lib
 from fdjax import trainer
@@ -166,9 +166,9 @@ def hlo_matmul_flops(text: str) -> float:
 def _build_step(config):
   """(state, jitted step, mesh, rules) as `fdjax.trainer` builds them."""
   task = load_task(config.task)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = mesh_lib.as_rules(config.rules)
-  mesh_lib.check_batch_size(config.batch_size, mesh, rules, config.grad_accum_steps)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.as_rules(config.rules)
+  sharding_lib.check_batch_size(config.batch_size, mesh, rules, config.grad_accum_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     _, state, _, step = trainer.build_train_step(config, task, mesh, rules)
   return state, step, mesh, rules
@@ -179,7 +179,7 @@ def run_jax(config, args) -> dict:
   task = load_task(config.task)
   state, step, mesh, rules = _build_step(config)
   trainable, total = optim_lib.count_params(state.params, config.optim.freeze)
-  sharding = mesh_lib.batch_sharding(mesh, rules)
+  sharding = sharding_lib.batch_sharding(mesh, rules)
   batch = {
     k: jax.make_array_from_process_local_data(sharding, v)
     for k, v in synthetic_batch(config, config.batch_size).items()

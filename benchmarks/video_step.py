@@ -39,7 +39,7 @@ CONFIG = os.path.join(ROOT, "experiments", "dfer", "dfew.py")
 
 def benchmark(variant: str, size: str, frames: int, batch: int, steps: int, warmup: int) -> dict:
   from fdjax import config as config_lib
-  from fdjax import mesh as mesh_lib
+  from fdjax import sharding as sharding_lib
   from fdjax import optim as optim_lib
   from fdjax import step as step_lib
   from fdjax import trainer
@@ -50,9 +50,9 @@ def benchmark(variant: str, size: str, frames: int, batch: int, steps: int, warm
     [("batch_size", batch), ("compilation_cache_dir", "")],
   )
   task = load_task(config.task)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = mesh_lib.as_rules(config.rules)
-  mesh_lib.check_batch_size(config.batch_size, mesh, rules)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.as_rules(config.rules)
+  sharding_lib.check_batch_size(config.batch_size, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     model, state, _, train_step = trainer.build_train_step(config, task, mesh, rules)
     trainable, total = optim_lib.count_params(state.params, config.optim.freeze)
@@ -60,7 +60,7 @@ def benchmark(variant: str, size: str, frames: int, batch: int, steps: int, warm
     host = task.dummy_batch(config, batch)
     host["video"] = rng.integers(0, 256, host["video"].shape, dtype=np.uint8)
     host["label"] = rng.integers(0, len(config.data.class_names), batch).astype(np.int32)
-    sharding = mesh_lib.batch_sharding(mesh, rules)
+    sharding = sharding_lib.batch_sharding(mesh, rules)
     device_batch = {k: jax.device_put(v, sharding) for k, v in host.items()}
     times = []
     for i in range(warmup + steps):

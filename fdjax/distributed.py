@@ -245,7 +245,7 @@ def preflight(config: Any, mesh: Any) -> str:
   import jax
 
   from fdjax import config as config_lib
-  from fdjax import mesh as mesh_lib
+  from fdjax import sharding as sharding_lib
 
   process_index, process_count = jax.process_index(), jax.process_count()
   global_devices, local_devices = jax.device_count(), jax.local_device_count()
@@ -267,7 +267,7 @@ def preflight(config: Any, mesh: Any) -> str:
       f"the mesh ({mesh_shape}) has {mesh.devices.size} devices but the runtime has "
       f"{global_devices} ({process_count} processes x {local_devices} local)"
     )
-  axes = mesh_lib.batch_axes(mesh_lib.as_rules(config.rules))
+  axes = sharding_lib.batch_axes(sharding_lib.as_rules(config.rules))
   data_parallel = math.prod(mesh.shape[a] for a in axes)
   micro_batch = batch_size // grad_accum_steps if grad_accum_steps > 0 else batch_size
   if grad_accum_steps < 1 or batch_size % grad_accum_steps:

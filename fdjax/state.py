@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from fdjax import mesh as mesh_lib
+from fdjax import sharding as sharding_lib
 
 
 @flax.struct.dataclass
@@ -79,7 +79,7 @@ def state_shardings(
   boxed = jax.eval_shape(
     lambda rng: _init_boxed(rng, model, tx, dummy_batch, init_fn), jax.random.key(0)
   )
-  shardings = mesh_lib.tree_shardings(mesh, rules, nn.get_partition_spec(boxed))
+  shardings = sharding_lib.tree_shardings(mesh, rules, nn.get_partition_spec(boxed))
   abstract = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), strip_boxes(boxed), shardings
   )
@@ -111,6 +111,6 @@ def create_train_state(
     lambda rng: nn.unbox(_init_boxed(rng, model, tx, dummy_batch, init_fn)),
     out_shardings=shardings,
   )
-  with nn.logical_axis_rules(mesh_lib.as_rules(rules)):
+  with nn.logical_axis_rules(sharding_lib.as_rules(rules)):
     state = init(rng)
   return state, shardings

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fdjax import mesh as mesh_lib
+from fdjax import sharding as sharding_lib
 from fdjax.state import TrainState
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -151,10 +151,10 @@ def jit_train_step(
   **step_kwargs: Any,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """`train_step` jitted with explicit shardings and the state donated."""
-  fn = functools.partial(train_step, batch_axes=mesh_lib.batch_axes(rules), **step_kwargs)
+  fn = functools.partial(train_step, batch_axes=sharding_lib.batch_axes(rules), **step_kwargs)
   return jax.jit(
     fn,
-    in_shardings=(shardings, mesh_lib.batch_sharding(mesh, rules)),
+    in_shardings=(shardings, sharding_lib.batch_sharding(mesh, rules)),
     out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
     donate_argnums=(0,),
   )
@@ -164,7 +164,7 @@ def jit_eval_step(mesh: Mesh, rules: Any, param_shardings: Any, **step_kwargs: A
   """`eval_step` jitted with explicit shardings."""
   return jax.jit(
     functools.partial(eval_step, **step_kwargs),
-    in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh, rules)),
+    in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh, rules)),
     out_shardings=NamedSharding(mesh, PartitionSpec()),
   )
 

@@ -31,7 +31,7 @@ import numpy as np
 from fdjax import checkpoint as checkpoint_lib
 from fdjax import config as config_lib
 from fdjax import distributed
-from fdjax import mesh as mesh_lib
+from fdjax import sharding as sharding_lib
 from fdjax import optim as optim_lib
 from fdjax import state as state_lib
 from fdjax import step as step_lib
@@ -114,9 +114,9 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
   """Trains `config` in `workdir`, resuming if it holds checkpoints. See the module docstring."""
   setup_jax(config)
   task = load_task(config.task)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = mesh_lib.as_rules(config.rules)
-  mesh_lib.check_batch_size(config.batch_size, mesh, rules, config.grad_accum_steps)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.as_rules(config.rules)
+  sharding_lib.check_batch_size(config.batch_size, mesh, rules, config.grad_accum_steps)
   if jax.process_index() == 0:
     config_lib.save_config(config, workdir)
   distributed.preflight(config, mesh)
@@ -138,8 +138,8 @@ def restore_params(config: Any, workdir: str, step: int | None = None, mesh=None
   """
   setup_jax(config)
   task = load_task(config.task)
-  mesh = mesh or mesh_lib.make_mesh(config.mesh)
-  rules = mesh_lib.as_rules(config.rules)
+  mesh = mesh or sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.as_rules(config.rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     model, tx, _ = _model_and_optimizer(config, task)
     abstract, _ = state_lib.state_shardings(
@@ -155,8 +155,8 @@ def restore_params(config: Any, workdir: str, step: int | None = None, mesh=None
 
 def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None) -> dict[str, float]:
   """Restores the parameters saved in `workdir` (latest, or `step`) and runs the evaluation."""
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = mesh_lib.as_rules(config.rules)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.as_rules(config.rules)
   task, model, params, step = restore_params(config, workdir, step, mesh)
   writer = MetricWriter(workdir)
   try:
@@ -216,7 +216,7 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
 
   writer = MetricWriter(workdir)
   writer.write(0, "params", {"trainable": trainable, "total": total})
-  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   flops = getattr(task, "flops_per_example", None)
   flops = flops(config) if flops else None
   peak = peak_flops_per_device()

@@ -14,7 +14,7 @@ from helpers import ROOT, TINY, subprocess_env
 
 from fdjax import config as config_lib
 from fdjax import distributed
-from fdjax import mesh as mesh_lib
+from fdjax import sharding as sharding_lib
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch", "_allreduce_worker.py")
 
@@ -100,7 +100,7 @@ def test_worker_without_coordinator_says_process_0_did_not_join(tmp_path):
 
 def _mesh_and_config(*overrides):
   config = config_lib.load_config(TINY, list(overrides))
-  return config, mesh_lib.make_mesh(config.mesh)
+  return config, sharding_lib.make_mesh(config.mesh)
 
 
 def test_preflight_prints_one_line_per_process(capsys):
@@ -125,7 +125,7 @@ def test_preflight_rejects_a_batch_that_does_not_split_over_the_devices():
 
 def test_preflight_rejects_a_mesh_that_does_not_cover_the_devices():
   config = config_lib.load_config(TINY, ["--config.mesh.data=4"])
-  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:4])
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:4])
   with pytest.raises(distributed.PreflightError, match="has 4 devices but the runtime has 8"):
     distributed.preflight(config, mesh)
 

@@ -9,7 +9,7 @@ from helpers import TINY
 from jax.sharding import PartitionSpec as P
 
 from fdjax import config as config_lib
-from fdjax import mesh as mesh_lib
+from fdjax import sharding as sharding_lib
 from fdjax import optim as optim_lib
 from fdjax import state as state_lib
 from fdjax import step as step_lib
@@ -17,8 +17,8 @@ from fdjax import step as step_lib
 
 def _setup(overrides=(), mesh_sizes=(2, 2, 2)):
   config = config_lib.load_config(TINY, list(overrides))
-  mesh = mesh_lib.make_mesh(dict(zip(mesh_lib.MESH_AXES, mesh_sizes)))
-  rules = mesh_lib.as_rules(config.rules)
+  mesh = sharding_lib.make_mesh(dict(zip(sharding_lib.MESH_AXES, mesh_sizes)))
+  rules = sharding_lib.as_rules(config.rules)
   model = tinytask.build_model(config)
   tx, schedule = optim_lib.make_optimizer(config.optim, config.total_steps)
   with jax.set_mesh(mesh):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdjax import mesh as mesh_lib
+from fdjax import sharding as sharding_lib
 from fdjax.metrics import classification
 from fdjax.tasks import dfer
 
@@ -129,7 +129,7 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
     len(names), threshold=config.loss.threshold, au_names=names
   )
   split = dfer.split_name(config, "eval")
-  for batch in dfer.eval_batches(config, model, split, mesh_lib.data_parallel_size(mesh, rules)):
+  for batch in dfer.eval_batches(config, model, split, sharding_lib.data_parallel_size(mesh, rules)):
     logits = dfer.predict_logits(model, params, batch["video"], mesh, rules)
     accumulator.add(batch["aus"], jax.nn.sigmoid(logits), mask=batch["mask"])
   metrics = accumulator.compute()

@@ -54,7 +54,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipelines import pipeline, prepare, video
-from fdjax import mesh as mesh_lib
+from fdjax import sharding as sharding_lib
 from fdjax import step as step_lib
 from fdjax.metrics import classification
 from fdjax.models import clip as clip_lib
@@ -442,7 +442,7 @@ def _logits_fn(model: nn.Module, mesh: jax.sharding.Mesh):
 
 def predict_logits(model, params, batch_video: np.ndarray, mesh, rules) -> np.ndarray:
   """Logits [B, C] of a host batch that every process holds whole, computed batch-sharded."""
-  sharding = mesh_lib.batch_sharding(mesh, rules)
+  sharding = sharding_lib.batch_sharding(mesh, rules)
   video = jax.make_array_from_callback(batch_video.shape, sharding, lambda i: batch_video[i])
   return np.asarray(jax.device_get(_logits_fn(model, mesh)(params, video)), np.float32)
 
@@ -543,7 +543,7 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
   names = list(config.data.class_names)
   accumulator = classification.ClassificationAccumulator(len(names), classes=range(len(names)))
   split = split_name(config, "eval")
-  for batch in eval_batches(config, model, split, mesh_lib.data_parallel_size(mesh, rules)):
+  for batch in eval_batches(config, model, split, sharding_lib.data_parallel_size(mesh, rules)):
     logits = predict_logits(model, params, batch["video"], mesh, rules)
     accumulator.add(batch["label"], logits.argmax(-1), mask=batch["mask"])
   metrics: dict[str, Any] = dict(accumulator.compute())

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipelines import video
 from fdjax import config as config_lib
-from fdjax import mesh as mesh_lib
+from fdjax import sharding as sharding_lib
 from fdjax.tasks import au, dfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -71,8 +71,8 @@ def test_evaluate_reports_sklearn_f1_per_au_and_mean():
   # Random classifier weights spread the predictions over present and absent.
   head = params["temporal_head"]["classifier"]
   head["kernel"] = 3.0 * jax.random.normal(jax.random.key(1), head["kernel"].shape)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = mesh_lib.as_rules(config.rules)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.as_rules(config.rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     sharded = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     metrics = au.evaluate(config, model, sharded, mesh=mesh, rules=rules, workdir="", step=1)

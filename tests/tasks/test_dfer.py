@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipelines import video
 from fdjax import config as config_lib
-from fdjax import mesh as mesh_lib
+from fdjax import sharding as sharding_lib
 from fdjax import optim as optim_lib
 from fdjax.tasks import dfer
 
@@ -131,8 +131,8 @@ def test_evaluate_reports_sklearn_uar_war_and_confusion(adapter, tmp_path):
     "bias": head["classifier"]["bias"],
   }
   params["temporal_head"] = head
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = mesh_lib.as_rules(config.rules)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.as_rules(config.rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     sharded = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     metrics = dfer.evaluate(
