@@ -70,6 +70,7 @@ class TemporalHead(nn.Module):
   logit_scale_init: float = math.log(1 / 0.07)  # initial log temperature of the text classifier
   hidden_act: str = "gelu"  # MLP activation
   remat: bool = False  # recompute block activations in the backward pass
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
   @nn.compact
@@ -125,11 +126,12 @@ class TemporalHead(nn.Module):
       valid = jnp.concatenate([jnp.ones((batch, 1), bool), frame_mask], axis=1)
     x = nn.with_logical_constraint(x, ("batch", "frames", "embed"))
     x = Transformer(
-      self.depth,
-      self.num_heads,
-      self.mlp_dim,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
       hidden_act=self.hidden_act,
       remat=self.remat,
+      attention_impl=self.attention_impl,
       dtype=self.dtype,
       name="temporal_encoder",
     )(x, padding_attention_mask(valid))
@@ -205,6 +207,7 @@ class VideoClassifier(nn.Module):
   pixel_mean: tuple[float, float, float] = CLIP_MEAN  # RGB mean of the encoder's training data
   pixel_std: tuple[float, float, float] = CLIP_STD  # RGB std of the encoder's training data
   remat: bool = False  # recompute activations of the towers in the backward pass
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
   def _peft(self) -> dict[str, Any]:
@@ -230,7 +233,12 @@ class VideoClassifier(nn.Module):
     classes, prompts, length = token_ids.shape
     peft = self._peft() if self.peft_text else {}
     text = ClipTextEncoder(
-      **clip_variant(self.variant)["text"], **peft, remat=self.remat, dtype=self.dtype, name="text"
+      **clip_variant(self.variant)["text"],
+      **peft,
+      remat=self.remat,
+      attention_impl=self.attention_impl,
+      dtype=self.dtype,
+      name="text",
     )
     text_embeds, _ = text(token_ids.reshape(classes * prompts, length))
     if self.stop_backbone_gradient and not self.peft_text:
@@ -260,7 +268,12 @@ class VideoClassifier(nn.Module):
     pixels = normalize_video(video, self.pixel_mean, self.pixel_std, self.dtype)
     pixels = pixels.reshape(batch * frames, size, size, 3)  # frames share the image encoder
     vision = ClipVisionEncoder(
-      **vision_config, **self._peft(), remat=self.remat, dtype=self.dtype, name="vision"
+      **vision_config,
+      **self._peft(),
+      remat=self.remat,
+      attention_impl=self.attention_impl,
+      dtype=self.dtype,
+      name="vision",
     )
     frame_embeds, _ = vision(pixels, train)
     frame_embeds = frame_embeds.reshape(batch, frames, -1)  # [B, T, P]
@@ -279,6 +292,7 @@ class VideoClassifier(nn.Module):
       max_frames=self.max_frames,
       pooling=self.pooling,
       dropout=self.dropout,
+      attention_impl=self.attention_impl,
       dtype=self.dtype,
       name="temporal_head",
     )

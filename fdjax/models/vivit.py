@@ -81,16 +81,18 @@ class VideoVisionTransformer(nn.Module):
   pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB mean for normalisation
   pixel_std: tuple[float, float, float] = IMAGENET_STD  # RGB std for normalisation
   remat: bool = False  # recompute block activations in the backward pass
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
   def _transformer(self, depth: int, name: str) -> Transformer:
     return Transformer(
-      depth,
-      self.num_heads,
-      self.mlp_dim,
+      depth=depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
       hidden_act=self.hidden_act,
       layer_norm_eps=self.layer_norm_eps,
       remat=self.remat,
+      attention_impl=self.attention_impl,
       dtype=self.dtype,
       name=name,
     )
@@ -121,8 +123,8 @@ class VideoVisionTransformer(nn.Module):
     x = normalize_video(video, self.pixel_mean, self.pixel_std, self.dtype)
     kernel = (self.tubelet_size, self.patch_size, self.patch_size)
     x = nn.Conv(
-      self.width,
-      kernel,
+      features=self.width,
+      kernel_size=kernel,
       strides=kernel,
       padding="VALID",
       dtype=self.dtype,
@@ -170,9 +172,9 @@ class VideoVisionTransformer(nn.Module):
     aux = {"clip_embedding": embedding, "step_embeddings": step_embeddings}
     if self.num_classes == 0:
       return embedding, aux
-    embedding = nn.Dropout(self.dropout, deterministic=not train)(embedding)
+    embedding = nn.Dropout(rate=self.dropout, deterministic=not train)(embedding)
     logits = nn.Dense(
-      self.num_classes,
+      features=self.num_classes,
       dtype=self.dtype,
       kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "classes")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
