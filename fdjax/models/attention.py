@@ -66,6 +66,11 @@ def cudnn_unsupported(
   return None
 
 
+def padding_mask(valid: Array) -> Array:
+  """bool `[B, Tk]` valid keys -> bool `[B, 1, 1, Tk]`: every query attends to the valid keys."""
+  return valid.astype(bool)[:, None, None, :]
+
+
 def attention_weights(
   query: Array,
   key: Array,
@@ -292,7 +297,7 @@ class MultiHeadAttention(nn.Module):
     weights = attention_weights(query, key, bias=bias, mask=mask)  # [B, H, Tq, Tk]
     if sow:
       self.sow("intermediates", "attention_weights", weights)
-    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not train)
+    weights = nn.Dropout(rate=self.dropout_rate)(weights, deterministic=not train)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
@@ -335,9 +340,9 @@ class FeedForward(nn.Module):
     if h.ndim == 3:
       h = nn.with_logical_constraint(h, ("batch", self.sequence_axis, "mlp"))
     h = activation(self.activation)(h)
-    h = nn.Dropout(self.activation_dropout)(h, deterministic=not train)
+    h = nn.Dropout(rate=self.activation_dropout)(h, deterministic=not train)
     h = dense(output_name, x.shape[-1], ("mlp", "embed"))(h)
-    return nn.Dropout(self.output_dropout)(h, deterministic=not train)
+    return nn.Dropout(rate=self.output_dropout)(h, deterministic=not train)
 
 
 class Adapter(nn.Module):
@@ -350,7 +355,7 @@ class Adapter(nn.Module):
   def __call__(self, y: Array) -> Array:
     width = y.shape[-1]
     h = nn.Dense(
-      self.bottleneck_dim,
+      features=self.bottleneck_dim,
       dtype=self.dtype,
       kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
@@ -358,7 +363,7 @@ class Adapter(nn.Module):
     )(y)
     h = jax.nn.gelu(h)
     h = nn.Dense(
-      width,
+      features=width,
       dtype=self.dtype,
       kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
@@ -449,7 +454,7 @@ class TransformerBlock(nn.Module):
     if len(names.norms) != branches:
       raise ValueError(f"names.norms must name {branches} norms, got {names.norms}")
     inputs = x
-    dropout = nn.Dropout(self.dropout, name=names.dropout)
+    dropout = nn.Dropout(rate=self.dropout, name=names.dropout)
     attention = dict(
       num_heads=self.num_heads,
       projection_names=names.projections,

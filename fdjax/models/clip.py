@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fdjax.models import layers
-from fdjax.models.attention import BlockNames, TransformerBlock
+from fdjax.models.attention import BlockNames, TransformerBlock, padding_mask
 
 Array = jax.Array
 Dtype = Any
@@ -132,7 +132,7 @@ class Transformer(nn.Module):
   lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # projections with LoRA
   adapter_dim: int = 0  # adapter bottleneck (0 = none)
   remat: bool = False  # recompute block activations in the backward pass to save memory
-  attention_impl: str = "auto"  # "auto", "xla" or "cudnn" (`attention.dot_product_attention`)
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype
 
   @nn.compact
@@ -217,7 +217,7 @@ class ClipVisionEncoder(nn.Module):
   lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # projections with LoRA
   adapter_dim: int = 0  # adapter bottleneck (0 = none)
   remat: bool = False  # recompute block activations in the backward pass
-  attention_impl: str = "auto"  # "auto", "xla" or "cudnn" (`attention.dot_product_attention`)
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
   @nn.compact
@@ -238,8 +238,8 @@ class ClipVisionEncoder(nn.Module):
     batch = pixel_values.shape[0]
     patch_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     patches = nn.Conv(
-      self.width,
-      (self.patch_size, self.patch_size),
+      features=self.width,
+      kernel_size=(self.patch_size, self.patch_size),
       strides=(self.patch_size, self.patch_size),
       padding="VALID",
       use_bias=False,
@@ -283,7 +283,7 @@ class ClipTextEncoder(nn.Module):
   lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # projections with LoRA
   adapter_dim: int = 0  # adapter bottleneck (0 = none)
   remat: bool = False  # recompute block activations in the backward pass
-  attention_impl: str = "auto"  # "auto", "xla" or "cudnn" (`attention.dot_product_attention`)
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
   @nn.compact
@@ -313,7 +313,7 @@ class ClipTextEncoder(nn.Module):
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", None, "embed"))
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, L, L]
     if attention_mask is not None:
-      mask = mask & attention_mask.astype(bool)[:, None, None, :]  # padded keys are hidden
+      mask = mask & padding_mask(attention_mask)  # padded keys are hidden
     x = _tower_transformer(self)(x, mask)
     x = layer_norm(self.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     if self.eos_token_id == 2:

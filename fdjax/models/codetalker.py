@@ -566,7 +566,7 @@ class CodePredictor(nn.Module):
     )(style, emotion, intensity, batch_size=batch_size)
     encoding = periodic_positional_encoding(jnp.arange(num_frames), self.d_model, self.period)
     x = x + condition[:, None] + encoding.astype(x.dtype)[None]
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     x = TransformerEncoder(
       d_model=self.d_model,
       num_heads=self.num_heads,

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdjax.models import layers
-from fdjax.models.attention import BlockNames, TransformerBlock
+from fdjax.models.attention import BlockNames, TransformerBlock, padding_mask
 
 Array = jax.Array
 
@@ -270,7 +270,7 @@ class TransformerEncoder(nn.Module):
   attention_window: int = 0  # frames each side a frame may attend to; 0 = the whole sequence
   dropout_rate: float = 0.1  # dropout on residual branches
   pre_norm: bool = False  # False = post-norm
-  attention_impl: str = "auto"  # "auto", "xla" or "cudnn" (`attention.dot_product_attention`)
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Any = jnp.float32  # compute dtype
 
   @nn.compact
@@ -281,7 +281,7 @@ class TransformerEncoder(nn.Module):
     bias = periodic_alibi_bias(
       positions, positions, alibi_slopes(self.num_heads), self.period, causal=False
     )  # [H, T, T]
-    mask = frame_mask[:, None, None, :]  # [B, 1, 1, T] keys
+    mask = padding_mask(frame_mask)  # [B, 1, 1, T] keys
     if self.attention_window > 0:
       local = jnp.abs(positions[:, None] - positions[None, :]) <= self.attention_window
       mask = mask & local[None, None]
@@ -456,7 +456,7 @@ class FaceFormerDecoder(nn.Module):
     self.offset_projection = dense(
       self.num_vertices * 3, ("embed", "vertices"), dtype=self.dtype, zero_init=True
     )
-    self.input_dropout = nn.Dropout(self.dropout_rate)
+    self.input_dropout = nn.Dropout(rate=self.dropout_rate)
     if self.pre_norm:
       # Pre-norm stacks leave the residual stream unnormalised; close with a norm as is usual.
       self.final_norm = layer_norm(self.dtype)
@@ -756,7 +756,7 @@ class FaceFormerDecoder(nn.Module):
       encoding = periodic_positional_encoding(phase, self.d_model, self.period)  # [B, D]
       x = (motion_input + encoding.astype(motion_input.dtype))[:, None]  # [B, 1, D]
       slot_valid = jnp.concatenate([valid, jnp.ones((batch_size, 1), bool)], axis=1)  # [B, K]
-      mask = slot_valid[:, None, None, :]  # [B, 1, 1, K]
+      mask = padding_mask(slot_valid)  # [B, 1, 1, K]
       new_keys, new_values = [], []
       for index, layer in enumerate(self.layers):
         cache = (
@@ -915,7 +915,7 @@ class NonAutoregressiveDecoder(nn.Module):
     )(style, emotion, intensity, batch_size=batch_size)
     encoding = periodic_positional_encoding(jnp.arange(num_frames), self.d_model, self.period)
     x = x + condition[:, None] + encoding.astype(x.dtype)[None]
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     x = TransformerEncoder(
       d_model=self.d_model,
       num_heads=self.num_heads,

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fdjax.models import hf_clip
+from fdjax.models.attention import padding_mask
 from fdjax.models.clip import (
   CLIP_MEAN,
   CLIP_STD,
@@ -48,11 +49,6 @@ def normalize_video(video: Array, mean: Sequence[float], std: Sequence[float], d
   x = video.astype(jnp.float32) / 255.0
   x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
   return x.astype(dtype)
-
-
-def padding_attention_mask(valid: Array) -> Array:
-  """bool [B, L] valid tokens -> bool [B, 1, L, L]: every query attends to the valid keys."""
-  return valid[:, None, None, :]
 
 
 class TemporalHead(nn.Module):
@@ -100,7 +96,7 @@ class TemporalHead(nn.Module):
     x = features.astype(self.dtype)
     if feature_dim != self.width:
       x = nn.Dense(
-        self.width,
+        features=self.width,
         dtype=self.dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
@@ -134,7 +130,7 @@ class TemporalHead(nn.Module):
       attention_impl=self.attention_impl,
       dtype=self.dtype,
       name="temporal_encoder",
-    )(x, padding_attention_mask(valid))
+    )(x, padding_mask(valid))
     x = layer_norm(1e-5, self.dtype, "final_norm")(x)
     if self.pooling == "cls":
       embedding = x[:, 0]
@@ -142,11 +138,11 @@ class TemporalHead(nn.Module):
       weights = frame_mask.astype(x.dtype)[..., None]
       embedding = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
     aux = {"clip_embedding": embedding}  # [B, width]
-    embedding = nn.Dropout(self.dropout, deterministic=not train)(embedding)
+    embedding = nn.Dropout(rate=self.dropout, deterministic=not train)(embedding)
 
     if self.classifier == "linear":
       logits = nn.Dense(
-        self.num_classes,
+        features=self.num_classes,
         dtype=self.dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "classes")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
@@ -161,7 +157,7 @@ class TemporalHead(nn.Module):
         f"class_embeds has {class_embeds.shape[0]} classes, num_classes is {self.num_classes}"
       )
     video_embeds = nn.Dense(
-      class_embeds.shape[-1],
+      features=class_embeds.shape[-1],
       use_bias=False,
       dtype=self.dtype,
       kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),

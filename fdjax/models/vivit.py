@@ -20,8 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fdjax.models.attention import padding_mask
 from fdjax.models.clip import Transformer, layer_norm
-from fdjax.models.temporal import normalize_video, padding_attention_mask
+from fdjax.models.temporal import normalize_video
 
 Array = jax.Array
 Dtype = Any
@@ -167,7 +168,7 @@ class VideoVisionTransformer(nn.Module):
     )
     x = nn.with_logical_constraint(x, ("batch", "frames", "embed"))
     valid = jnp.concatenate([jnp.ones((batch, 1), bool), valid], axis=1)
-    x = self._transformer(self.temporal_depth, "temporal_encoder")(x, padding_attention_mask(valid))
+    x = self._transformer(self.temporal_depth, "temporal_encoder")(x, padding_mask(valid))
     embedding = layer_norm(self.layer_norm_eps, self.dtype, "temporal_norm")(x[:, 0])
     aux = {"clip_embedding": embedding, "step_embeddings": step_embeddings}
     if self.num_classes == 0:

@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdjax.models.attention import BlockNames, TransformerBlock
+from fdjax.models.attention import BlockNames, TransformerBlock, padding_mask
 from fdjax.models.layers import activation, layer_norm
 
 Array = jax.Array
@@ -403,8 +403,8 @@ class ConvLayer(nn.Module):
   def __call__(self, x: Array) -> Array:
     """[B, T, C_in] -> [B, (T - kernel) // stride + 1, C_out]."""
     x = nn.Conv(
-      self.features,
-      (self.kernel_size,),
+      features=self.features,
+      kernel_size=(self.kernel_size,),
       strides=(self.stride,),
       padding="VALID",
       use_bias=self.use_bias,
@@ -494,7 +494,7 @@ class FeatureProjection(nn.Module):
         features
       )
     hidden = nn.Dense(
-      self.hidden_size,
+      features=self.hidden_size,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       # uniform(+-1/sqrt(fan_in)), as `transformers` initialises this projection.
@@ -504,7 +504,7 @@ class FeatureProjection(nn.Module):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
       name="projection",
     )(features)
-    hidden = nn.Dropout(self.dropout)(hidden, deterministic=not train)
+    hidden = nn.Dropout(rate=self.dropout)(hidden, deterministic=not train)
     return hidden, features
 
 
@@ -643,7 +643,7 @@ class TransformerEncoder(nn.Module):
   remat: bool  # recompute layer activations in the backward pass
   causal: bool = False  # causal positional conv; frames attend to themselves and earlier ones
   attention_window: int = 0  # causal: frames attended to, the frame itself included; 0 = all
-  attention_impl: str = "auto"  # "auto", "xla" or "cudnn" (`attention.dot_product_attention`)
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32  # parameter dtype
 
@@ -679,19 +679,19 @@ class TransformerEncoder(nn.Module):
     x = x + position
     if not self.do_stable_layer_norm:
       x = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm")(x)
-    x = nn.Dropout(self.hidden_dropout)(x, deterministic=not train)
+    x = nn.Dropout(rate=self.hidden_dropout)(x, deterministic=not train)
     x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
     layer_input = x
 
     past = None
-    attention_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, T] keys
+    attention_mask = None if mask is None else padding_mask(mask)  # [B, 1, 1, T] keys
     if stream_state is not None:
       history = stream_state["valid"].shape[1]
       key_valid = jnp.concatenate(
         [stream_state["valid"], jnp.ones(x.shape[:2], bool)], axis=1
       )  # [B, P + T]
       allowed = self._allowed(history + jnp.arange(x.shape[1]), jnp.arange(key_valid.shape[1]))
-      attention_mask = allowed[None, None] & key_valid[:, None, None, :]  # [B, 1, T, P + T]
+      attention_mask = allowed[None, None] & padding_mask(key_valid)  # [B, 1, T, P + T]
       # Layers first, as the scan slices them.
       past = (jnp.moveaxis(stream_state["keys"], 1, 0), jnp.moveaxis(stream_state["values"], 1, 0))
     elif self.causal:
