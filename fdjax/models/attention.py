@@ -46,7 +46,8 @@ def cudnn_unsupported(
 ) -> str | None:
   """Why cuDNN's fused attention cannot take these inputs on this backend; None when it can."""
   device = jax.devices()[0]
-  if device.platform != "gpu" or "cuda" not in str(device.client.platform_version).lower():
+  platform_version = getattr(getattr(device, "client", None), "platform_version", "")
+  if device.platform != "gpu" or "cuda" not in str(platform_version).lower():
     return f"the default device is {device.platform}, not a CUDA GPU"
   if {jnp.dtype(query.dtype), jnp.dtype(key.dtype), jnp.dtype(value.dtype)} - set(_CUDNN_DTYPES):
     return f"it takes float16 or bfloat16 inputs, got {query.dtype}, {key.dtype}, {value.dtype}"

@@ -38,11 +38,10 @@ import jax
 import jax.numpy as jnp
 
 from fdjax.models.motion_decoders import (
-  ConditionEmbedding,
   TransformerEncoder,
   check_template,
   dense,
-  group_audio_frames,
+  encode_aligned_audio,
   layer_norm,
   periodic_positional_encoding,
 )
@@ -553,33 +552,7 @@ class CodePredictor(nn.Module):
       raise ValueError(
         f"frame_mask must be [B, T]=({batch_size}, {num_frames}), got {tuple(frame_mask.shape)}"
       )
-    grouped = group_audio_frames(audio_features, num_frames, self.audio_frames_per_frame)
-    grouped = grouped.reshape(batch_size, num_frames, -1).astype(self.dtype)
-    x = dense(self.d_model, ("mlp", "embed"), dtype=self.dtype, name="audio_projection")(grouped)
-    condition = ConditionEmbedding(
-      features=self.d_model,
-      num_styles=self.num_styles,
-      num_emotions=self.num_emotions,
-      num_intensities=self.num_intensities,
-      dtype=self.dtype,
-      name="condition_embedding",
-    )(style, emotion, intensity, batch_size=batch_size)
-    encoding = periodic_positional_encoding(jnp.arange(num_frames), self.d_model, self.period)
-    x = x + condition[:, None] + encoding.astype(x.dtype)[None]
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    x = TransformerEncoder(
-      d_model=self.d_model,
-      num_heads=self.num_heads,
-      num_layers=self.num_layers,
-      mlp_dim=self.mlp_dim,
-      period=self.period,
-      attention_window=self.attention_window,
-      dropout_rate=self.dropout_rate,
-      pre_norm=self.pre_norm,
-      attention_impl=self.attention_impl,
-      dtype=self.dtype,
-      name="encoder",
-    )(x, frame_mask, train)
+    x = encode_aligned_audio(self, audio_features, style, emotion, intensity, frame_mask, train)
     tokens, code_dim = self.prior.tokens_per_frame, self.prior.code_dim
     latents = dense(
       tokens * code_dim,

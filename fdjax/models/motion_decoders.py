@@ -257,7 +257,7 @@ def group_audio_frames(
 
 
 class TransformerEncoder(nn.Module):
-  """A stack of `EncoderLayer`s with FaceFormer's symmetric temporal bias and a padding mask.
+  """Encoder `motion_block`s with FaceFormer's symmetric temporal bias and a padding mask.
 
   Valid frames attend only to valid frames, so their outputs do not depend on padding.
   """
@@ -792,6 +792,55 @@ class FaceFormerDecoder(nn.Module):
     return predicted, new_state
 
 
+def encode_aligned_audio(
+  module: nn.Module,
+  audio_features: Array,
+  style: Array | None,
+  emotion: Array | None,
+  intensity: Array | None,
+  frame_mask: Array,
+  train: bool,
+) -> Array:
+  """The whole-sequence decoders' encoder (`NonAutoregressiveDecoder`, CodeTalker's
+  `CodePredictor`): each frame's aligned audio features (concatenated), projected, plus the
+  condition and the periodic positional encoding, through a `TransformerEncoder`.
+
+  Called from `module`'s compact `__call__`: the submodules it makes (`audio_projection`,
+  `condition_embedding`, `encoder`) are `module`'s, configured by its fields.
+
+  Returns:
+    `[B, T, D]` for `frame_mask [B, T]`.
+  """
+  batch_size, num_frames = frame_mask.shape
+  grouped = group_audio_frames(audio_features, num_frames, module.audio_frames_per_frame)
+  grouped = grouped.reshape(batch_size, num_frames, -1).astype(module.dtype)  # [B, T, r*D_audio]
+  x = dense(module.d_model, ("mlp", "embed"), dtype=module.dtype, name="audio_projection")(grouped)
+  condition = ConditionEmbedding(
+    features=module.d_model,
+    num_styles=module.num_styles,
+    num_emotions=module.num_emotions,
+    num_intensities=module.num_intensities,
+    dtype=module.dtype,
+    name="condition_embedding",
+  )(style, emotion, intensity, batch_size=batch_size)
+  encoding = periodic_positional_encoding(jnp.arange(num_frames), module.d_model, module.period)
+  x = x + condition[:, None] + encoding.astype(x.dtype)[None]
+  x = nn.Dropout(rate=module.dropout_rate)(x, deterministic=not train)
+  return TransformerEncoder(
+    d_model=module.d_model,
+    num_heads=module.num_heads,
+    num_layers=module.num_layers,
+    mlp_dim=module.mlp_dim,
+    period=module.period,
+    attention_window=module.attention_window,
+    dropout_rate=module.dropout_rate,
+    pre_norm=module.pre_norm,
+    attention_impl=module.attention_impl,
+    dtype=module.dtype,
+    name="encoder",
+  )(x, frame_mask, train)
+
+
 # Not a published model: a FaceFormer-sized encoder without cross-attention, so two layers.
 NONAUTOREGRESSIVE_VARIANTS: dict[str, dict] = {
   "vocaset": dict(
@@ -902,33 +951,7 @@ class NonAutoregressiveDecoder(nn.Module):
       raise ValueError(
         f"frame_mask must be [B, T]=({batch_size}, {num_frames}), got {tuple(frame_mask.shape)}"
       )
-    grouped = group_audio_frames(audio_features, num_frames, self.audio_frames_per_frame)
-    grouped = grouped.reshape(batch_size, num_frames, -1).astype(self.dtype)  # [B, T, r*D_audio]
-    x = dense(self.d_model, ("mlp", "embed"), dtype=self.dtype, name="audio_projection")(grouped)
-    condition = ConditionEmbedding(
-      features=self.d_model,
-      num_styles=self.num_styles,
-      num_emotions=self.num_emotions,
-      num_intensities=self.num_intensities,
-      dtype=self.dtype,
-      name="condition_embedding",
-    )(style, emotion, intensity, batch_size=batch_size)
-    encoding = periodic_positional_encoding(jnp.arange(num_frames), self.d_model, self.period)
-    x = x + condition[:, None] + encoding.astype(x.dtype)[None]
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    x = TransformerEncoder(
-      d_model=self.d_model,
-      num_heads=self.num_heads,
-      num_layers=self.num_layers,
-      mlp_dim=self.mlp_dim,
-      period=self.period,
-      attention_window=self.attention_window,
-      dropout_rate=self.dropout_rate,
-      pre_norm=self.pre_norm,
-      attention_impl=self.attention_impl,
-      dtype=self.dtype,
-      name="encoder",
-    )(x, frame_mask, train)
+    x = encode_aligned_audio(self, audio_features, style, emotion, intensity, frame_mask, train)
     offsets = dense(
       self.num_vertices * 3,
       ("embed", "vertices"),
@@ -973,6 +996,7 @@ __all__ = (
   "TransformerEncoder",
   "alibi_slopes",
   "alignment_mask",
+  "encode_aligned_audio",
   "motion_block",
   "periodic_alibi_bias",
   "periodic_positional_encoding",
