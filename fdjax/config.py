@@ -91,6 +91,7 @@ def base_config() -> ConfigDict:
   c.precision = ConfigDict()
   c.precision.compute_dtype = "auto"  # float32, bfloat16, or auto (bf16 on GPU/TPU, f32 on CPU).
   c.precision.matmul_precision = "default"  # jax_default_matmul_precision (default, highest).
+  c.precision.attention_impl = "auto"  # xla, cudnn, or auto (cuDNN on GPU where it can, else XLA).
 
   c.log_every = 50  # Log training metrics every this many steps.
   c.eval_every = 1000  # Evaluate every this many steps (0: only at the end).

@@ -21,12 +21,15 @@ Layouts: images are `[B, H, W, 3]` float, already normalised with `CLIP_MEAN` / 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from fdjax.models import layers
+from fdjax.models.attention import BlockNames, TransformerBlock, padding_mask
 
 Array = jax.Array
 Dtype = Any
@@ -76,6 +79,19 @@ CLIP_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 # The fields that configure parameter-efficient fine-tuning rather than the architecture.
 PEFT_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "adapter_dim")
 
+# The transformer blocks' parameter names, as `transformers.CLIPEncoderLayer` names them; the MLP
+# layers fc1, fc2 sit in the block itself.
+BLOCK_NAMES = BlockNames(
+  feed_forward=None,
+  norms=("layer_norm1", "layer_norm2"),
+  projections=("q_proj", "k_proj", "v_proj", "out_proj"),
+  mlp=("fc1", "fc2"),
+  dropout="dropout",
+)
+
+# Dense kernels (patch embedding aside): truncated normal with fan-in variance.
+_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
 
 def clip_variant(name: str) -> dict[str, dict[str, Any]]:
   """The `{"vision": kwargs, "text": kwargs}` of a named CLIP variant ("B/16", "tiny", ...)."""
@@ -97,218 +113,14 @@ def peft_freeze_patterns(trainable: Sequence[str] = ("lora", "adapter", "head"))
   return (rf"^(?!.*(?:{names})).*$",)
 
 
-def activation(name: str) -> Callable[[Array], Array]:
-  """The hidden activation named as in Hugging Face configs (`hidden_act`)."""
-  if name == "quick_gelu":
-    return lambda x: x * jax.nn.sigmoid(1.702 * x)
-  if name == "gelu":
-    return lambda x: jax.nn.gelu(x, approximate=False)
-  if name in ("gelu_new", "gelu_pytorch_tanh"):
-    return lambda x: jax.nn.gelu(x, approximate=True)
-  raise ValueError(
-    f"hidden_act {name!r} is not supported; use quick_gelu, gelu, gelu_new or gelu_pytorch_tanh"
-  )
-
-
 def layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
   """LayerNorm with logically named parameters and PyTorch's two-pass variance."""
-  return nn.LayerNorm(
-    epsilon=epsilon,
-    dtype=dtype,
-    use_fast_variance=False,
-    scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-    name=name,
-  )
-
-
-class LoraDense(nn.Module):
-  """A dense layer over the trailing `num_input_axes` axes, plus an optional LoRA update.
-
-  `y = x W + b + (lora_alpha / lora_rank) * (x A) B` with `A: [*in, rank]` random and
-  `B: [rank, *features]` zero at initialisation.
-  """
-
-  features: tuple[int, ...]  # output shape appended after the batch axes
-  kernel_axes: tuple[str | None, ...]  # logical names of the kernel: input axes, then outputs
-  num_input_axes: int = 1  # trailing input axes contracted with the kernel
-  use_bias: bool = True  # add a bias over the output axes
-  lora_rank: int = 0  # rank of the LoRA update (0 = none)
-  lora_alpha: float = 16.0  # LoRA scale numerator: the update is multiplied by alpha / rank
-  dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    n_in = self.num_input_axes
-    in_shape = x.shape[x.ndim - n_in :]
-    n_out = len(self.features)
-    kernel_init = nn.initializers.variance_scaling(
-      1.0,
-      "fan_in",
-      "truncated_normal",
-      in_axis=tuple(range(n_in)),
-      out_axis=tuple(range(n_in, n_in + n_out)),
-    )
-    kernel = self.param(
-      "kernel",
-      nn.with_logical_partitioning(kernel_init, self.kernel_axes),
-      (*in_shape, *self.features),
-      jnp.float32,
-    )
-    x = x.astype(self.dtype)
-    y = jnp.tensordot(x, kernel.astype(self.dtype), axes=n_in)
-    if self.use_bias:
-      bias = self.param(
-        "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[n_in:]),
-        self.features,
-        jnp.float32,
-      )
-      y = y + bias.astype(self.dtype)
-    if self.lora_rank > 0:
-      # PEFT's default: A like a fan-in uniform layer, B zero, so the update starts at zero.
-      a_init = nn.initializers.variance_scaling(
-        1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=n_in
-      )
-      lora_a = self.param(
-        "lora_a",
-        nn.with_logical_partitioning(a_init, (*self.kernel_axes[:n_in], None)),
-        (*in_shape, self.lora_rank),
-        jnp.float32,
-      )
-      lora_b = self.param(
-        "lora_b",
-        nn.with_logical_partitioning(nn.initializers.zeros, (None, *self.kernel_axes[n_in:])),
-        (self.lora_rank, *self.features),
-        jnp.float32,
-      )
-      low_rank = jnp.tensordot(x, lora_a.astype(self.dtype), axes=n_in)  # [..., rank]
-      update = jnp.tensordot(low_rank, lora_b.astype(self.dtype), axes=1)
-      y = y + (self.lora_alpha / self.lora_rank) * update
-    return y
-
-
-class Adapter(nn.Module):
-  """Bottleneck adapter `y + up(gelu(down(y)))`; `up` starts at zero, so it starts as identity."""
-
-  bottleneck_dim: int  # width of the bottleneck
-  dtype: Dtype = jnp.float32  # compute dtype
-
-  @nn.compact
-  def __call__(self, y: Array) -> Array:
-    width = y.shape[-1]
-    h = nn.Dense(
-      self.bottleneck_dim,
-      dtype=self.dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-      name="down",
-    )(y)
-    h = jax.nn.gelu(h)
-    h = nn.Dense(
-      width,
-      dtype=self.dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-      name="up",
-    )(h)
-    return y + h
-
-
-class Attention(nn.Module):
-  """Multi-head self-attention with separate q/k/v/out projections (CLIP's layout)."""
-
-  num_heads: int  # attention heads; the width must divide evenly
-  lora_rank: int = 0  # LoRA rank on the projections in `lora_targets` (0 = none)
-  lora_alpha: float = 16.0  # LoRA scale numerator
-  lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # projections that get LoRA
-  dtype: Dtype = jnp.float32  # compute dtype
-
-  @nn.compact
-  def __call__(self, x: Array, mask: Array | None = None) -> Array:
-    """x: [B, L, D]; mask: bool [B, 1, L, L] (True = may attend) or None. Returns [B, L, D]."""
-    width = x.shape[-1]
-    if width % self.num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
-    head_dim = width // self.num_heads
-
-    def projection(name: str, features: tuple[int, ...], n_in: int, axes: tuple[str, ...]):
-      rank = self.lora_rank if name in self.lora_targets else 0
-      return LoraDense(
-        features,
-        axes,
-        n_in,
-        lora_rank=rank,
-        lora_alpha=self.lora_alpha,
-        dtype=self.dtype,
-        name=name,
-      )
-
-    heads = (self.num_heads, head_dim)
-    qkv_axes = ("embed", "heads", "head_dim")
-    query = projection("q_proj", heads, 1, qkv_axes)(x)  # [B, L, H, Dh]
-    key = projection("k_proj", heads, 1, qkv_axes)(x)
-    value = projection("v_proj", heads, 1, qkv_axes)(x)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-    logits = logits * head_dim**-0.5
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [B, H, L, L]
-    # Kept for attention-rollout explanations; free unless "intermediates" is mutable.
-    self.sow("intermediates", "attention_weights", weights)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-    return projection("out_proj", (width,), 2, ("heads", "head_dim", "embed"))(out)
-
-
-class EncoderBlock(nn.Module):
-  """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)), adapters optional."""
-
-  num_heads: int  # attention heads
-  mlp_dim: int  # hidden width of the MLP
-  hidden_act: str = "quick_gelu"  # MLP activation, Hugging Face name
-  layer_norm_eps: float = 1e-5  # LayerNorm epsilon
-  lora_rank: int = 0  # LoRA rank (0 = none)
-  lora_alpha: float = 16.0  # LoRA scale numerator
-  lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # projections with LoRA (q/k/v/out, fc1/2)
-  adapter_dim: int = 0  # bottleneck of the adapters after attention and MLP (0 = none)
-  dtype: Dtype = jnp.float32  # compute dtype
-
-  @nn.compact
-  def __call__(self, x: Array, mask: Array | None = None) -> Array:
-    width = x.shape[-1]
-    h = layer_norm(self.layer_norm_eps, self.dtype, "layer_norm1")(x)
-    h = Attention(
-      num_heads=self.num_heads,
-      lora_rank=self.lora_rank,
-      lora_alpha=self.lora_alpha,
-      lora_targets=self.lora_targets,
-      dtype=self.dtype,
-      name="attention",
-    )(h, mask)
-    if self.adapter_dim > 0:
-      h = Adapter(self.adapter_dim, self.dtype, name="adapter_attention")(h)
-    x = x + h
-    x = nn.with_logical_constraint(x, ("batch", None, "embed"))
-
-    def mlp_projection(name: str, features: int, axes: tuple[str, str]) -> LoraDense:
-      rank = self.lora_rank if name in self.lora_targets else 0
-      return LoraDense(
-        (features,), axes, lora_rank=rank, lora_alpha=self.lora_alpha, dtype=self.dtype, name=name
-      )
-
-    h = layer_norm(self.layer_norm_eps, self.dtype, "layer_norm2")(x)
-    h = mlp_projection("fc1", self.mlp_dim, ("embed", "mlp"))(h)
-    h = nn.with_logical_constraint(h, ("batch", None, "mlp"))
-    h = activation(self.hidden_act)(h)
-    h = mlp_projection("fc2", width, ("mlp", "embed"))(h)
-    if self.adapter_dim > 0:
-      h = Adapter(self.adapter_dim, self.dtype, name="adapter_mlp")(h)
-    x = x + h
-    return nn.with_logical_constraint(x, ("batch", None, "embed"))
+  return layers.layer_norm(epsilon=epsilon, dtype=dtype, name=name)
 
 
 class Transformer(nn.Module):
-  """A stack of `EncoderBlock`s named `layers_{i}`; shared by CLIP, ViViT and temporal heads."""
+  """A stack of pre-norm `TransformerBlock`s named `layers_{i}` in CLIP's layout; shared by CLIP,
+  ViViT and the temporal heads. Attention weights are sown for attention rollout."""
 
   depth: int  # number of blocks
   num_heads: int  # attention heads per block
@@ -320,22 +132,30 @@ class Transformer(nn.Module):
   lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # projections with LoRA
   adapter_dim: int = 0  # adapter bottleneck (0 = none)
   remat: bool = False  # recompute block activations in the backward pass to save memory
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None) -> Array:
     """x: [B, L, D]; mask: bool [B, 1, L, L] or None. Returns [B, L, D]."""
-    block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+    block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
     for i in range(self.depth):
-      x = block(
+      x, _ = block(
         num_heads=self.num_heads,
         mlp_dim=self.mlp_dim,
-        hidden_act=self.hidden_act,
+        activation=self.hidden_act,
+        pre_norm=True,
         layer_norm_eps=self.layer_norm_eps,
+        adapter_dim=self.adapter_dim,
         lora_rank=self.lora_rank,
         lora_alpha=self.lora_alpha,
-        lora_targets=self.lora_targets,
-        adapter_dim=self.adapter_dim,
+        lora_targets=tuple(self.lora_targets),
+        attention_kernel_init=_KERNEL_INIT,
+        mlp_kernel_init=_KERNEL_INIT,
+        names=BLOCK_NAMES,
+        sequence_axis=None,
+        sow_attention_weights=True,
+        attention_impl=self.attention_impl,
         dtype=self.dtype,
         name=f"layers_{i}",
       )(x, mask)
@@ -355,6 +175,7 @@ def _tower_transformer(tower: ClipVisionEncoder | ClipTextEncoder) -> Transforme
     lora_targets=tower.lora_targets,
     adapter_dim=tower.adapter_dim,
     remat=tower.remat,
+    attention_impl=tower.attention_impl,
     dtype=tower.dtype,
     name="encoder",
   )
@@ -363,6 +184,20 @@ def _tower_transformer(tower: ClipVisionEncoder | ClipTextEncoder) -> Transforme
 def _embedding(module: nn.Module, name: str, shape: tuple[int, ...], stddev: float, axes) -> Array:
   init = nn.initializers.normal(stddev=stddev)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _projection(tower: ClipVisionEncoder | ClipTextEncoder) -> layers.DenseGeneral:
+  """A tower's bias-free projection into the joint image-text embedding."""
+  return layers.DenseGeneral(
+    features=tower.projection_dim,
+    kernel_axes=("embed", None),
+    use_bias=False,
+    kernel_init=_KERNEL_INIT,
+    lora_rank=tower.lora_rank if "projection" in tower.lora_targets else 0,
+    lora_alpha=tower.lora_alpha,
+    dtype=tower.dtype,
+    name="projection",
+  )
 
 
 class ClipVisionEncoder(nn.Module):
@@ -382,6 +217,7 @@ class ClipVisionEncoder(nn.Module):
   lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # projections with LoRA
   adapter_dim: int = 0  # adapter bottleneck (0 = none)
   remat: bool = False  # recompute block activations in the backward pass
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
   @nn.compact
@@ -402,8 +238,8 @@ class ClipVisionEncoder(nn.Module):
     batch = pixel_values.shape[0]
     patch_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
     patches = nn.Conv(
-      self.width,
-      (self.patch_size, self.patch_size),
+      features=self.width,
+      kernel_size=(self.patch_size, self.patch_size),
       strides=(self.patch_size, self.patch_size),
       padding="VALID",
       use_bias=False,
@@ -425,16 +261,7 @@ class ClipVisionEncoder(nn.Module):
     x = layer_norm(self.layer_norm_eps, self.dtype, "pre_layernorm")(x)
     x = _tower_transformer(self)(x)
     pooled = layer_norm(self.layer_norm_eps, self.dtype, "post_layernorm")(x[:, 0])  # [B, D]
-    rank = self.lora_rank if "projection" in self.lora_targets else 0
-    image_embeds = LoraDense(
-      (self.projection_dim,),
-      ("embed", None),
-      use_bias=False,
-      lora_rank=rank,
-      lora_alpha=self.lora_alpha,
-      dtype=self.dtype,
-      name="projection",
-    )(pooled)
+    image_embeds = _projection(self)(pooled)
     return image_embeds, {"last_hidden_state": x, "pooled_output": pooled}
 
 
@@ -456,6 +283,7 @@ class ClipTextEncoder(nn.Module):
   lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # projections with LoRA
   adapter_dim: int = 0  # adapter bottleneck (0 = none)
   remat: bool = False  # recompute block activations in the backward pass
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
   @nn.compact
@@ -485,7 +313,7 @@ class ClipTextEncoder(nn.Module):
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", None, "embed"))
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, L, L]
     if attention_mask is not None:
-      mask = mask & attention_mask.astype(bool)[:, None, None, :]  # padded keys are hidden
+      mask = mask & padding_mask(attention_mask)  # padded keys are hidden
     x = _tower_transformer(self)(x, mask)
     x = layer_norm(self.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     if self.eos_token_id == 2:
@@ -496,16 +324,7 @@ class ClipTextEncoder(nn.Module):
       # The first end-of-text token: padding may reuse the same id after it.
       eos_position = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
     pooled = x[jnp.arange(batch), eos_position]  # [B, D]
-    rank = self.lora_rank if "projection" in self.lora_targets else 0
-    text_embeds = LoraDense(
-      (self.projection_dim,),
-      ("embed", None),
-      use_bias=False,
-      lora_rank=rank,
-      lora_alpha=self.lora_alpha,
-      dtype=self.dtype,
-      name="projection",
-    )(pooled)
+    text_embeds = _projection(self)(pooled)
     return text_embeds, {"last_hidden_state": x, "pooled_output": pooled}
 
 

@@ -38,11 +38,10 @@ import jax
 import jax.numpy as jnp
 
 from fdjax.models.motion_decoders import (
-  ConditionEmbedding,
   TransformerEncoder,
   check_template,
   dense,
-  group_audio_frames,
+  encode_aligned_audio,
   layer_norm,
   periodic_positional_encoding,
 )
@@ -204,8 +203,8 @@ class _TemporalStem(nn.Module):
     x = nn.leaky_relu(x, self.negative_slope)
     x = jnp.where(frame_mask[..., None], x, 0.0)
     x = nn.Conv(
-      self.d_model,
-      (self.conv_kernel_size,),
+      features=self.d_model,
+      kernel_size=(self.conv_kernel_size,),
       padding="SAME",
       dtype=self.dtype,
       param_dtype=jnp.float32,
@@ -285,6 +284,7 @@ class MotionVQVAE(nn.Module):
   attention_window: int = 0  # frames each side a frame attends to; 0 = the whole sequence
   dropout_rate: float = 0.1  # dropout in the transformers
   pre_norm: bool = False  # False = post-norm layers
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
   @classmethod
@@ -299,25 +299,26 @@ class MotionVQVAE(nn.Module):
   def setup(self):
     def transformer():
       return TransformerEncoder(
-        self.d_model,
-        self.num_heads,
-        self.num_layers,
-        self.mlp_dim,
-        self.period,
-        self.attention_window,
-        self.dropout_rate,
-        self.pre_norm,
-        self.dtype,
+        d_model=self.d_model,
+        num_heads=self.num_heads,
+        num_layers=self.num_layers,
+        mlp_dim=self.mlp_dim,
+        period=self.period,
+        attention_window=self.attention_window,
+        dropout_rate=self.dropout_rate,
+        pre_norm=self.pre_norm,
+        attention_impl=self.attention_impl,
+        dtype=self.dtype,
       )
 
     def stem(in_names):
       return _TemporalStem(
-        self.d_model,
-        in_names,
-        self.conv_kernel_size,
-        self.negative_slope,
-        self.period,
-        self.dtype,
+        d_model=self.d_model,
+        in_names=in_names,
+        conv_kernel_size=self.conv_kernel_size,
+        negative_slope=self.negative_slope,
+        period=self.period,
+        dtype=self.dtype,
       )
 
     self.encoder_stem = stem(("vertices", "embed"))
@@ -325,7 +326,12 @@ class MotionVQVAE(nn.Module):
     self.latent_projection = dense(
       self.tokens_per_frame * self.code_dim, ("embed", "mlp"), dtype=self.dtype
     )
-    self.quantizer = VectorQuantizer(self.codebook_size, self.code_dim, self.beta, self.ema_decay)
+    self.quantizer = VectorQuantizer(
+      codebook_size=self.codebook_size,
+      code_dim=self.code_dim,
+      beta=self.beta,
+      ema_decay=self.ema_decay,
+    )
     self.decoder_stem = stem(("mlp", "embed"))
     self.decoder_transformer = transformer()
     self.offset_projection = dense(self.num_vertices * 3, ("embed", "vertices"), dtype=self.dtype)
@@ -481,6 +487,7 @@ class CodePredictor(nn.Module):
   num_intensities: int = 0  # emotion intensity levels; 0 disables
   dropout_rate: float = 0.1  # dropout on the encoded input and the residual branches
   pre_norm: bool = False  # False = post-norm layers
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
   @classmethod
@@ -545,32 +552,7 @@ class CodePredictor(nn.Module):
       raise ValueError(
         f"frame_mask must be [B, T]=({batch_size}, {num_frames}), got {tuple(frame_mask.shape)}"
       )
-    grouped = group_audio_frames(audio_features, num_frames, self.audio_frames_per_frame)
-    grouped = grouped.reshape(batch_size, num_frames, -1).astype(self.dtype)
-    x = dense(self.d_model, ("mlp", "embed"), dtype=self.dtype, name="audio_projection")(grouped)
-    condition = ConditionEmbedding(
-      self.d_model,
-      self.num_styles,
-      self.num_emotions,
-      self.num_intensities,
-      self.dtype,
-      name="condition_embedding",
-    )(style, emotion, intensity, batch_size=batch_size)
-    encoding = periodic_positional_encoding(jnp.arange(num_frames), self.d_model, self.period)
-    x = x + condition[:, None] + encoding.astype(x.dtype)[None]
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    x = TransformerEncoder(
-      self.d_model,
-      self.num_heads,
-      self.num_layers,
-      self.mlp_dim,
-      self.period,
-      self.attention_window,
-      self.dropout_rate,
-      self.pre_norm,
-      self.dtype,
-      name="encoder",
-    )(x, frame_mask, train)
+    x = encode_aligned_audio(self, audio_features, style, emotion, intensity, frame_mask, train)
     tokens, code_dim = self.prior.tokens_per_frame, self.prior.code_dim
     latents = dense(
       tokens * code_dim,

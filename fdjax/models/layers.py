@@ -5,11 +5,14 @@ after boxing, so a kernel with one logical axis name per dimension (`("embed", "
 "head_dim")`) gets a sharding constraint of rank 3 applied to a rank-2 value, which fails as
 soon as a mesh is active. Here the initialiser still draws the kernel in its flat 2-D shape (so
 fan-in/fan-out, and thus every variance-scaling initialiser, behave exactly as in Flax) but
-reshapes it before the logical-axis box is made.
+reshapes it before the logical-axis box is made. It also carries the optional LoRA update of
+CLIP's parameter-efficient fine-tuning. The activations and the layer norm the models share sit
+here too.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +24,46 @@ from jax import lax
 
 Array = jax.Array
 
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+  # Names as `transformers.activations.ACT2FN` spells them (the `hidden_act` of HF configs).
+  "gelu": functools.partial(jax.nn.gelu, approximate=False),
+  "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+  "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+  "tanh": jnp.tanh,
+}
+
+
+def activation(name: str, field: str = "activation") -> Callable[[Array], Array]:
+  """The activation called `name`; an unknown name is an error naming the config `field`."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"{field}={name!r} is not one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def layer_norm(
+  *,
+  epsilon: float = 1e-5,
+  use_fast_variance: bool = False,
+  dtype: Any = jnp.float32,
+  param_dtype: Any = jnp.float32,
+  name: str | None = None,
+) -> nn.LayerNorm:
+  """LayerNorm with logically named parameters; `use_fast_variance=False` is torch's two-pass
+  variance E[(x - mean)^2], True Flax's E[x^2] - mean^2."""
+  return nn.LayerNorm(
+    epsilon=epsilon,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    use_fast_variance=use_fast_variance,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+    name=name,
+  )
+
 
 def _reshaped(init: Callable, flat_shape: tuple[int, ...]) -> Callable:
   def reshaped_init(rng, shape, dtype=jnp.float32):
@@ -30,7 +73,12 @@ def _reshaped(init: Callable, flat_shape: tuple[int, ...]) -> Callable:
 
 
 class DenseGeneral(nn.Module):
-  """`x` contracted over `axis` with a kernel [*in_dims, *features]; logical names per dim."""
+  """`x` contracted over `axis` with a kernel [*in_dims, *features]; logical names per dim.
+
+  With `lora_rank > 0`, plus the low-rank update `(lora_alpha / lora_rank) * (x A) B` with
+  `A: [*in_dims, rank]` drawn like a fan-in uniform layer and `B: [rank, *features]` zero, so
+  the update starts at zero (PEFT's default).
+  """
 
   features: int | Sequence[int]  # output dims appended in place of the contracted axes
   kernel_axes: tuple[str | None, ...]  # logical names of the kernel's dims (in, then out)
@@ -41,6 +89,8 @@ class DenseGeneral(nn.Module):
   bias_init: Callable = nn.initializers.zeros_init()  # bias initialiser
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # parameter dtype
+  lora_rank: int = 0  # rank of the LoRA update (0 = none)
+  lora_alpha: float = 16.0  # LoRA scale numerator: the update is multiplied by alpha / rank
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -66,4 +116,24 @@ class DenseGeneral(nn.Module):
         self.param_dtype,
       )
       y = y + bias.astype(self.dtype)
+    if self.lora_rank > 0:
+      n_in = len(axis)
+      a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+      lora_a = self.param(
+        "lora_a",
+        nn.with_logical_partitioning(
+          _reshaped(a_init, (flat[0], self.lora_rank)), (*self.kernel_axes[:n_in], None)
+        ),
+        (*in_dims, self.lora_rank),
+        self.param_dtype,
+      )
+      lora_b = self.param(
+        "lora_b",
+        nn.with_logical_partitioning(nn.initializers.zeros, (None, *self.kernel_axes[n_in:])),
+        (self.lora_rank, *features),
+        self.param_dtype,
+      )
+      low_rank = lax.dot_general(x, lora_a.astype(self.dtype), (contract, ((), ())))  # [..., r]
+      update = jnp.tensordot(low_rank, lora_b.astype(self.dtype), axes=1)
+      y = y + (self.lora_alpha / self.lora_rank) * update
     return y

@@ -61,13 +61,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdjax.models.layers import DenseGeneral
+from fdjax.models import layers
+from fdjax.models.attention import BlockNames, TransformerBlock, padding_mask
 
 Array = jax.Array
 
-# Large negative score for masked keys: finite, so a fully masked row gives uniform weights
-# instead of NaN, and exp() of it underflows to exactly zero next to any unmasked score.
-_MASKED_SCORE = -1e30
+# Parameter names of the decoder layers (PyTorch's `TransformerDecoderLayer` parts, as named
+# since FaceFormer's port); the encoder layers keep `BlockNames`' defaults.
+DECODER_BLOCK_NAMES = BlockNames(
+  attention="self_attention",
+  norms=("self_attention_norm", "cross_attention_norm", "feed_forward_norm"),
+  dropout="dropout",
+)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -142,58 +147,11 @@ def periodic_alibi_bias(
   return -jnp.asarray(slopes)[:, None, None] * steps[None]
 
 
-def dot_product_attention(
-  query: Array, key: Array, value: Array, bias: Array | None = None, mask: Array | None = None
-) -> Array:
-  """Scaled dot-product attention with an additive bias and a boolean mask.
-
-  Scores and softmax run in float32 whatever the compute dtype.
-
-  Args:
-    query: `[B, Tq, H, Dh]`.
-    key: `[B, Tk, H, Dh]`.
-    value: `[B, Tk, H, Dh]`.
-    bias: broadcastable to `[B, H, Tq, Tk]`, added to the scores.
-    mask: bool, broadcastable to `[B, H, Tq, Tk]`; False keys get no weight.
-
-  Returns:
-    `[B, Tq, H, Dh]` in the dtype of `value`.
-  """
-  scale = 1.0 / math.sqrt(query.shape[-1])
-  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
-  if bias is not None:
-    scores = scores + bias
-  if mask is not None:
-    scores = jnp.where(mask, scores, _MASKED_SCORE)
-  weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-
-
-def aligned_attention(query: Array, key: Array, value: Array) -> Array:
-  """Cross-attention under FaceFormer's alignment mask, in linear memory.
-
-  Frame `t` attends only to its own group of `r` audio features; grouping the keys by frame
-  gives the same result as the dense `[T, T_a]` mask without building it.
-
-  Args:
-    query: `[B, T, H, Dh]`.
-    key: `[B, T, r, H, Dh]` the audio features aligned to each frame.
-    value: `[B, T, r, H, Dh]`.
-
-  Returns:
-    `[B, T, H, Dh]`.
-  """
-  scale = 1.0 / math.sqrt(query.shape[-1])
-  scores = jnp.einsum("bthd,btrhd->bthr", query, key, preferred_element_type=jnp.float32) * scale
-  weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-  return jnp.einsum("bthr,btrhd->bthd", weights, value)
-
-
 def alignment_mask(num_frames: int, num_audio_frames: int, audio_frames_per_frame: int) -> Array:
   """FaceFormer's alignment mask as a dense `[T, T_a]` bool (True = may attend).
 
-  The decoders evaluate it with `aligned_attention`; this dense form documents the rule and
-  lets tests check the two agree.
+  The decoders evaluate it with `attention.aligned_attention`; this dense form documents the
+  rule and lets tests check the two agree.
   """
   frames = jnp.arange(num_frames)[:, None]
   audio = jnp.arange(num_audio_frames)[None, :]
@@ -212,7 +170,7 @@ def dense(
   """`nn.Dense` whose kernel and bias carry logical axis names (`names` = (in, out))."""
   kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
   return nn.Dense(
-    features,
+    features=features,
     use_bias=use_bias,
     dtype=dtype,
     param_dtype=jnp.float32,
@@ -224,12 +182,37 @@ def dense(
 
 def layer_norm(dtype: Any, name: str | None = None) -> nn.LayerNorm:
   """LayerNorm with PyTorch's epsilon and logically named scale and bias."""
-  return nn.LayerNorm(
-    epsilon=1e-5,
+  return layers.layer_norm(epsilon=1e-5, use_fast_variance=True, dtype=dtype, name=name)
+
+
+def motion_block(
+  *,
+  num_heads: int,
+  mlp_dim: int,
+  dropout_rate: float,
+  pre_norm: bool,
+  attention_impl: str,
+  dtype: Any,
+  cross_attention: bool = False,
+  name: str | None = None,
+) -> TransformerBlock:
+  """A PyTorch-style transformer layer: ReLU MLP, dropout on every branch and after the MLP's
+  activation, post-norm unless `pre_norm`; a decoder layer (`DECODER_BLOCK_NAMES`) with
+  `cross_attention`, else an encoder layer."""
+  return TransformerBlock(
+    num_heads=num_heads,
+    mlp_dim=mlp_dim,
+    activation="relu",
+    pre_norm=pre_norm,
+    cross_attention=cross_attention,
+    norm_fast_variance=True,
+    dropout=dropout_rate,
+    activation_dropout=dropout_rate,
+    attention_kernel_init=nn.initializers.xavier_uniform(),
+    mlp_kernel_init=nn.initializers.lecun_normal(),
+    names=DECODER_BLOCK_NAMES if cross_attention else BlockNames(),
+    attention_impl=attention_impl,
     dtype=dtype,
-    param_dtype=jnp.float32,
-    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
     name=name,
   )
 
@@ -273,212 +256,8 @@ def group_audio_frames(
   return audio_features[:, :needed].reshape(batch, num_frames, audio_frames_per_frame, features)
 
 
-class MultiHeadAttention(nn.Module):
-  """Projections of multi-head attention; the attention itself is a plain function."""
-
-  num_heads: int  # attention heads
-  d_model: int  # model width; heads are d_model // num_heads wide
-  dtype: Any = jnp.float32  # compute dtype
-
-  def setup(self):
-    if self.d_model % self.num_heads:
-      raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
-    head_dim = self.d_model // self.num_heads
-
-    def projection(name):
-      return DenseGeneral(
-        (self.num_heads, head_dim),
-        kernel_axes=("embed", "heads", "head_dim"),
-        bias_axes=("heads", "head_dim"),
-        kernel_init=nn.initializers.xavier_uniform(),
-        dtype=self.dtype,
-        name=name,
-      )
-
-    self.query_projection = projection("query")
-    self.key_projection = projection("key")
-    self.value_projection = projection("value")
-    self.output_projection = DenseGeneral(
-      self.d_model,
-      axis=(-2, -1),
-      kernel_axes=("heads", "head_dim", "embed"),
-      bias_axes=("embed",),
-      kernel_init=nn.initializers.xavier_uniform(),
-      dtype=self.dtype,
-      name="out",
-    )
-
-  def query(self, x: Array) -> Array:
-    """`[..., D]` -> `[..., H, Dh]`."""
-    return self.query_projection(x)
-
-  def key_value(self, x: Array) -> tuple[Array, Array]:
-    """`[..., D]` -> two `[..., H, Dh]`."""
-    return self.key_projection(x), self.value_projection(x)
-
-  def output(self, heads: Array) -> Array:
-    """`[..., H, Dh]` -> `[..., D]`."""
-    return self.output_projection(heads)
-
-
-class FeedForward(nn.Module):
-  """Position-wise MLP: Dense -> ReLU -> dropout -> Dense."""
-
-  d_model: int  # model width
-  mlp_dim: int  # hidden width
-  dropout_rate: float = 0.1  # dropout on the hidden activations
-  dtype: Any = jnp.float32  # compute dtype
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    h = dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="wi")(x)
-    h = nn.relu(h)
-    h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
-    return dense(self.d_model, ("mlp", "embed"), dtype=self.dtype, name="wo")(h)
-
-
-class DecoderLayer(nn.Module):
-  """PyTorch-style transformer decoder layer: causal self-attention, aligned cross-attention, MLP.
-
-  `__call__` runs a whole sequence; `step` runs one frame against a key/value cache. Both use the
-  same parameters and the same arithmetic, so they agree to float rounding.
-  """
-
-  d_model: int  # model width
-  num_heads: int  # attention heads
-  mlp_dim: int  # MLP hidden width
-  dropout_rate: float = 0.1  # dropout on residual branches
-  pre_norm: bool = False  # False = post-norm, PyTorch's default and FaceFormer's
-  dtype: Any = jnp.float32  # compute dtype
-
-  def setup(self):
-    self.self_attention = MultiHeadAttention(self.num_heads, self.d_model, self.dtype)
-    self.cross_attention = MultiHeadAttention(self.num_heads, self.d_model, self.dtype)
-    self.feed_forward = FeedForward(self.d_model, self.mlp_dim, self.dropout_rate, self.dtype)
-    self.self_attention_norm = layer_norm(self.dtype)
-    self.cross_attention_norm = layer_norm(self.dtype)
-    self.feed_forward_norm = layer_norm(self.dtype)
-    self.dropout = nn.Dropout(self.dropout_rate)
-
-  def _residual(self, x: Array, branch, norm, train: bool) -> Array:
-    if self.pre_norm:
-      return x + self.dropout(branch(norm(x)), deterministic=not train)
-    return norm(x + self.dropout(branch(x), deterministic=not train))
-
-  def _cross(self, x: Array, memory: Array) -> Array:
-    # x [B, T, D], memory [B, T, r, D]
-    key, value = self.cross_attention.key_value(memory)
-    heads = aligned_attention(self.cross_attention.query(x), key, value)
-    return self.cross_attention.output(heads)
-
-  def __call__(
-    self, x: Array, memory: Array, self_bias: Array, self_mask: Array, train: bool = False
-  ) -> Array:
-    """Whole-sequence pass.
-
-    Args:
-      x: `[B, T, D]` motion inputs.
-      memory: `[B, T, r, D]` projected audio features grouped by frame.
-      self_bias: `[H, T, T]` temporal bias.
-      self_mask: `[T, T]` bool causal mask.
-      train: enables dropout.
-
-    Returns:
-      `[B, T, D]`.
-    """
-
-    def self_attend(h):
-      key, value = self.self_attention.key_value(h)
-      heads = dot_product_attention(
-        self.self_attention.query(h), key, value, bias=self_bias[None], mask=self_mask
-      )
-      return self.self_attention.output(heads)
-
-    x = self._residual(x, self_attend, self.self_attention_norm, train)
-    x = self._residual(x, lambda h: self._cross(h, memory), self.cross_attention_norm, train)
-    return self._residual(x, lambda h: self.feed_forward(h, train), self.feed_forward_norm, train)
-
-  def step(
-    self,
-    x: Array,
-    memory: Array,
-    slot: Array,
-    cache: tuple[Array, Array],
-    self_bias: Array,
-    self_mask: Array,
-  ) -> tuple[Array, tuple[Array, Array]]:
-    """One frame against the key/value cache (no dropout).
-
-    Args:
-      x: `[B, 1, D]` the motion input of the current frame.
-      memory: `[B, 1, r, D]` that frame's audio features.
-      slot: `[T_max]` bool, True only at the current frame's cache slot.
-      cache: keys and values `[B, T_max, H, Dh]`, filled for the frames before this one.
-      self_bias: `[H, 1, T_max]` temporal bias of this query against every cache slot.
-      self_mask: `[1, T_max]` bool, True for the slots up to and including this frame.
-
-    Returns:
-      `[B, 1, D]` and the cache with this frame's key and value written into its slot.
-    """
-    cache_key, cache_value = cache
-
-    def self_attend(h):
-      nonlocal cache_key, cache_value
-      key, value = self.self_attention.key_value(h)  # [B, 1, H, Dh]
-      # A select rather than dynamic_update_slice: it costs what the attention read of the
-      # cache costs anyway, and needs no proof that the cache has a slot, which jax.export
-      # cannot give for symbolic lengths such as T_a // 2.
-      write = slot[None, :, None, None]
-      cache_key = jnp.where(write, key.astype(cache_key.dtype), cache_key)
-      cache_value = jnp.where(write, value.astype(cache_value.dtype), cache_value)
-      heads = dot_product_attention(
-        self.self_attention.query(h), cache_key, cache_value, bias=self_bias[None], mask=self_mask
-      )
-      return self.self_attention.output(heads)
-
-    x = self._residual(x, self_attend, self.self_attention_norm, False)
-    x = self._residual(x, lambda h: self._cross(h, memory), self.cross_attention_norm, False)
-    x = self._residual(x, lambda h: self.feed_forward(h, False), self.feed_forward_norm, False)
-    return x, (cache_key, cache_value)
-
-
-class EncoderLayer(nn.Module):
-  """PyTorch-style transformer encoder layer: biased (non-causal) self-attention and MLP."""
-
-  d_model: int  # model width
-  num_heads: int  # attention heads
-  mlp_dim: int  # MLP hidden width
-  dropout_rate: float = 0.1  # dropout on residual branches
-  pre_norm: bool = False  # False = post-norm (PyTorch's default)
-  dtype: Any = jnp.float32  # compute dtype
-
-  @nn.compact
-  def __call__(self, x: Array, bias: Array, mask: Array, train: bool = False) -> Array:
-    """Args: x `[B, T, D]`; bias `[H, T, T]`; mask bool broadcastable to `[B, 1, T, T]`."""
-    attention = MultiHeadAttention(self.num_heads, self.d_model, self.dtype, name="attention")
-    feed_forward = FeedForward(
-      self.d_model, self.mlp_dim, self.dropout_rate, self.dtype, name="feed_forward"
-    )
-    attention_norm = layer_norm(self.dtype, name="attention_norm")
-    feed_forward_norm = layer_norm(self.dtype, name="feed_forward_norm")
-    dropout = nn.Dropout(self.dropout_rate)
-
-    def attend(h):
-      key, value = attention.key_value(h)
-      heads = dot_product_attention(attention.query(h), key, value, bias=bias[None], mask=mask)
-      return attention.output(heads)
-
-    def residual(h, branch, norm):
-      if self.pre_norm:
-        return h + dropout(branch(norm(h)), deterministic=not train)
-      return norm(h + dropout(branch(h), deterministic=not train))
-
-    x = residual(x, attend, attention_norm)
-    return residual(x, lambda h: feed_forward(h, train), feed_forward_norm)
-
-
 class TransformerEncoder(nn.Module):
-  """A stack of `EncoderLayer`s with FaceFormer's symmetric temporal bias and a padding mask.
+  """Encoder `motion_block`s with FaceFormer's symmetric temporal bias and a padding mask.
 
   Valid frames attend only to valid frames, so their outputs do not depend on padding.
   """
@@ -491,6 +270,7 @@ class TransformerEncoder(nn.Module):
   attention_window: int = 0  # frames each side a frame may attend to; 0 = the whole sequence
   dropout_rate: float = 0.1  # dropout on residual branches
   pre_norm: bool = False  # False = post-norm
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Any = jnp.float32  # compute dtype
 
   @nn.compact
@@ -501,20 +281,20 @@ class TransformerEncoder(nn.Module):
     bias = periodic_alibi_bias(
       positions, positions, alibi_slopes(self.num_heads), self.period, causal=False
     )  # [H, T, T]
-    mask = frame_mask[:, None, None, :]  # [B, 1, 1, T] keys
+    mask = padding_mask(frame_mask)  # [B, 1, 1, T] keys
     if self.attention_window > 0:
       local = jnp.abs(positions[:, None] - positions[None, :]) <= self.attention_window
       mask = mask & local[None, None]
     for index in range(self.num_layers):
-      x = EncoderLayer(
-        self.d_model,
-        self.num_heads,
-        self.mlp_dim,
-        self.dropout_rate,
-        self.pre_norm,
-        self.dtype,
+      x, _ = motion_block(
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        dropout_rate=self.dropout_rate,
+        pre_norm=self.pre_norm,
+        attention_impl=self.attention_impl,
+        dtype=self.dtype,
         name=f"layer_{index}",
-      )(x, bias, mask, train)
+      )(x, mask, train, bias=bias[None])
       x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
     if self.pre_norm:
       # Pre-norm stacks leave the residual stream unnormalised; close with a norm as is usual.
@@ -637,6 +417,7 @@ class FaceFormerDecoder(nn.Module):
   dropout_rate: float = 0.1  # dropout on the encoded input and the residual branches
   pre_norm: bool = False  # False = post-norm layers, as FaceFormer (PyTorch default)
   cache_window: int = 0  # frames a frame attends to, itself included (bounded cache); 0 = all
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
   def __post_init__(self) -> None:
@@ -653,11 +434,21 @@ class FaceFormerDecoder(nn.Module):
     self.audio_projection = dense(self.d_model, ("mlp", "embed"), dtype=self.dtype)
     self.vertex_embedding = dense(self.d_model, ("vertices", "embed"), dtype=self.dtype)
     self.condition_embedding = ConditionEmbedding(
-      self.d_model, self.num_styles, self.num_emotions, self.num_intensities, self.dtype
+      features=self.d_model,
+      num_styles=self.num_styles,
+      num_emotions=self.num_emotions,
+      num_intensities=self.num_intensities,
+      dtype=self.dtype,
     )
     self.layers = [
-      DecoderLayer(
-        self.d_model, self.num_heads, self.mlp_dim, self.dropout_rate, self.pre_norm, self.dtype
+      motion_block(
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        dropout_rate=self.dropout_rate,
+        pre_norm=self.pre_norm,
+        attention_impl=self.attention_impl,
+        dtype=self.dtype,
+        cross_attention=True,
       )
       for _ in range(self.num_layers)
     ]
@@ -665,7 +456,7 @@ class FaceFormerDecoder(nn.Module):
     self.offset_projection = dense(
       self.num_vertices * 3, ("embed", "vertices"), dtype=self.dtype, zero_init=True
     )
-    self.input_dropout = nn.Dropout(self.dropout_rate)
+    self.input_dropout = nn.Dropout(rate=self.dropout_rate)
     if self.pre_norm:
       # Pre-norm stacks leave the residual stream unnormalised; close with a norm as is usual.
       self.final_norm = layer_norm(self.dtype)
@@ -705,7 +496,7 @@ class FaceFormerDecoder(nn.Module):
     causal_mask = self._allowed(positions[:, None], positions[None, :])  # [T, T]
     x = self._encode_inputs(inputs, train)
     for layer in self.layers:
-      x = layer(x, memory, bias, causal_mask, train)
+      x, _ = layer(x, causal_mask, train, bias=bias[None], memory=memory)
       x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
     return self._output(x)
 
@@ -834,7 +625,10 @@ class FaceFormerDecoder(nn.Module):
       mask = module._allowed(position, frame_positions)[None]  # [1, T]
       new_caches = []
       for layer, cache in zip(module.layers, caches, strict=True):
-        x, cache = layer.step(x, frame_memory[:, None], slot, cache, bias, mask)
+        # One query against the cache, its key and value written into its slot.
+        x, cache = layer(
+          x, mask, False, cache, bias=bias[None], memory=frame_memory[:, None], cache_slot=slot
+        )
         new_caches.append(cache)
       features = jnp.where(slot[None, :, None], x, features)
       next_input = module._embed_offsets(module._output(x[:, 0])) + condition
@@ -962,15 +756,21 @@ class FaceFormerDecoder(nn.Module):
       encoding = periodic_positional_encoding(phase, self.d_model, self.period)  # [B, D]
       x = (motion_input + encoding.astype(motion_input.dtype))[:, None]  # [B, 1, D]
       slot_valid = jnp.concatenate([valid, jnp.ones((batch_size, 1), bool)], axis=1)  # [B, K]
-      mask = slot_valid[:, None, None, :]  # [B, 1, 1, K]
+      mask = padding_mask(slot_valid)  # [B, 1, 1, K]
       new_keys, new_values = [], []
       for index, layer in enumerate(self.layers):
         cache = (
           jnp.concatenate([keys[:, index], empty], axis=1),  # [B, K, H, Dh]
           jnp.concatenate([values[:, index], empty], axis=1),
         )
-        x, (cache_key, cache_value) = layer.step(
-          x, memory[:, frame : frame + 1], current, cache, bias, mask
+        x, (cache_key, cache_value) = layer(
+          x,
+          mask,
+          False,
+          cache,
+          bias=bias[None],
+          memory=memory[:, frame : frame + 1],
+          cache_slot=current,
         )
         new_keys.append(cache_key[:, 1:])
         new_values.append(cache_value[:, 1:])
@@ -990,6 +790,55 @@ class FaceFormerDecoder(nn.Module):
       "phase": phase,
     }
     return predicted, new_state
+
+
+def encode_aligned_audio(
+  module: nn.Module,
+  audio_features: Array,
+  style: Array | None,
+  emotion: Array | None,
+  intensity: Array | None,
+  frame_mask: Array,
+  train: bool,
+) -> Array:
+  """The whole-sequence decoders' encoder (`NonAutoregressiveDecoder`, CodeTalker's
+  `CodePredictor`): each frame's aligned audio features (concatenated), projected, plus the
+  condition and the periodic positional encoding, through a `TransformerEncoder`.
+
+  Called from `module`'s compact `__call__`: the submodules it makes (`audio_projection`,
+  `condition_embedding`, `encoder`) are `module`'s, configured by its fields.
+
+  Returns:
+    `[B, T, D]` for `frame_mask [B, T]`.
+  """
+  batch_size, num_frames = frame_mask.shape
+  grouped = group_audio_frames(audio_features, num_frames, module.audio_frames_per_frame)
+  grouped = grouped.reshape(batch_size, num_frames, -1).astype(module.dtype)  # [B, T, r*D_audio]
+  x = dense(module.d_model, ("mlp", "embed"), dtype=module.dtype, name="audio_projection")(grouped)
+  condition = ConditionEmbedding(
+    features=module.d_model,
+    num_styles=module.num_styles,
+    num_emotions=module.num_emotions,
+    num_intensities=module.num_intensities,
+    dtype=module.dtype,
+    name="condition_embedding",
+  )(style, emotion, intensity, batch_size=batch_size)
+  encoding = periodic_positional_encoding(jnp.arange(num_frames), module.d_model, module.period)
+  x = x + condition[:, None] + encoding.astype(x.dtype)[None]
+  x = nn.Dropout(rate=module.dropout_rate)(x, deterministic=not train)
+  return TransformerEncoder(
+    d_model=module.d_model,
+    num_heads=module.num_heads,
+    num_layers=module.num_layers,
+    mlp_dim=module.mlp_dim,
+    period=module.period,
+    attention_window=module.attention_window,
+    dropout_rate=module.dropout_rate,
+    pre_norm=module.pre_norm,
+    attention_impl=module.attention_impl,
+    dtype=module.dtype,
+    name="encoder",
+  )(x, frame_mask, train)
 
 
 # Not a published model: a FaceFormer-sized encoder without cross-attention, so two layers.
@@ -1051,6 +900,7 @@ class NonAutoregressiveDecoder(nn.Module):
   num_intensities: int = 0  # emotion intensity levels; 0 disables
   dropout_rate: float = 0.1  # dropout on the encoded input and the residual branches
   pre_norm: bool = False  # False = post-norm layers
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
   @classmethod
@@ -1101,32 +951,7 @@ class NonAutoregressiveDecoder(nn.Module):
       raise ValueError(
         f"frame_mask must be [B, T]=({batch_size}, {num_frames}), got {tuple(frame_mask.shape)}"
       )
-    grouped = group_audio_frames(audio_features, num_frames, self.audio_frames_per_frame)
-    grouped = grouped.reshape(batch_size, num_frames, -1).astype(self.dtype)  # [B, T, r*D_audio]
-    x = dense(self.d_model, ("mlp", "embed"), dtype=self.dtype, name="audio_projection")(grouped)
-    condition = ConditionEmbedding(
-      self.d_model,
-      self.num_styles,
-      self.num_emotions,
-      self.num_intensities,
-      self.dtype,
-      name="condition_embedding",
-    )(style, emotion, intensity, batch_size=batch_size)
-    encoding = periodic_positional_encoding(jnp.arange(num_frames), self.d_model, self.period)
-    x = x + condition[:, None] + encoding.astype(x.dtype)[None]
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    x = TransformerEncoder(
-      self.d_model,
-      self.num_heads,
-      self.num_layers,
-      self.mlp_dim,
-      self.period,
-      self.attention_window,
-      self.dropout_rate,
-      self.pre_norm,
-      self.dtype,
-      name="encoder",
-    )(x, frame_mask, train)
+    x = encode_aligned_audio(self, audio_features, style, emotion, intensity, frame_mask, train)
     offsets = dense(
       self.num_vertices * 3,
       ("embed", "vertices"),
@@ -1164,17 +989,15 @@ class NonAutoregressiveDecoder(nn.Module):
 __all__ = (
   "FACEFORMER_VARIANTS",
   "NONAUTOREGRESSIVE_VARIANTS",
+  "DECODER_BLOCK_NAMES",
   "ConditionEmbedding",
-  "DecoderLayer",
-  "EncoderLayer",
   "FaceFormerDecoder",
-  "MultiHeadAttention",
   "NonAutoregressiveDecoder",
   "TransformerEncoder",
-  "aligned_attention",
   "alibi_slopes",
   "alignment_mask",
-  "dot_product_attention",
+  "encode_aligned_audio",
+  "motion_block",
   "periodic_alibi_bias",
   "periodic_positional_encoding",
 )

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fdjax.models import hf_clip
+from fdjax.models.attention import padding_mask
 from fdjax.models.clip import (
   CLIP_MEAN,
   CLIP_STD,
@@ -50,11 +51,6 @@ def normalize_video(video: Array, mean: Sequence[float], std: Sequence[float], d
   return x.astype(dtype)
 
 
-def padding_attention_mask(valid: Array) -> Array:
-  """bool [B, L] valid tokens -> bool [B, 1, L, L]: every query attends to the valid keys."""
-  return valid[:, None, None, :]
-
-
 class TemporalHead(nn.Module):
   """Frame features -> temporal transformer -> clip embedding -> class logits."""
 
@@ -70,6 +66,7 @@ class TemporalHead(nn.Module):
   logit_scale_init: float = math.log(1 / 0.07)  # initial log temperature of the text classifier
   hidden_act: str = "gelu"  # MLP activation
   remat: bool = False  # recompute block activations in the backward pass
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
   @nn.compact
@@ -99,7 +96,7 @@ class TemporalHead(nn.Module):
     x = features.astype(self.dtype)
     if feature_dim != self.width:
       x = nn.Dense(
-        self.width,
+        features=self.width,
         dtype=self.dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, "embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
@@ -125,14 +122,15 @@ class TemporalHead(nn.Module):
       valid = jnp.concatenate([jnp.ones((batch, 1), bool), frame_mask], axis=1)
     x = nn.with_logical_constraint(x, ("batch", "frames", "embed"))
     x = Transformer(
-      self.depth,
-      self.num_heads,
-      self.mlp_dim,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
       hidden_act=self.hidden_act,
       remat=self.remat,
+      attention_impl=self.attention_impl,
       dtype=self.dtype,
       name="temporal_encoder",
-    )(x, padding_attention_mask(valid))
+    )(x, padding_mask(valid))
     x = layer_norm(1e-5, self.dtype, "final_norm")(x)
     if self.pooling == "cls":
       embedding = x[:, 0]
@@ -140,11 +138,11 @@ class TemporalHead(nn.Module):
       weights = frame_mask.astype(x.dtype)[..., None]
       embedding = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
     aux = {"clip_embedding": embedding}  # [B, width]
-    embedding = nn.Dropout(self.dropout, deterministic=not train)(embedding)
+    embedding = nn.Dropout(rate=self.dropout, deterministic=not train)(embedding)
 
     if self.classifier == "linear":
       logits = nn.Dense(
-        self.num_classes,
+        features=self.num_classes,
         dtype=self.dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "classes")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
@@ -159,7 +157,7 @@ class TemporalHead(nn.Module):
         f"class_embeds has {class_embeds.shape[0]} classes, num_classes is {self.num_classes}"
       )
     video_embeds = nn.Dense(
-      class_embeds.shape[-1],
+      features=class_embeds.shape[-1],
       use_bias=False,
       dtype=self.dtype,
       kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
@@ -205,6 +203,7 @@ class VideoClassifier(nn.Module):
   pixel_mean: tuple[float, float, float] = CLIP_MEAN  # RGB mean of the encoder's training data
   pixel_std: tuple[float, float, float] = CLIP_STD  # RGB std of the encoder's training data
   remat: bool = False  # recompute activations of the towers in the backward pass
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
   def _peft(self) -> dict[str, Any]:
@@ -230,7 +229,12 @@ class VideoClassifier(nn.Module):
     classes, prompts, length = token_ids.shape
     peft = self._peft() if self.peft_text else {}
     text = ClipTextEncoder(
-      **clip_variant(self.variant)["text"], **peft, remat=self.remat, dtype=self.dtype, name="text"
+      **clip_variant(self.variant)["text"],
+      **peft,
+      remat=self.remat,
+      attention_impl=self.attention_impl,
+      dtype=self.dtype,
+      name="text",
     )
     text_embeds, _ = text(token_ids.reshape(classes * prompts, length))
     if self.stop_backbone_gradient and not self.peft_text:
@@ -260,7 +264,12 @@ class VideoClassifier(nn.Module):
     pixels = normalize_video(video, self.pixel_mean, self.pixel_std, self.dtype)
     pixels = pixels.reshape(batch * frames, size, size, 3)  # frames share the image encoder
     vision = ClipVisionEncoder(
-      **vision_config, **self._peft(), remat=self.remat, dtype=self.dtype, name="vision"
+      **vision_config,
+      **self._peft(),
+      remat=self.remat,
+      attention_impl=self.attention_impl,
+      dtype=self.dtype,
+      name="vision",
     )
     frame_embeds, _ = vision(pixels, train)
     frame_embeds = frame_embeds.reshape(batch, frames, -1)  # [B, T, P]
@@ -279,6 +288,7 @@ class VideoClassifier(nn.Module):
       max_frames=self.max_frames,
       pooling=self.pooling,
       dropout=self.dropout,
+      attention_impl=self.attention_impl,
       dtype=self.dtype,
       name="temporal_head",
     )

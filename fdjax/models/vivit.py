@@ -20,8 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fdjax.models.attention import padding_mask
 from fdjax.models.clip import Transformer, layer_norm
-from fdjax.models.temporal import normalize_video, padding_attention_mask
+from fdjax.models.temporal import normalize_video
 
 Array = jax.Array
 Dtype = Any
@@ -81,16 +82,18 @@ class VideoVisionTransformer(nn.Module):
   pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB mean for normalisation
   pixel_std: tuple[float, float, float] = IMAGENET_STD  # RGB std for normalisation
   remat: bool = False  # recompute block activations in the backward pass
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
   def _transformer(self, depth: int, name: str) -> Transformer:
     return Transformer(
-      depth,
-      self.num_heads,
-      self.mlp_dim,
+      depth=depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
       hidden_act=self.hidden_act,
       layer_norm_eps=self.layer_norm_eps,
       remat=self.remat,
+      attention_impl=self.attention_impl,
       dtype=self.dtype,
       name=name,
     )
@@ -121,8 +124,8 @@ class VideoVisionTransformer(nn.Module):
     x = normalize_video(video, self.pixel_mean, self.pixel_std, self.dtype)
     kernel = (self.tubelet_size, self.patch_size, self.patch_size)
     x = nn.Conv(
-      self.width,
-      kernel,
+      features=self.width,
+      kernel_size=kernel,
       strides=kernel,
       padding="VALID",
       dtype=self.dtype,
@@ -165,14 +168,14 @@ class VideoVisionTransformer(nn.Module):
     )
     x = nn.with_logical_constraint(x, ("batch", "frames", "embed"))
     valid = jnp.concatenate([jnp.ones((batch, 1), bool), valid], axis=1)
-    x = self._transformer(self.temporal_depth, "temporal_encoder")(x, padding_attention_mask(valid))
+    x = self._transformer(self.temporal_depth, "temporal_encoder")(x, padding_mask(valid))
     embedding = layer_norm(self.layer_norm_eps, self.dtype, "temporal_norm")(x[:, 0])
     aux = {"clip_embedding": embedding, "step_embeddings": step_embeddings}
     if self.num_classes == 0:
       return embedding, aux
-    embedding = nn.Dropout(self.dropout, deterministic=not train)(embedding)
+    embedding = nn.Dropout(rate=self.dropout, deterministic=not train)(embedding)
     logits = nn.Dense(
-      self.num_classes,
+      features=self.num_classes,
       dtype=self.dtype,
       kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "classes")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),

@@ -59,7 +59,6 @@ frame: `jax.export.symbolic_shape("b, s", constraints=(f"s >= {encoder.receptive
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -68,21 +67,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdjax.models.layers import DenseGeneral
+from fdjax.models.attention import BlockNames, TransformerBlock, padding_mask
+from fdjax.models.layers import activation, layer_norm
 
 Array = jax.Array
 Dtype = Any
-
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-  # Names as `transformers.activations.ACT2FN` spells them.
-  "gelu": functools.partial(jax.nn.gelu, approximate=False),
-  "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-  "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-  "relu": jax.nn.relu,
-  "silu": jax.nn.silu,
-  "swish": jax.nn.silu,
-  "tanh": jnp.tanh,
-}
 
 # Eps of the norms inside the conv stack: `transformers` builds them with torch's default.
 _CONV_NORM_EPS = 1e-5
@@ -148,10 +137,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _activation(name: str, field: str) -> Callable[[Array], Array]:
-  if name not in ACTIVATIONS:
-    raise ValueError(f"{field}={name!r} is not one of {sorted(ACTIVATIONS)}")
-  return ACTIVATIONS[name]
+# The transformer layers' parameter names, as `transformers` names them (see hf_convert).
+BLOCK_NAMES = BlockNames(
+  norms=("layer_norm", "final_layer_norm"),
+  projections=("q_proj", "k_proj", "v_proj", "out_proj"),
+  mlp=("intermediate_dense", "output_dense"),
+)
 
 
 def _norm_init(init: Callable[..., Array]) -> Callable[..., Array]:
@@ -159,16 +150,8 @@ def _norm_init(init: Callable[..., Array]) -> Callable[..., Array]:
 
 
 def _layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-  # use_fast_variance=False: E[(x - mean)^2] like torch, not E[x^2] - mean^2.
-  return nn.LayerNorm(
-    epsilon=eps,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    use_fast_variance=False,
-    scale_init=_norm_init(nn.initializers.ones),
-    bias_init=_norm_init(nn.initializers.zeros),
-    name=name,
-  )
+  # Two-pass variance E[(x - mean)^2] like torch, not E[x^2] - mean^2.
+  return layer_norm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def conv_output_lengths(
@@ -420,8 +403,8 @@ class ConvLayer(nn.Module):
   def __call__(self, x: Array) -> Array:
     """[B, T, C_in] -> [B, (T - kernel) // stride + 1, C_out]."""
     x = nn.Conv(
-      self.features,
-      (self.kernel_size,),
+      features=self.features,
+      kernel_size=(self.kernel_size,),
       strides=(self.stride,),
       padding="VALID",
       use_bias=self.use_bias,
@@ -448,7 +431,7 @@ class ConvLayer(nn.Module):
       )(x)
     elif self.norm == "layer":
       x = _layer_norm(_CONV_NORM_EPS, self.dtype, self.param_dtype, "layer_norm")(x)
-    return _activation(self.activation, "feat_extract_activation")(x)
+    return activation(self.activation, "feat_extract_activation")(x)
 
 
 class FeatureExtractor(nn.Module):
@@ -479,12 +462,12 @@ class FeatureExtractor(nn.Module):
       else:
         norm = None
       x = ConvLayer(
-        features,
-        kernel,
-        stride,
-        self.conv_bias,
-        norm,
-        self.activation,
+        features=features,
+        kernel_size=kernel,
+        stride=stride,
+        use_bias=self.conv_bias,
+        norm=norm,
+        activation=self.activation,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         name=f"conv_layers_{i}",
@@ -511,7 +494,7 @@ class FeatureProjection(nn.Module):
         features
       )
     hidden = nn.Dense(
-      self.hidden_size,
+      features=self.hidden_size,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       # uniform(+-1/sqrt(fan_in)), as `transformers` initialises this projection.
@@ -521,7 +504,7 @@ class FeatureProjection(nn.Module):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
       name="projection",
     )(features)
-    hidden = nn.Dropout(self.dropout)(hidden, deterministic=not train)
+    hidden = nn.Dropout(rate=self.dropout)(hidden, deterministic=not train)
     return hidden, features
 
 
@@ -530,8 +513,9 @@ class FrozenBatchNorm(nn.Module):
 
   The statistics sit in `params` (so one tree holds the whole model) behind `stop_gradient`, so
   they never get a gradient, and the base config's `optim.weight_decay_exclude` names them
-  (`batch_norm/(mean|var)$`), so weight decay leaves them alone too: they stay as loaded. Normalising with batch statistics in training, as torch's
-  train mode does, is not reproduced: the loaded statistics are used throughout.
+  (`batch_norm/(mean|var)$`), so weight decay leaves them alone too: they stay as loaded.
+  Normalising with batch statistics in training, as torch's train mode does, is not reproduced:
+  the loaded statistics are used throughout.
   """
 
   dtype: Dtype = jnp.float32  # compute dtype
@@ -634,172 +618,7 @@ class PositionalConvEmbedding(nn.Module):
     y = y + bias.astype(self.dtype)
     if not self.causal and self.kernel_size % 2 == 0:
       y = y[:, :-1]  # symmetric padding of an even kernel yields one frame too many
-    return _activation(self.activation, "feat_extract_activation")(y), context
-
-
-class SelfAttention(nn.Module):
-  """Multi-head self-attention under a boolean mask (key padding, causal window), optionally
-  against cached keys and values of earlier frames (streaming)."""
-
-  num_heads: int  # attention heads H
-  dropout: float  # dropout on the attention probabilities
-  initializer_range: float  # std of the projection kernels at init
-  dtype: Dtype = jnp.float32  # compute dtype
-  param_dtype: Dtype = jnp.float32  # parameter dtype
-
-  @nn.compact
-  def __call__(
-    self, x: Array, mask: Array | None, train: bool, past: tuple[Array, Array] | None = None
-  ) -> tuple[Array, tuple[Array, Array]]:
-    """Attends x to itself (after `past`, when given).
-
-    Args:
-      x: [B, T, D].
-      mask: bool broadcastable to [B, H, T, P + T] (True = may attend), or None.
-      train: enables attention dropout.
-      past: keys and values [B, P, H, Dh] of the P frames before x.
-
-    Returns:
-      [B, T, D], and the keys and values [B, T, H, Dh] of x (for a cache).
-    """
-    width = x.shape[-1]
-    head_dim = width // self.num_heads
-    kernel_init = nn.initializers.normal(self.initializer_range)
-    projection = functools.partial(
-      DenseGeneral,
-      (self.num_heads, head_dim),
-      kernel_axes=("embed", "heads", "head_dim"),
-      bias_axes=("heads", "head_dim"),
-      kernel_init=kernel_init,
-      bias_init=nn.initializers.zeros,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-    )
-    query = projection(name="q_proj")(x)  # [B, T, H, Dh]
-    key = projection(name="k_proj")(x)
-    value = projection(name="v_proj")(x)
-    keys, values = key, value
-    if past is not None:
-      keys = jnp.concatenate([past[0].astype(key.dtype), key], axis=1)  # [B, P + T, H, Dh]
-      values = jnp.concatenate([past[1].astype(value.dtype), value], axis=1)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, keys) * head_dim**-0.5
-    logits = logits.astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(self.dropout)(probs, deterministic=not train)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, values)
-    out = DenseGeneral(
-      width,
-      axis=(-2, -1),
-      kernel_axes=("heads", "head_dim", "embed"),
-      bias_axes=("embed",),
-      kernel_init=kernel_init,
-      bias_init=nn.initializers.zeros,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="out_proj",
-    )(out)
-    return out, (key, value)
-
-
-class FeedForward(nn.Module):
-  """Position-wise two-layer MLP."""
-
-  intermediate_size: int  # hidden width of the MLP
-  activation: str  # activation between the layers
-  activation_dropout: float  # dropout after the activation
-  hidden_dropout: float  # dropout on the output
-  initializer_range: float  # std of the kernels at init
-  dtype: Dtype = jnp.float32  # compute dtype
-  param_dtype: Dtype = jnp.float32  # parameter dtype
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    """[B, T, D] -> [B, T, D]."""
-    kernel_init = nn.initializers.normal(self.initializer_range)
-    h = nn.Dense(
-      self.intermediate_size,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "mlp")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-      name="intermediate_dense",
-    )(x)
-    h = nn.with_logical_constraint(h, ("batch", "time", "mlp"))
-    h = _activation(self.activation, "hidden_act")(h)
-    h = nn.Dropout(self.activation_dropout)(h, deterministic=not train)
-    h = nn.Dense(
-      x.shape[-1],
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, ("mlp", "embed")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-      name="output_dense",
-    )(h)
-    return nn.Dropout(self.hidden_dropout)(h, deterministic=not train)
-
-
-class EncoderLayer(nn.Module):
-  """Transformer layer: post-norm (wav2vec2-base) or pre-norm (`stable_layer_norm`, large)."""
-
-  num_heads: int  # attention heads
-  intermediate_size: int  # MLP width
-  activation: str  # MLP activation
-  stable_layer_norm: bool  # pre-norm when True, post-norm when False
-  layer_norm_eps: float  # eps of both layer norms
-  hidden_dropout: float  # dropout on residual branches
-  attention_dropout: float  # dropout on attention probabilities
-  activation_dropout: float  # dropout inside the MLP
-  layerdrop: float  # probability of skipping the whole layer in training
-  initializer_range: float  # std of dense kernels at init
-  keep_output: bool = False  # also return the output as the scan's per-layer output
-  dtype: Dtype = jnp.float32  # compute dtype
-  param_dtype: Dtype = jnp.float32  # parameter dtype
-
-  @nn.compact
-  def __call__(
-    self, x: Array, mask: Array | None, train: bool, past: tuple[Array, Array] | None = None
-  ) -> tuple[Array, tuple[Array | None, tuple[Array, Array] | None]]:
-    """[B, T, D] -> ([B, T, D], (the output again if keep_output, x's keys and values if past)).
-
-    `mask` is broadcastable to [B, H, T, P + T]; `past` holds the keys and values
-    [B, P, H, Dh] of the P frames before x (streaming).
-    """
-    inputs = x
-    norm = functools.partial(_layer_norm, self.layer_norm_eps, self.dtype, self.param_dtype)
-    attention = SelfAttention(
-      self.num_heads,
-      self.attention_dropout,
-      self.initializer_range,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="attention",
-    )
-    feed_forward = FeedForward(
-      self.intermediate_size,
-      self.activation,
-      self.activation_dropout,
-      self.hidden_dropout,
-      self.initializer_range,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="feed_forward",
-    )
-    dropout = nn.Dropout(self.hidden_dropout)
-    if self.stable_layer_norm:
-      h, key_value = attention(norm("layer_norm")(x), mask, train, past)
-      x = x + dropout(h, deterministic=not train)
-      x = x + feed_forward(norm("final_layer_norm")(x), train)
-    else:
-      h, key_value = attention(x, mask, train, past)
-      x = norm("layer_norm")(x + dropout(h, deterministic=not train))
-      x = norm("final_layer_norm")(x + feed_forward(x, train))
-    if train and self.layerdrop > 0:
-      skip = jax.random.uniform(self.make_rng("dropout"), ()) < self.layerdrop
-      x = jnp.where(skip, inputs, x)
-    x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
-    return x, (x if self.keep_output else None, key_value if past is not None else None)
+    return activation(self.activation, "feat_extract_activation")(y), context
 
 
 class TransformerEncoder(nn.Module):
@@ -824,6 +643,7 @@ class TransformerEncoder(nn.Module):
   remat: bool  # recompute layer activations in the backward pass
   causal: bool = False  # causal positional conv; frames attend to themselves and earlier ones
   attention_window: int = 0  # causal: frames attended to, the frame itself included; 0 = all
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype
   param_dtype: Dtype = jnp.float32  # parameter dtype
 
@@ -847,10 +667,10 @@ class TransformerEncoder(nn.Module):
     if mask is not None:
       x = jnp.where(mask[..., None], x, 0)  # padding must not leak through the positional conv
     position, position_context = PositionalConvEmbedding(
-      self.num_conv_pos_embeddings,
-      self.num_conv_pos_embedding_groups,
-      self.conv_pos_batch_norm,
-      self.pos_conv_activation,
+      kernel_size=self.num_conv_pos_embeddings,
+      groups=self.num_conv_pos_embedding_groups,
+      batch_norm=self.conv_pos_batch_norm,
+      activation=self.pos_conv_activation,
       causal=self.causal,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
@@ -859,19 +679,19 @@ class TransformerEncoder(nn.Module):
     x = x + position
     if not self.do_stable_layer_norm:
       x = _layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "layer_norm")(x)
-    x = nn.Dropout(self.hidden_dropout)(x, deterministic=not train)
+    x = nn.Dropout(rate=self.hidden_dropout)(x, deterministic=not train)
     x = nn.with_logical_constraint(x, ("batch", "time", "embed"))
     layer_input = x
 
     past = None
-    attention_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, T] keys
+    attention_mask = None if mask is None else padding_mask(mask)  # [B, 1, 1, T] keys
     if stream_state is not None:
       history = stream_state["valid"].shape[1]
       key_valid = jnp.concatenate(
         [stream_state["valid"], jnp.ones(x.shape[:2], bool)], axis=1
       )  # [B, P + T]
       allowed = self._allowed(history + jnp.arange(x.shape[1]), jnp.arange(key_valid.shape[1]))
-      attention_mask = allowed[None, None] & key_valid[:, None, None, :]  # [B, 1, T, P + T]
+      attention_mask = allowed[None, None] & padding_mask(key_valid)  # [B, 1, T, P + T]
       # Layers first, as the scan slices them.
       past = (jnp.moveaxis(stream_state["keys"], 1, 0), jnp.moveaxis(stream_state["values"], 1, 0))
     elif self.causal:
@@ -879,41 +699,49 @@ class TransformerEncoder(nn.Module):
       allowed = self._allowed(positions, positions)[None, None]  # [1, 1, T, T]
       attention_mask = allowed if attention_mask is None else allowed & attention_mask
 
-    layer_fields = dict(
+    kernel_init = nn.initializers.normal(self.initializer_range)
+    block_fields = dict(
       num_heads=self.num_attention_heads,
-      intermediate_size=self.intermediate_size,
+      mlp_dim=self.intermediate_size,
       activation=self.hidden_act,
-      stable_layer_norm=self.do_stable_layer_norm,
+      pre_norm=self.do_stable_layer_norm,
       layer_norm_eps=self.layer_norm_eps,
-      hidden_dropout=self.hidden_dropout,
+      dropout=self.hidden_dropout,
       attention_dropout=self.attention_dropout,
       activation_dropout=self.activation_dropout,
+      mlp_drops_output=True,
       layerdrop=self.layerdrop,
-      initializer_range=self.initializer_range,
-      keep_output=output_hidden_states,
+      attention_kernel_init=kernel_init,
+      mlp_kernel_init=kernel_init,
+      names=BLOCK_NAMES,
+      attention_impl=self.attention_impl,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
     )
     # static_argnums counts self as 0: `train` is argument 3.
-    layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
+    block_cls = nn.remat(TransformerBlock, static_argnums=(3,)) if self.remat else TransformerBlock
     if self.scan_layers:
+
+      def layer(block, x, layer_past):
+        x, key_value = block(x, attention_mask, train, layer_past)
+        kept = key_value if layer_past is not None else None
+        return x, (x if output_hidden_states else None, kept)
+
       scanned = nn.scan(
-        layer_cls,
+        layer,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0),
+        in_axes=0,
         length=self.num_hidden_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       # outputs [L, B, T, D] or None; new_key_values [L, B, T, H, Dh] twice or None
-      x, (outputs, new_key_values) = scanned(**layer_fields, name="layers")(
-        x, attention_mask, train, past
-      )
+      x, (outputs, new_key_values) = scanned(block_cls(**block_fields, name="layers"), x, past)
     else:
       per_layer, per_layer_key_values = [], []
       for i in range(self.num_hidden_layers):
         layer_past = None if past is None else (past[0][i], past[1][i])
-        x, (_, key_value) = layer_cls(**layer_fields, name=f"layers_{i}")(
+        x, key_value = block_cls(**block_fields, name=f"layers_{i}")(
           x, attention_mask, train, layer_past
         )
         per_layer.append(x)
@@ -1007,6 +835,7 @@ class Wav2Vec2Encoder(nn.Module):
   attention_window: int = 0  # causal: frames each frame attends to, itself included; 0 = all
   scan_layers: bool = True  # scan over stacked layer params (fast compile) or unroll
   remat: bool = False  # rematerialise transformer layers in the backward pass
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (bfloat16 on accelerators)
   param_dtype: Dtype = jnp.float32  # parameter dtype
 
@@ -1060,8 +889,8 @@ class Wav2Vec2Encoder(nn.Module):
       )
     if self.frame_alignment not in ("interpolate", "pairs"):
       raise ValueError(f"frame_alignment={self.frame_alignment!r} is not 'interpolate' or 'pairs'")
-    _activation(self.feat_extract_activation, "feat_extract_activation")
-    _activation(self.hidden_act, "hidden_act")
+    activation(self.feat_extract_activation, "feat_extract_activation")
+    activation(self.hidden_act, "hidden_act")
 
   @classmethod
   def from_hf_config(cls, hf_config: Mapping[str, Any], **overrides: Any) -> Wav2Vec2Encoder:
@@ -1224,12 +1053,12 @@ class Wav2Vec2Encoder(nn.Module):
     elif self.causal:
       audio = jnp.pad(audio, ((0, 0), (self.causal_padding, 0)))
     features = FeatureExtractor(
-      self.conv_dim,
-      self.conv_kernel,
-      self.conv_stride,
-      self.conv_bias,
-      self.feat_extract_norm,
-      self.feat_extract_activation,
+      conv_dim=self.conv_dim,
+      conv_kernel=self.conv_kernel,
+      conv_stride=self.conv_stride,
+      conv_bias=self.conv_bias,
+      feat_extract_norm=self.feat_extract_norm,
+      activation=self.feat_extract_activation,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="feature_extractor",
@@ -1246,10 +1075,10 @@ class Wav2Vec2Encoder(nn.Module):
       features, mask = self._align(features, feature_lengths, num_frames, frame_mask)
 
     hidden, extract_features = FeatureProjection(
-      self.hidden_size,
-      self.feat_proj_layer_norm,
-      self.layer_norm_eps,
-      self.feat_proj_dropout,
+      hidden_size=self.hidden_size,
+      layer_norm=self.feat_proj_layer_norm,
+      layer_norm_eps=self.layer_norm_eps,
+      dropout=self.feat_proj_dropout,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="feature_projection",
@@ -1267,25 +1096,26 @@ class Wav2Vec2Encoder(nn.Module):
         hidden = self._spec_augment(hidden, mask, masked_spec_embed)
 
     hidden, hidden_states, new_stream_state = TransformerEncoder(
-      self.num_hidden_layers,
-      self.num_attention_heads,
-      self.intermediate_size,
-      self.hidden_act,
-      self.num_conv_pos_embeddings,
-      self.num_conv_pos_embedding_groups,
-      self.conv_pos_batch_norm,
-      self.feat_extract_activation,
-      self.do_stable_layer_norm,
-      self.layer_norm_eps,
-      self.hidden_dropout,
-      self.attention_dropout,
-      self.activation_dropout,
-      self.layerdrop,
-      self.initializer_range,
-      self.scan_layers,
-      self.remat,
+      num_hidden_layers=self.num_hidden_layers,
+      num_attention_heads=self.num_attention_heads,
+      intermediate_size=self.intermediate_size,
+      hidden_act=self.hidden_act,
+      num_conv_pos_embeddings=self.num_conv_pos_embeddings,
+      num_conv_pos_embedding_groups=self.num_conv_pos_embedding_groups,
+      conv_pos_batch_norm=self.conv_pos_batch_norm,
+      pos_conv_activation=self.feat_extract_activation,
+      do_stable_layer_norm=self.do_stable_layer_norm,
+      layer_norm_eps=self.layer_norm_eps,
+      hidden_dropout=self.hidden_dropout,
+      attention_dropout=self.attention_dropout,
+      activation_dropout=self.activation_dropout,
+      layerdrop=self.layerdrop,
+      initializer_range=self.initializer_range,
+      scan_layers=self.scan_layers,
+      remat=self.remat,
       causal=self.causal,
       attention_window=self.attention_window,
+      attention_impl=self.attention_impl,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="encoder",

@@ -15,13 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fdjax.models.attention import aligned_attention, dot_product_attention
 from fdjax.models.motion_decoders import (
   FaceFormerDecoder,
   NonAutoregressiveDecoder,
   alibi_slopes,
-  aligned_attention,
   alignment_mask,
-  dot_product_attention,
   periodic_alibi_bias,
   periodic_positional_encoding,
 )
