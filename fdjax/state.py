@@ -16,6 +16,7 @@ the same pytree leaves and key paths as before they existed, so its checkpoints 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -83,15 +84,28 @@ def strip_boxes(tree: Any) -> Any:
 NOT_STATE_COLLECTIONS = ("params", "intermediates")
 
 
-def _drop_misfit_boxes(tree: Any) -> Any:
-  """Unboxes optimizer-state leaves whose rank differs from their parameter's axis names.
+def _drop_misfit_boxes(tree: Any, mesh: Mesh, rules: Any) -> Any:
+  """Unboxes optimizer-state leaves that their parameter's axis names do not fit.
 
   optax keeps the parameter's box around every leaf it derives from it; for factored
-  statistics (adafactor's row and column second moments) the names no longer fit, so those
-  leaves are left without names, i.e. replicated.
+  statistics (adafactor's row and column second moments, `[1]` placeholders) the names no
+  longer fit the leaf's rank or divide its shape, so those (small) leaves are left without
+  names, i.e. replicated.
   """
+
+  def fits(box: nn.Partitioned) -> bool:
+    shape = box.value.shape
+    if len(shape) != len(box.names):
+      return False
+    spec = nn.logical_to_mesh_axes(box.names, sharding_lib.as_rules(rules))
+    for size, axes in zip(shape, spec, strict=True):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+      if size % math.prod(mesh.shape[a] for a in axes):
+        return False
+    return True
+
   return jax.tree.map(
-    lambda x: x.value if isinstance(x, nn.Partitioned) and x.value.ndim != len(x.names) else x,
+    lambda x: x.value if isinstance(x, nn.Partitioned) and not fits(x) else x,
     tree,
     is_leaf=lambda x: isinstance(x, nn.Partitioned),
   )
@@ -99,6 +113,8 @@ def _drop_misfit_boxes(tree: Any) -> Any:
 
 def _init_boxed(
   rng: jax.Array,
+  mesh: Mesh,
+  rules: Any,
   model: nn.Module,
   tx: optax.GradientTransformation,
   dummy_batch: dict,
@@ -116,7 +132,7 @@ def _init_boxed(
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
-    opt_state=_drop_misfit_boxes(tx.init(params)),
+    opt_state=_drop_misfit_boxes(tx.init(params), mesh, rules),
     rng=jax.random.key_data(state_rng),
     nonfinite_consecutive=jnp.zeros((), jnp.int32),
     nonfinite_total=jnp.zeros((), jnp.int32),
@@ -138,7 +154,8 @@ def state_shardings(
 ) -> tuple[TrainState, TrainState]:
   """(abstract unboxed state of `ShapeDtypeStruct`s, matching tree of `NamedSharding`s)."""
   boxed = jax.eval_shape(
-    lambda rng: _init_boxed(rng, model, tx, dummy_batch, init_fn, ema), jax.random.key(0)
+    lambda rng: _init_boxed(rng, mesh, rules, model, tx, dummy_batch, init_fn, ema),
+    jax.random.key(0),
   )
   shardings = sharding_lib.tree_shardings(mesh, rules, nn.get_partition_spec(boxed))
   abstract = jax.tree.map(
@@ -172,7 +189,7 @@ def create_train_state(
   """
   _, shardings = state_shardings(mesh, rules, model, tx, dummy_batch, init_fn, ema=ema)
   init = jax.jit(
-    lambda rng: nn.unbox(_init_boxed(rng, model, tx, dummy_batch, init_fn, ema)),
+    lambda rng: nn.unbox(_init_boxed(rng, mesh, rules, model, tx, dummy_batch, init_fn, ema)),
     out_shardings=shardings,
   )
   with nn.logical_axis_rules(sharding_lib.as_rules(rules)):
