@@ -2,7 +2,7 @@
 
     fdjax train --config experiments/audio2mesh/vocaset.py:variant=faceformer \
         --config.optim.lr=3e-4 --workdir runs/x
-    fdjax eval --config ... --workdir runs/x [--step N]
+    fdjax eval --config ... --workdir runs/x [--step N] [--params raw|ema]
     fdjax data synth|build|inspect ...       (data_pipelines.cli)
     fdjax render ...                         (fdjax.render)
     fdjax export ...                         (fdjax.export)
@@ -20,7 +20,9 @@ import logging
 import os
 import sys
 
-USAGE = "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep} ...  (fdjax CMD --help)"
+USAGE = (
+  "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep} ...  (fdjax CMD --help)"
+)
 
 # Subcommands implemented elsewhere: name -> (module, function taking argv).
 DELEGATED = {
@@ -99,14 +101,27 @@ def train_main(argv: list[str]) -> int:
   return 0
 
 
-def eval_main(argv: list[str]) -> int:
-  args, overrides = _parse(
-    "fdjax eval", argv, lambda p: p.add_argument("--step", type=int, default=None)
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--step", type=int, default=None)
+  parser.add_argument(
+    "--params",
+    choices=("raw", "ema"),
+    default=None,
+    help="which parameters to evaluate (default: ema when the run keeps an EMA, else raw)",
   )
+
+
+def eval_main(argv: list[str]) -> int:
+  args, overrides = _parse("fdjax eval", argv, _eval_arguments)
   config = _prepare(args, overrides)
   from fdjax import trainer
 
-  metrics = trainer.evaluate_checkpoint(config, args.workdir, step=args.step)
+  try:
+    trainer.select_params(config, args.params)
+  except ValueError as e:
+    print(f"fdjax eval: {e}", file=sys.stderr)
+    return 2
+  metrics = trainer.evaluate_checkpoint(config, args.workdir, step=args.step, params=args.params)
   for name, value in metrics.items():
     print(f"{name}: {value}")
   return 0

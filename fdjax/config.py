@@ -58,21 +58,38 @@ def base_config() -> ConfigDict:
   c.data.shuffle = True  # Shuffle the training set every epoch.
 
   c.optim = ConfigDict()
-  c.optim.optimizer = "adamw"  # One of adam, adamw, sgd.
-  c.optim.lr = 1e-3  # Peak learning rate.
-  c.optim.schedule = "cosine"  # One of constant, linear, cosine (each after linear warmup).
+  # adam, adamw, sgd (from the fields below), or any optax optimizer by name (lion, adafactor,
+  # ...), called with the schedule as `learning_rate` and `optimizer_kwargs`.
+  c.optim.optimizer = "adamw"
+  c.optim.optimizer_kwargs = ConfigDict()  # Extra keyword arguments of the optax optimizer.
+  c.optim.lr = 1e-3  # Peak learning rate (constant, linear, cosine).
+  # constant, linear, cosine (each after linear warmup, from lr, warmup_steps, end_lr_factor), or
+  # any optax schedule by name (warmup_cosine_decay_schedule, ...) of `schedule_kwargs`.
+  c.optim.schedule = "cosine"
+  c.optim.schedule_kwargs = ConfigDict()  # Keyword arguments of an optax schedule by name.
   c.optim.warmup_steps = 0  # Linear warmup from 0 to `lr` over this many steps.
   c.optim.end_lr_factor = 0.0  # Final learning rate as a fraction of `lr` (linear, cosine).
   c.optim.b1 = 0.9  # Adam beta1 (also SGD momentum when `momentum` is 0).
   c.optim.b2 = 0.999  # Adam beta2.
   c.optim.eps = 1e-8  # Adam epsilon.
   c.optim.momentum = 0.0  # SGD momentum (0: plain SGD).
-  c.optim.weight_decay = 0.0  # Decoupled weight decay (adamw, sgd).
+  # Decoupled weight decay (adamw, sgd, and any optax optimizer that takes `weight_decay`).
+  c.optim.weight_decay = 0.0
   # No decay on these paths: biases, norm scales, embeddings, and the running statistics that
   # frozen batch norms keep among the parameters (HuBERT's positional-conv batch norm).
   c.optim.weight_decay_exclude = (r"bias$", r"scale$", r"embedding$", r"batch_norm/(mean|var)$")
   c.optim.clip_norm = 0.0  # Clip updates to this global gradient norm (0: no clipping).
   c.optim.freeze = ()  # Regexes over "/"-joined parameter paths: matches get no updates.
+  # Parameter groups: name -> overrides of the keys above (lr, optimizer, optimizer_kwargs,
+  # schedule, schedule_kwargs, weight_decay, ...) for the parameters whose path matches the
+  # regex `pattern` (default: the name itself), e.g. {"^discriminator/": {"lr": 1e-4}}. A
+  # parameter may match one group at most; freezing wins over groups; clipping stays global.
+  c.optim.groups = ConfigDict()
+
+  c.ema = ConfigDict()
+  # Exponential moving average of the parameters, used by evaluation and export (0: off).
+  c.ema.decay = 0.0
+  c.ema.start_step = 0  # Until this many updates the EMA copies the parameters, then averages.
 
   c.total_steps = 1000  # Training steps (optimizer updates).
   c.batch_size = 32  # Global batch size, over all processes and micro-batches.
@@ -142,7 +159,7 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ConfigDict:
     if arg:
       raise ValueError(f"{spec}: a saved config.json takes no ':' arguments")
     with open(path) as f:
-      config = ConfigDict(json.load(f))
+      config = fill_defaults(ConfigDict(json.load(f)))
     apply_overrides(config, overrides)
     return ml_collections.FrozenConfigDict(config)
   module = load_config_module(path)
@@ -156,7 +173,25 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ConfigDict:
 def load_json_config(path: str) -> ml_collections.FrozenConfigDict:
   """The resolved config a run saved (`<workdir>/config.json`), frozen."""
   with open(path) as f:
-    return ml_collections.FrozenConfigDict(json.load(f))
+    return ml_collections.FrozenConfigDict(fill_defaults(ConfigDict(json.load(f))))
+
+
+def fill_defaults(config: ConfigDict) -> ConfigDict:
+  """Adds, in place, the `base_config()` keys that a saved config lacks.
+
+  A `config.json` written before a key existed (say `ema`) then reads with that key's default,
+  which is the behaviour the run had.
+  """
+
+  def fill(node: ConfigDict, base: ConfigDict) -> None:
+    for key, value in base.items():
+      if key not in node:
+        node[key] = value
+      elif isinstance(value, ConfigDict) and isinstance(node[key], ConfigDict):
+        fill(node[key], value)
+
+  fill(config, base_config())
+  return config
 
 
 def load_config_module(path: str):
@@ -247,6 +282,8 @@ def _coerce(raw: str, current: Any, key: str) -> Any:
     return type(current)(value)
   if isinstance(current, tuple | list) and not isinstance(value, tuple | list):
     return type(current)((value,))
+  if isinstance(current, Mapping | ConfigDict) and isinstance(value, dict):
+    return value
   if not isinstance(value, type(current)):
     raise ValueError(
       f"config key {key!r} expects {type(current).__name__}; got {raw!r} ({type(value).__name__})"

@@ -678,8 +678,11 @@ def export_checkpoint(
   platforms: Sequence[str] = ("cpu",),
   dtype: str = "float32",
   external_weights: bool = False,
+  params: str | None = None,
 ) -> dict:
   """Restores a run's parameters and writes its task's predict function to `out_dir`.
+
+  `params`: `raw`, `ema`, or None (the EMA when the run keeps one, else the raw parameters).
 
   A task whose `stream_fn(config, model)` returns functions (a causal audio2mesh model) also
   gets them in the artifact (`stream_init`, `stream_step`; `load(out_dir, "stream_step")`),
@@ -688,7 +691,7 @@ def export_checkpoint(
   from fdjax import config as config_lib
   from fdjax import trainer
 
-  task, model, params, step = trainer.restore_params(config, workdir, step)
+  task, model, params, step = trainer.restore_params(config, workdir, step, params=params)
   if not hasattr(task, "predict_fn"):
     raise ValueError(f"task {config.task!r} defines no predict_fn, so it cannot be exported")
   predict, input_specs = task.predict_fn(config, model)
@@ -752,7 +755,7 @@ def _load_run_config(config_spec: str | None, workdir: str, overrides: list[str]
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file; name the run's config with --config")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = config_lib.fill_defaults(ml_collections.ConfigDict(json.load(f)))
   config_lib.apply_overrides(config, overrides)
   return ml_collections.FrozenConfigDict(config)
 
@@ -773,6 +776,12 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument(
     "--external-weights", action="store_true", help="keep the weights beside the artifact"
+  )
+  parser.add_argument(
+    "--params",
+    choices=("raw", "ema"),
+    default=None,
+    help="which parameters to export (default: ema when the run keeps an EMA, else raw)",
   )
   return parser
 
@@ -799,6 +808,7 @@ def main(argv: Sequence[str]) -> int:
       platforms=platforms,
       dtype=args.dtype,
       external_weights=args.external_weights,
+      params=args.params,
     )
   except (FileNotFoundError, ValueError, KeyError, AttributeError, CheckpointRestoreError) as e:
     print(f"fdjax export: {e}", file=sys.stderr)

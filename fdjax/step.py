@@ -8,11 +8,17 @@ where `loss` is the mean over the batch's valid elements and `aux` a dict of sca
 `aux` holds `"weight"` (the number of valid elements the mean is over), micro-batches are
 weighted by it, so gradient accumulation is exact for masked, variable-length batches too.
 
+When the state holds mutable model collections (BatchNorm's `batch_stats`, ...), the loss is
+called as `loss_fn(model, params, batch, rng, train, collections=...)`, and with `train=True`
+returns the updated collections in `aux["collections"]` (the step pops them before the metrics;
+under accumulation each micro-batch sees the collections the previous one left).
+
 `train_step` adds: micro-batch gradient accumulation with `lax.scan`, the precision policy
 (float32 parameters, cast to the compute dtype inside the differentiated function, so gradients
 and updates stay float32), frozen parameters behind `stop_gradient`, and the non-finite guard
 (a step whose loss or gradient is not finite leaves parameters and optimizer state untouched,
-and is counted).
+and is counted). With `ema_decay > 0` the state's EMA of the parameters follows each applied
+update (see `update_ema`).
 """
 
 from __future__ import annotations
@@ -55,19 +61,51 @@ def _split_micro_batches(batch: dict, num: int, batch_axes: tuple[str, ...]) -> 
   return jax.tree.map(split, batch)
 
 
-def _weighted_grad(loss_fn, model, params, batch, rng, trainable, compute_dtype):
-  """Gradient of `loss * weight` with respect to the float32 `params`, and the aux."""
+def _call_loss(loss_fn, model, params, batch, rng, train, collections):
+  """The loss, with `collections=` only for a state that has collections."""
+  if collections is None:
+    return loss_fn(model, params, batch, rng, train)
+  return loss_fn(model, params, batch, rng, train, collections=collections)
+
+
+def _weighted_grad(loss_fn, model, params, collections, batch, rng, trainable, compute_dtype):
+  """Gradient of `loss * weight` with respect to the float32 `params`, the aux, and the updated
+  collections (None without collections)."""
 
   def objective(p):
     p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
-    loss, aux = loss_fn(model, cast_floating(p, compute_dtype), batch, rng, True)
+    loss, aux = _call_loss(
+      loss_fn, model, cast_floating(p, compute_dtype), batch, rng, True, collections
+    )
     aux = dict(aux)
+    new_collections = None
+    if collections is not None:
+      if "collections" not in aux:
+        raise ValueError(
+          "the state has mutable collections, so a training loss must return the updated "
+          'ones in aux["collections"]'
+        )
+      # Stored in their own dtype, whatever the compute dtype made of them.
+      new_collections = jax.tree.map(
+        lambda new, old: new.astype(old.dtype), aux.pop("collections"), collections
+      )
     weight = jnp.asarray(aux.pop("weight", 1.0), jnp.float32)
     loss = loss.astype(jnp.float32)
-    return loss * weight, (loss * weight, weight, aux)
+    return loss * weight, (loss * weight, weight, aux, new_collections)
 
-  grads, (weighted_loss, weight, aux) = jax.grad(objective, has_aux=True)(params)
-  return grads, weighted_loss, weight, aux
+  grads, (weighted_loss, weight, aux, new_collections) = jax.grad(objective, has_aux=True)(params)
+  return (grads, weighted_loss, weight, aux), new_collections
+
+
+def update_ema(ema: Any, params: Any, step: jax.Array, decay: float, start_step: int) -> Any:
+  """The EMA after the update that made `step` updates: `decay * ema + (1 - decay) * params`.
+
+  Until `step` passes `start_step` the EMA is a copy of the parameters (so averaging starts from
+  the weights at `start_step`, not from the initialisation); `start_step=0` averages from the
+  first update on, starting from the initial parameters.
+  """
+  warm = step > start_step
+  return jax.tree.map(lambda e, p: jnp.where(warm, decay * e + (1.0 - decay) * p, p), ema, params)
 
 
 def train_step(
@@ -82,26 +120,36 @@ def train_step(
   grad_accum_steps: int = 1,
   compute_dtype: Any = jnp.float32,
   batch_axes: tuple[str, ...] = (),
+  ema_decay: float = 0.0,
+  ema_start_step: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update from one global batch. Returns the new state and scalar metrics."""
+  """One optimizer update from one global batch. Returns the new state and scalar metrics.
+
+  `ema_decay`, `ema_start_step`: the EMA of the parameters (`update_ema`), for a state that
+  has one (`state.ema`); skipped non-finite steps leave it, like the collections, untouched.
+  """
   rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
   grad = functools.partial(
     _weighted_grad, loss_fn, model, trainable=trainable, compute_dtype=compute_dtype
   )
   if grad_accum_steps == 1:
-    grads, loss_sum, weight, aux = grad(state.params, batch, step_rng)
+    (grads, loss_sum, weight, aux), collections = grad(
+      state.params, state.collections, batch, step_rng
+    )
   else:
     micro_batches = _split_micro_batches(batch, grad_accum_steps, batch_axes)
 
     def accumulate(carry, xs):
+      sums, collections = carry
       micro, index = xs
-      out = grad(state.params, micro, jax.random.fold_in(step_rng, index))
-      return jax.tree.map(jnp.add, carry, out), None
+      out, collections = grad(state.params, collections, micro, jax.random.fold_in(step_rng, index))
+      return (jax.tree.map(jnp.add, sums, out), collections), None
 
-    zero = jax.eval_shape(grad, state.params, jax.tree.map(lambda x: x[0], micro_batches), rng)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zero, _ = jax.eval_shape(grad, state.params, state.collections, first, rng)
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zero)
-    (grads, loss_sum, weight, aux), _ = jax.lax.scan(
-      accumulate, zero, (micro_batches, jnp.arange(grad_accum_steps))
+    ((grads, loss_sum, weight, aux), collections), _ = jax.lax.scan(
+      accumulate, (zero, state.collections), (micro_batches, jnp.arange(grad_accum_steps))
     )
     aux = jax.tree.map(lambda a: a / grad_accum_steps, aux)
   grads = jax.tree.map(lambda g: g / weight, grads)
@@ -113,7 +161,14 @@ def train_step(
     jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
   )
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  optional = {}
+  if state.ema is not None:
+    ema = update_ema(state.ema, new_params, state.step + 1, ema_decay, ema_start_step)
+    optional["ema"] = keep(ema, state.ema)
+  if state.collections is not None:
+    optional["collections"] = keep(collections, state.collections)
   new_state = state.replace(
+    **optional,
     step=state.step + 1,
     params=keep(new_params, state.params),
     opt_state=keep(new_opt_state, state.opt_state),
@@ -135,11 +190,29 @@ def train_step(
 
 
 def eval_step(
-  params: Any, batch: dict, *, model: nn.Module, loss_fn: LossFn, compute_dtype=jnp.float32
+  params: Any,
+  batch: dict,
+  *,
+  model: nn.Module,
+  loss_fn: LossFn,
+  compute_dtype=jnp.float32,
+  collections: Any = None,
 ):
-  """Loss and metrics on one batch, without gradients. Returns `(loss * weight, weight, aux)`."""
-  loss, aux = loss_fn(model, cast_floating(params, compute_dtype), batch, jax.random.key(0), False)
+  """Loss and metrics on one batch, without gradients. Returns `(loss * weight, weight, aux)`.
+
+  `collections`: the state's mutable collections, for a model that has them.
+  """
+  loss, aux = _call_loss(
+    loss_fn,
+    model,
+    cast_floating(params, compute_dtype),
+    batch,
+    jax.random.key(0),
+    False,
+    collections,
+  )
   aux = dict(aux)
+  aux.pop("collections", None)
   weight = jnp.asarray(aux.pop("weight", 1.0), jnp.float32)
   return loss.astype(jnp.float32) * weight, weight, aux
 

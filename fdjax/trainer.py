@@ -7,6 +7,11 @@ there is one (state and data-iterator position), and runs the jitted step until
 learning rate, step time, host wait for data, examples/s and MFU (when the task counts FLOPs);
 every `eval_every` it runs the task's evaluation; checkpoints follow `config.checkpoint`.
 
+Evaluation sees the EMA of the parameters when the run keeps one (`config.ema.decay > 0`), and
+the model's mutable collections (BatchNorm statistics, ...) when it has them: a task's
+`evaluate(config, model, params, *, mesh, rules, workdir, step)` then also gets
+`collections={name: tree}`.
+
 SIGTERM (preemption) finishes the current step, saves, and returns normally, so the process
 exits 0 and the scheduler can restart it on the same workdir. Non-finite steps are skipped by
 the step itself; `max_consecutive_nonfinite` of them in a row save the (unchanged) state and
@@ -31,8 +36,8 @@ import numpy as np
 from fdjax import checkpoint as checkpoint_lib
 from fdjax import config as config_lib
 from fdjax import distributed
-from fdjax import sharding as sharding_lib
 from fdjax import optim as optim_lib
+from fdjax import sharding as sharding_lib
 from fdjax import state as state_lib
 from fdjax import step as step_lib
 from fdjax.metric_writer import MetricWriter
@@ -131,11 +136,43 @@ def _model_and_optimizer(config, task):
   return model, tx, schedule
 
 
-def restore_params(config: Any, workdir: str, step: int | None = None, mesh=None):
-  """Restores the parameters saved in `workdir` (latest, or `step`).
+PARAMS_CHOICES = ("raw", "ema")
 
-  Returns `(task, model, params, step)`; `params` are sharded on `mesh` (default: from config).
+
+def has_ema(config: Any) -> bool:
+  """Whether the run keeps an EMA of its parameters."""
+  return config.ema.decay > 0
+
+
+def select_params(config: Any, choice: str | None) -> str:
+  """`raw` or `ema` for `--params` (None: `ema` when the run keeps an EMA, else `raw`)."""
+  if choice is None:
+    return "ema" if has_ema(config) else "raw"
+  if choice not in PARAMS_CHOICES:
+    raise ValueError(f"--params {choice!r}: expected one of {', '.join(PARAMS_CHOICES)}")
+  if choice == "ema" and not has_ema(config):
+    raise ValueError(
+      "--params ema: this run keeps no EMA of its parameters (config.ema.decay = "
+      f"{config.ema.decay}); use --params raw"
+    )
+  return choice
+
+
+def eval_params(state: state_lib.TrainState) -> Any:
+  """The parameters evaluation uses: the EMA when the state keeps one, else the raw ones."""
+  return state.params if state.ema is None else state.ema
+
+
+def restore_variables(
+  config: Any, workdir: str, step: int | None = None, mesh=None, *, params: str | None = None
+):
+  """Restores a run's parameters and mutable collections (latest checkpoint, or `step`).
+
+  `params`: `raw`, `ema`, or None for the run's default (`select_params`). Returns
+  `(task, model, params, collections, step)`, sharded on `mesh` (default: from config);
+  `collections` is None for a model without mutable collections.
   """
+  choice = select_params(config, params)
   setup_jax(config)
   task = load_task(config.task)
   mesh = mesh or sharding_lib.make_mesh(config.mesh)
@@ -143,25 +180,51 @@ def restore_params(config: Any, workdir: str, step: int | None = None, mesh=None
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     model, tx, _ = _model_and_optimizer(config, task)
     abstract, _ = state_lib.state_shardings(
-      mesh, rules, model, tx, task.dummy_batch(config, 1), getattr(task, "init_fn", None)
+      mesh,
+      rules,
+      model,
+      tx,
+      task.dummy_batch(config, 1),
+      getattr(task, "init_fn", None),
+      ema=has_ema(config),
     )
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     try:
       step, state = checkpointer.restore(abstract, None, step=step)
     finally:
       checkpointer.close()
-  return task, model, state.params, step
+  chosen = state.ema if choice == "ema" else state.params
+  return task, model, chosen, state.collections, step
 
 
-def evaluate_checkpoint(config: Any, workdir: str, step: int | None = None) -> dict[str, float]:
-  """Restores the parameters saved in `workdir` (latest, or `step`) and runs the evaluation."""
+def restore_params(
+  config: Any, workdir: str, step: int | None = None, mesh=None, *, params: str | None = None
+):
+  """Restores the parameters saved in `workdir` (latest, or `step`).
+
+  `params`: `raw`, `ema`, or None for the run's default (`select_params`). Returns
+  `(task, model, params, step)`; `params` are sharded on `mesh` (default: from config).
+  """
+  task, model, chosen, _, step = restore_variables(config, workdir, step, mesh, params=params)
+  return task, model, chosen, step
+
+
+def evaluate_checkpoint(
+  config: Any, workdir: str, step: int | None = None, *, params: str | None = None
+) -> dict[str, float]:
+  """Restores the parameters saved in `workdir` (latest, or `step`) and runs the evaluation.
+
+  `params`: `raw`, `ema`, or None for the run's default (`select_params`).
+  """
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.as_rules(config.rules)
-  task, model, params, step = restore_params(config, workdir, step, mesh)
+  task, model, chosen, collections, step = restore_variables(
+    config, workdir, step, mesh, params=params
+  )
   writer = MetricWriter(workdir)
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return _evaluate(task, config, model, params, mesh, rules, workdir, step, writer)
+      return _evaluate(task, config, model, chosen, mesh, rules, workdir, step, writer, collections)
   finally:
     writer.close()
 
@@ -174,7 +237,7 @@ def build_train_step(config: Any, task: Any, mesh, rules) -> tuple[Any, Any, Any
   dummy = task.dummy_batch(config, 1)
   init_fn = getattr(task, "init_fn", None)
   state, shardings = state_lib.create_train_state(
-    jax.random.key(config.seed), mesh, rules, model, tx, dummy, init_fn
+    jax.random.key(config.seed), mesh, rules, model, tx, dummy, init_fn, ema=has_ema(config)
   )
   train_step = step_lib.jit_train_step(
     mesh,
@@ -187,6 +250,8 @@ def build_train_step(config: Any, task: Any, mesh, rules) -> tuple[Any, Any, Any
     trainable=optim_lib.trainable_mask(state.params, config.optim.freeze),
     grad_accum_steps=config.grad_accum_steps,
     compute_dtype=step_lib.resolve_compute_dtype(config.precision.compute_dtype),
+    ema_decay=config.ema.decay,
+    ema_start_step=config.ema.start_step,
   )
   return model, state, shardings, train_step
 
@@ -202,9 +267,10 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   if checkpointer.latest_step() is None and hasattr(task, "load_pretrained"):
     loaded = task.load_pretrained(config, jax.device_get(state.params))
-    state = state.replace(
-      params=jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded, state.params)
-    )
+    params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded, state.params)
+    # The EMA starts from the loaded weights too (a copy: the step donates both).
+    ema = None if state.ema is None else jax.tree.map(lambda p: p.copy(), params)
+    state = state.replace(params=params, ema=ema)
   if checkpointer.latest_step() is not None:
     abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
@@ -276,7 +342,16 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
 
       if config.eval_every and step % config.eval_every == 0 and step < config.total_steps:
         eval_metrics = _evaluate(
-          task, config, model, state.params, mesh, rules, workdir, step, writer
+          task,
+          config,
+          model,
+          eval_params(state),
+          mesh,
+          rules,
+          workdir,
+          step,
+          writer,
+          state.collections,
         )
 
       preempted = (
@@ -292,7 +367,9 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
   if not preempted:
     if checkpointer.latest_step() != step:
       checkpointer.save(step, state, data_iter, force=True)
-    eval_metrics = _evaluate(task, config, model, state.params, mesh, rules, workdir, step, writer)
+    eval_metrics = _evaluate(
+      task, config, model, eval_params(state), mesh, rules, workdir, step, writer, state.collections
+    )
     if jax.process_index() == 0:
       final = {"step": step, **{f"train_{k}": v for k, v in train_metrics.items()}}
       final.update(eval_metrics)
@@ -303,11 +380,17 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
   return TrainResult(step, preempted, train_metrics, eval_metrics, state)
 
 
-def _evaluate(task, config, model, params, mesh, rules, workdir, step, writer) -> dict:
+def _evaluate(
+  task, config, model, params, mesh, rules, workdir, step, writer, collections=None
+) -> dict:
   if not hasattr(task, "evaluate"):
     return {}
   t0 = time.perf_counter()
-  metrics = task.evaluate(config, model, params, mesh=mesh, rules=rules, workdir=workdir, step=step)
+  # `collections=` only for a model that has them, so tasks without them keep their signature.
+  extra = {} if collections is None else {"collections": collections}
+  metrics = task.evaluate(
+    config, model, params, mesh=mesh, rules=rules, workdir=workdir, step=step, **extra
+  )
   metrics = {k: (float(v) if np.ndim(v) == 0 else v) for k, v in metrics.items()}
   writer.write(step, "eval", {**metrics, "eval_time_s": time.perf_counter() - t0})
   writer.flush()

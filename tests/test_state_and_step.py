@@ -1,18 +1,28 @@
-"""Sharded state creation and the train step: shardings, accumulation, freezing, NaN guard."""
+"""Sharded state creation and the train step: shardings, accumulation, freezing, NaN guard,
+EMA and mutable collections."""
 
+import os
+from typing import Any
+
+import bntask
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tinytask
-from helpers import TINY
+from helpers import TESTS, TINY
 from jax.sharding import PartitionSpec as P
 
+from fdjax import checkpoint as checkpoint_lib
 from fdjax import config as config_lib
-from fdjax import sharding as sharding_lib
 from fdjax import optim as optim_lib
+from fdjax import sharding as sharding_lib
 from fdjax import state as state_lib
 from fdjax import step as step_lib
+
+BN = os.path.join(TESTS, "configs", "bn.py")
 
 
 def _setup(overrides=(), mesh_sizes=(2, 2, 2)):
@@ -161,3 +171,204 @@ def test_weight_decay_skips_biases():
   updates, _ = tx.update(zeros, tx.init(params), params)
   assert float(jnp.abs(updates["dense"]["bias"]).max()) == 0.0
   assert float(jnp.abs(updates["dense"]["kernel"]).max()) > 0.0
+
+
+# --- EMA and mutable collections -----------------------------------------------------------
+
+
+@flax.struct.dataclass
+class PreEmaTrainState:
+  """`fdjax.state.TrainState` exactly as it was before EMA and collections existed."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  nonfinite_consecutive: jax.Array
+  nonfinite_total: jax.Array
+
+
+def _as_pre_ema(state):
+  return PreEmaTrainState(**{f: getattr(state, f) for f in state_lib.REQUIRED_FIELDS})
+
+
+def test_state_without_ema_or_collections_has_the_pre_ema_leaves_and_key_paths():
+  *_, state, shardings = _setup()
+  assert state.ema is None and state.collections is None
+  paths = lambda tree: [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(tree)]
+  assert paths(state) == paths(_as_pre_ema(state))
+  assert paths(shardings) == paths(_as_pre_ema(shardings))
+  top = {jax.tree_util.keystr(p[:1]) for p, _ in jax.tree.leaves_with_path(state)}
+  assert top == {f".{f}" for f in state_lib.REQUIRED_FIELDS}
+
+
+def test_checkpoint_of_the_pre_ema_state_restores_into_the_new_state(tmp_path):
+  config, mesh, rules, model, tx, schedule, state, shardings = _setup()
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), config.checkpoint)
+  dataset = tinytask.train_data(config, process_index=0, process_count=1)
+  checkpointer.save(3, _as_pre_ema(state), iter(dataset), force=True)
+  checkpointer.wait()
+  metadata = checkpointer.manager.item_metadata(3)["state"]
+  assert set(metadata.keys()) == set(state_lib.REQUIRED_FIELDS)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+  )
+  step, restored = checkpointer.restore(abstract, None)
+  checkpointer.close()
+  assert step == 3 and isinstance(restored, state_lib.TrainState) and restored.ema is None
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(restored))
+
+
+def _bn_setup(overrides=(), mesh_sizes=(2, 2, 2), ema=True):
+  config = config_lib.load_config(BN, ["--config.model.dropout=0.0", *overrides])
+  mesh = sharding_lib.make_mesh(dict(zip(sharding_lib.MESH_AXES, mesh_sizes)))
+  rules = sharding_lib.as_rules(config.rules)
+  model = bntask.build_model(config)
+  tx, schedule = optim_lib.make_optimizer(config.optim, config.total_steps)
+  with jax.set_mesh(mesh):
+    state, shardings = state_lib.create_train_state(
+      jax.random.key(0), mesh, rules, model, tx, bntask.dummy_batch(config, 1), ema=ema
+    )
+  step = step_lib.jit_train_step(
+    mesh,
+    rules,
+    shardings,
+    model=model,
+    loss_fn=bntask.loss_fn,
+    tx=tx,
+    schedule=schedule,
+    trainable=optim_lib.trainable_mask(state.params, config.optim.freeze),
+    grad_accum_steps=config.grad_accum_steps,
+    ema_decay=config.ema.decay,
+    ema_start_step=config.ema.start_step,
+  )
+  return config, mesh, model, state, shardings, step
+
+
+def test_ema_is_sharded_like_the_params_and_batch_stats_are_replicated():
+  config, mesh, model, state, shardings, _ = _bn_setup()
+  assert jax.tree.structure(state.ema) == jax.tree.structure(state.params)
+  jax.tree.map(lambda e, p: assert_same(e.sharding, p.sharding), state.ema, state.params)
+  assert state.ema["encoder"]["dense"]["kernel"].sharding.spec == P("fsdp", "tensor")
+  assert set(state.collections) == {"batch_stats"}
+  for leaf in jax.tree.leaves(state.collections):
+    assert leaf.sharding.spec == P()
+  # The EMA starts as the initial parameters, in its own buffers (the step donates both).
+  jax.tree.map(np.testing.assert_array_equal, state.ema, state.params)
+
+
+def assert_same(a, b):
+  assert a == b, (a, b)
+
+
+class CountingModel(nn.Module):
+  """A Dense layer and two collections: a boxed running sum and an order-sensitive history."""
+
+  @nn.compact
+  def __call__(self, batch, train: bool = False):
+    kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+    y = nn.Dense(8, kernel_init=kernel_init, name="dense")(batch["x"])  # [B, 8]
+    total = self.variable(
+      "totals",
+      "x",
+      nn.with_logical_partitioning(lambda: jnp.zeros((8, 8)), ("embed", "mlp")),
+    )
+    history = self.variable("history", "value", lambda: jnp.zeros(()))
+    if train and not self.is_initializing():
+      total.value = total.value + jnp.sum(batch["x"]) * jnp.ones((8, 8))
+      history.value = history.value * 10.0 + jnp.mean(batch["x"])
+    return y, {}
+
+
+def counting_loss(model, params, batch, rng, train, collections):
+  if train:
+    (y, _), updated = model.apply(
+      {"params": params, **collections}, batch, train=True, mutable=list(collections)
+    )
+    return jnp.mean(y**2), {"collections": updated}
+  y, _ = model.apply({"params": params, **collections}, batch)
+  return jnp.mean(y**2), {}
+
+
+def test_boxed_collections_follow_their_logical_names_and_accumulation_threads_them_in_order():
+  mesh = sharding_lib.make_mesh(dict(zip(sharding_lib.MESH_AXES, (2, 2, 2))))
+  rules = sharding_lib.as_rules(config_lib.base_config().rules)
+  model = CountingModel()
+  optim = config_lib.base_config().optim
+  tx, schedule = optim_lib.make_optimizer(optim, 10)
+  dummy = {"x": np.zeros((1, 8), np.float32)}
+  with jax.set_mesh(mesh):
+    state, shardings = state_lib.create_train_state(
+      jax.random.key(0), mesh, rules, model, tx, dummy
+    )
+  assert state.collections["totals"]["x"].sharding.spec == P("fsdp", "tensor")
+  assert state.collections["history"]["value"].sharding.spec == P()
+  step = step_lib.jit_train_step(
+    mesh,
+    rules,
+    shardings,
+    model=model,
+    loss_fn=counting_loss,
+    tx=tx,
+    schedule=schedule,
+    trainable=optim_lib.trainable_mask(state.params, ()),
+    grad_accum_steps=4,
+  )
+  x = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+  with jax.set_mesh(mesh):
+    new, metrics = step(state, {"x": x})
+  assert "collections" not in metrics
+  # Micro-batch i takes examples i, i + 4, ...; each sees the history the previous one left.
+  expected = 0.0
+  for i in range(4):
+    expected = expected * 10.0 + x[i::4].mean()
+  np.testing.assert_allclose(new.collections["history"]["value"], expected, rtol=1e-5)
+  np.testing.assert_allclose(new.collections["totals"]["x"], np.full((8, 8), x.sum()), rtol=1e-4)
+
+
+def test_nan_batch_leaves_ema_and_batch_stats_untouched():
+  config, mesh, model, state, shardings, step = _bn_setup()
+  batch = _batch(config, 16)
+  bad = dict(batch, x=batch["x"].copy())
+  bad["x"][0, 0] = np.nan
+  with jax.set_mesh(mesh):
+    for _ in range(3):  # Past the warmup's zero learning rate, so the parameters move.
+      state, _ = step(state, batch)
+    before = jax.device_get(state)
+    state, metrics = step(state, bad)
+  after = jax.device_get(state)
+  assert int(metrics["nonfinite"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, before.ema, after.ema)
+  jax.tree.map(np.testing.assert_array_equal, before.collections, after.collections)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), before.ema, jax.device_get(state.params))
+  assert max(jax.tree.leaves(moved)) > 0  # The EMA lags the parameters: the check can fail.
+
+
+def test_batch_stats_follow_the_batch_under_the_step():
+  config, mesh, model, state, shardings, step = _bn_setup(ema=False)
+  assert state.ema is None
+  batch = _batch(config, 16)
+  params = jax.device_get(state.params)
+  with jax.set_mesh(mesh):
+    new, _ = step(state, batch)
+  hidden = tinytask.Encoder(hidden=16).apply({"params": params["encoder"]}, batch["x"])  # [B, 16]
+  # Running statistics start at mean 0 and move by (1 - momentum) towards the batch's.
+  expected_mean = (1 - model.momentum) * np.asarray(hidden).mean(0)
+  np.testing.assert_allclose(
+    new.collections["batch_stats"]["norm"]["mean"], expected_mean, rtol=1e-4, atol=1e-6
+  )
+
+
+@pytest.mark.parametrize("start_step", [0, 3])
+def test_update_ema_copies_params_until_start_step_then_averages(start_step):
+  ema, decay = {"w": jnp.zeros(2)}, 0.5
+  history = []
+  for n in range(1, 6):
+    params = {"w": jnp.full(2, float(n))}
+    ema = step_lib.update_ema(ema, params, jnp.int32(n), decay, start_step)
+    history.append(float(ema["w"][0]))
+  expected, value = [], 0.0
+  for n in range(1, 6):
+    value = float(n) if n <= start_step else decay * value + (1 - decay) * n
+    expected.append(value)
+  assert history == pytest.approx(expected)
