@@ -53,8 +53,12 @@ def _params(config, workdir):
   return task, model, jax.device_get(nn.meta.unbox(variables["params"]))
 
 
-def _inputs(input_specs, metadata, batch, time_frames):
-  dims = export.concrete_dims(str(batch), str(time_frames), input_specs, metadata)
+def _inputs(task, config, input_specs, batch, time_frames):
+  """Random inputs, the dims the task fixes by --batch and --time (if it has them) set."""
+  declared = task.export_dims(config)
+  flags = {"--batch": batch, "--time": time_frames}
+  sizes = {dim.symbol: flags[dim.flag] for dim in declared if dim.flag in flags}
+  dims = export.concrete_dims(declared, sizes, input_specs)
   structs = export.abstract_inputs(input_specs, dims)
   rng = np.random.default_rng(0)
   inputs = {}
@@ -97,11 +101,9 @@ def _machine():
 
 def measure_latency(config, task, model, params, inputs, directory, iters) -> dict:
   predict, input_specs = task.predict_fn(config, model)
-  constraints = (
-    list(task.symbolic_constraints(config)) if hasattr(task, "symbolic_constraints") else []
-  )
+  constraints = list(task.symbolic_constraints(config))
   exported, weights = export.export_function(predict, input_specs, params, constraints=constraints)
-  metadata = dict(task.export_metadata(config)) if hasattr(task, "export_metadata") else {}
+  metadata = dict(task.export_metadata(config))
   export.write_artifact(
     directory, {"predict": exported}, weights, metadata=metadata, constraints=constraints
   )
@@ -218,11 +220,10 @@ def main(argv=None) -> int:
   config = config_lib.load_config(args.config)
   task, model, params = _params(config, args.workdir)
   _, input_specs = task.predict_fn(config, model)
-  metadata = dict(task.export_metadata(config)) if hasattr(task, "export_metadata") else {}
   with tempfile.TemporaryDirectory() as directory:
-    inputs = _inputs(input_specs, metadata, args.batch, args.time)
+    inputs = _inputs(task, config, input_specs, args.batch, args.time)
     print(json.dumps(measure_latency(config, task, model, params, inputs, directory, args.iters)))
-    inputs = _inputs(input_specs, metadata, args.serve_batch, args.time)
+    inputs = _inputs(task, config, input_specs, args.serve_batch, args.time)
     result = load_test(directory, inputs, args.clients, args.requests, args.queue_size)
     print(json.dumps(result))
   return 0

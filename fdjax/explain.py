@@ -7,8 +7,9 @@ Restores the run's parameters (latest checkpoint, or `--step`), takes example `-
 split (`test`/`eval`: the config's evaluation split, `train`: its training split, or a TFDS split
 name) through the evaluation transform, and writes the clip's frames in the top row and each
 frame's saliency laid over it in the bottom row, on one colour scale for the whole clip, so a
-user sees which frames and which face regions drove the decision. Works for the `dfer` and `au`
-tasks and both of their model kinds.
+user sees which frames and which face regions drove the decision. The task provides the example
+and its saliency (`explain_example`, `saliency_fn` in the task contract, `fdjax.tasks`); the
+`dfer` and `au` tasks do, for both of their model kinds, with the methods below.
 
 Methods:
 - `gradxinput` (default): gradient x input (Shrikumar et al. 2016) of the target logit (the
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-METHODS = ("gradxinput", "rollout")
+METHODS = ("gradxinput", "rollout")  # those of the video tasks (`fdjax.tasks.dfer.saliency_fn`)
 
 
 def gradient_x_input(model: nn.Module, params: Any, video: np.ndarray, target: int) -> np.ndarray:
@@ -157,16 +158,6 @@ def render_strip(
   figure.savefig(path, dpi=110)
 
 
-def _resolve_split(config: Any, split: str) -> str:
-  from fdjax.tasks import dfer
-
-  if split in ("test", "eval"):
-    return dfer.split_name(config, "eval")
-  if split == "train":
-    return dfer.split_name(config, "train")
-  return split
-
-
 def explain(
   config: Any,
   workdir: str,
@@ -178,54 +169,42 @@ def explain(
   target: int | None = None,
   step: int | None = None,
 ) -> dict:
-  """Writes the saliency strip of one example to `out`; returns what it showed (JSON-able)."""
-  from data_pipelines import video as video_lib
-  from fdjax import trainer
-  from fdjax.tasks import dfer
+  """Writes the saliency strip of one example to `out`; returns what it showed (JSON-able).
 
-  if method not in METHODS:
-    raise ValueError(f"--method {method!r}: expected one of {METHODS}")
-  if config.task not in ("dfer", "au"):
-    raise ValueError(f"fdjax explain works for the dfer and au tasks, not {config.task!r}")
+  The task provides the example and its saliency (`explain_example`, `saliency_fn`; see
+  `fdjax.tasks.TaskModule`); a task without them is an error naming it.
+  """
+  from fdjax import trainer
+  from fdjax.tasks import load_task
+
+  task = load_task(config.task)
+  lacking = [hook for hook in ("explain_example", "saliency_fn") if not task.has(hook)]
+  if lacking:
+    raise ValueError(
+      f"task {config.task!r} defines no {' or '.join(lacking)} (the saliency hooks), so fdjax "
+      "explain cannot explain it"
+    )
   task, model, params, step = trainer.restore_params(config, workdir, step)
-  split = _resolve_split(config, split)
-  source = dfer.open_split(config, split)
-  if not 0 <= index < len(source):
-    raise IndexError(f"--index {index}: split {split!r} has {len(source)} examples")
-  example = video_lib.eval_transform(
-    source[index],
-    num_frames=config.data.num_frames,
-    image_size=dfer.image_size(model),
-    crop_fraction=config.data.crop_fraction,
-  )
-  clip = example["video"]  # [T, H, W, 3] uint8
-  logits = np.asarray(jax.jit(lambda p, v: model.apply({"params": p}, v)[0])(params, clip[None]))[0]
-  names = list(task.export_metadata(config)["class_names"])
-  if config.task == "dfer":
-    probabilities = np.exp(logits - logits.max())
-    probabilities /= probabilities.sum()
-    truth = names[int(example["label"])]
-  else:
-    probabilities = 1.0 / (1.0 + np.exp(-logits))
-    truth = ", ".join(n for n, y in zip(names, example["aus"]) if y > 0.5) or "none"
-  predicted = int(np.argmax(logits))
+  example = task.explain_example(config, model, params, split=split, index=index)
+  names, probabilities = list(example["class_names"]), example["probabilities"]
+  predicted = int(example["predicted"])
   if target is None:
     target = predicted
   if not 0 <= target < len(names):
     raise ValueError(f"--target {target}: expected 0..{len(names) - 1}")
-  if method == "gradxinput":
-    saliency = gradient_x_input(model, params, clip, target)
-    what = f"gradient x input of {names[target]}"
-  else:
-    saliency = attention_rollout(model, params, clip)
-    what = "attention rollout"
+  shown = task.saliency_fn(config, model, params, example, method=method, target=target)
+  saliency = np.asarray(shown["saliency"], np.float32)  # [T, H, W]
   frame_saliency = saliency.reshape(len(saliency), -1).sum(axis=1)
   share = frame_saliency / max(float(frame_saliency.sum()), 1e-12)
+  split = example["split"]
   title = (
-    f"{config.data.name} {split} #{index} (step {step}) | {what} | predicted {names[predicted]} "
-    f"({probabilities[predicted]:.2f}) | true {truth}"
+    f"{config.data.name} {split} #{index} (step {step}) | {shown['what']} | predicted "
+    f"{names[predicted]} ({probabilities[predicted]:.2f}) | true {example['truth']}"
   )
-  render_strip(clip, saliency, out, title, [f"t={t}  {100 * s:.0f}%" for t, s in enumerate(share)])
+  frames = example["frames"]
+  render_strip(
+    frames, saliency, out, title, [f"t={t}  {100 * s:.0f}%" for t, s in enumerate(share)]
+  )
   return {
     "out": out,
     "split": split,
@@ -233,8 +212,8 @@ def explain(
     "method": method,
     "predicted": names[predicted],
     "probability": float(probabilities[predicted]),
-    "target": names[target] if method == "gradxinput" else None,
-    "true": truth,
+    "target": None if shown["target"] is None else names[shown["target"]],
+    "true": example["truth"],
     "frame_share": [round(float(s), 4) for s in share],
   }
 
@@ -242,15 +221,17 @@ def explain(
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="fdjax explain",
-    description="Per-frame saliency of a trained dfer/au model as a PNG strip. Config "
-    "overrides follow as --config.key=value.",
+    description="Per-frame saliency of a trained model as a PNG strip, for tasks with saliency "
+    "hooks (dfer, au). Config overrides follow as --config.key=value.",
   )
   parser.add_argument("--config", default=None, help="config[:args] (default: W/config.json)")
   parser.add_argument("--workdir", required=True, help="the run's workdir (checkpoints)")
   parser.add_argument("--out", required=True, help="PNG to write")
   parser.add_argument("--split", default="test", help="test/eval, train, or a TFDS split name")
   parser.add_argument("--index", type=int, default=0, help="example of the split")
-  parser.add_argument("--method", default="gradxinput", choices=METHODS)
+  parser.add_argument(
+    "--method", default="gradxinput", help=f"the task's saliency method (dfer, au: {METHODS})"
+  )
   parser.add_argument("--target", type=int, default=None, help="class/AU index to explain")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   return parser

@@ -3,8 +3,9 @@
 Flow: `fdjax export` restores the parameters of a run (`trainer.restore_params`), takes the
 task's `predict_fn` (the contract is in `fdjax.tasks`), and serialises `predict` with
 `jax.export` for symbolic dims (`b`, `t`, `s`: one artifact serves any batch size and length)
-or for concrete sizes (`--batch 4 --time 90`: what foreign runtimes such as IREE need). The
-output directory holds
+or for concrete sizes (audio2mesh's `--batch 4 --time 90`: what foreign runtimes such as IREE
+need). Which dims exist and which flags fix them the task declares (`export_dims`, with
+`fdjax.tasks.ExportDim`); `--dim NAME=VALUE` fixes any of them. The output directory holds
 
     model.jaxexport   the serialized `jax.export.Exported` of `predict`
     model.mlir        its StableHLO text (`Exported.mlir_module()`)
@@ -56,8 +57,6 @@ FORMAT_VERSION = 1
 SIGNATURE = "signature.json"
 WEIGHTS = "weights.npz"
 DEFAULTS = "defaults.npz"
-# Symbolic dim names with a meaning on the command line: batch, frames, audio samples.
-BATCH, FRAMES, SAMPLES = "b", "t", "s"
 
 
 class ArtifactError(RuntimeError):
@@ -633,37 +632,69 @@ def write_artifact(
   return signature
 
 
-def concrete_dims(
-  batch: str, time: str, input_specs: Mapping[str, tuple[str, str]], metadata: Mapping[str, Any]
-) -> dict[str, int | str]:
-  """--batch / --time values -> dim substitutions for `abstract_inputs`.
+def _given(dim: Any, value: Any) -> str:
+  """How a value for `dim` reads on the command line: `--batch 4`, or `--dim k=4`."""
+  return f"{dim.flag} {value}" if dim.flag else f"--dim {dim.symbol}={value}"
 
-  An integer fixes the dim (`t` also fixes `s` as `t * sample_rate / fps` when an input has
-  audio samples); a name renames it; the default names leave it symbolic.
+
+def concrete_dims(
+  declared: Sequence[Any],
+  values: Mapping[str, int | str],
+  input_specs: Mapping[str, tuple[str, str]],
+) -> dict[str, int | str]:
+  """Sizes given for a task's export dims -> dim substitutions for `abstract_inputs`.
+
+  `declared`: the task's `ExportDim`s (`fdjax.tasks`); `values`: `{symbol: value}` from their
+  flags or `--dim`. An integer fixes the dim, a name renames it, the dim's own name leaves it
+  symbolic. A dim an input uses that is not given but that the task derives
+  (`ExportDim.derive`) is fixed once all the dims it `needs` are. Errors name the flag.
   """
+  by_symbol = {dim.symbol: dim for dim in declared}
+  unknown = [symbol for symbol in values if symbol not in by_symbol]
+  if unknown:
+    raise ValueError(
+      f"--dim {unknown[0]}: the task declares no export dim {unknown[0]!r} "
+      f"(its dims: {', '.join(by_symbol)})"
+    )
   dims: dict[str, int | str] = {}
+  for symbol, value in values.items():
+    text, dim = str(value).strip(), by_symbol[symbol]
+    if text.isdigit():
+      if int(text) < 1:
+        raise ValueError(f"{_given(dim, text)}: must be >= 1")
+      dims[symbol] = int(text)
+    elif text.isidentifier():
+      if text != symbol:
+        dims[symbol] = text
+    else:
+      raise ValueError(f"{_given(dim, repr(text))}: expected a positive integer or a dim name")
   uses = {
     name
     for shape_text, _ in input_specs.values()
     for name in re.findall(r"[A-Za-z_]\w*", shape_text)
   }
-  for flag, symbol, value in (("--batch", BATCH, batch), ("--time", FRAMES, time)):
-    if value.isdigit():
-      if int(value) < 1:
-        raise ValueError(f"{flag} {value}: must be >= 1")
-      dims[symbol] = int(value)
-    elif value.isidentifier():
-      if value != symbol:
-        dims[symbol] = value
-    else:
-      raise ValueError(f"{flag} {value!r}: expected a positive integer or a dim name")
-  if isinstance(dims.get(FRAMES), int) and SAMPLES in uses:
-    if "sample_rate" not in metadata or "fps" not in metadata:
-      raise ValueError(
-        f"--time {time}: an input has audio samples ({SAMPLES}), and the task's "
-        "export_metadata gives no sample_rate and fps to convert frames to samples"
+  derived = True
+  while derived:  # until no dim is left to derive: a derived dim may feed another
+    derived = False
+    for dim in declared:
+      if dim.derive is None or dim.symbol in values or dim.symbol in dims:
+        continue
+      if dim.symbol not in uses or not all(isinstance(dims.get(n), int) for n in dim.needs):
+        continue
+      sources = ", ".join(
+        _given(by_symbol[n], dims[n]) if n in values else f"{n} = {dims[n]}" for n in dim.needs
       )
-    dims[SAMPLES] = round(dims[FRAMES] * metadata["sample_rate"] / metadata["fps"])
+      fixed = {k: v for k, v in dims.items() if isinstance(v, int)}
+      try:
+        size = int(dim.derive(fixed))
+      except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise ValueError(
+          f"{sources}: cannot derive {dim.symbol} ({dim.help or 'a dim'}) from it: {e}"
+        ) from None
+      if size < 1:
+        raise ValueError(f"{sources}: gives {dim.symbol} = {size}, which must be >= 1")
+      dims[dim.symbol] = size
+      derived = True
   return dims
 
 
@@ -673,8 +704,7 @@ def export_checkpoint(
   out_dir: str,
   *,
   step: int | None = None,
-  batch: str = BATCH,
-  time: str = FRAMES,
+  sizes: Mapping[str, int | str] | None = None,
   platforms: Sequence[str] = ("cpu",),
   dtype: str = "float32",
   external_weights: bool = False,
@@ -682,6 +712,8 @@ def export_checkpoint(
 ) -> dict:
   """Restores a run's parameters and writes its task's predict function to `out_dir`.
 
+  `sizes`: `{dim symbol: value}` for the task's export dims (`concrete_dims`), e.g.
+  `{"b": 4, "t": 90}`; dims not given stay symbolic unless the task derives them.
   `params`: `raw`, `ema`, or None (the EMA when the run keeps one, else the raw parameters).
 
   A task whose `stream_fn(config, model)` returns functions (a causal audio2mesh model) also
@@ -692,15 +724,11 @@ def export_checkpoint(
   from fdjax import trainer
 
   task, model, params, step = trainer.restore_params(config, workdir, step, params=params)
-  if not hasattr(task, "predict_fn"):
-    raise ValueError(f"task {config.task!r} defines no predict_fn, so it cannot be exported")
-  predict, input_specs = task.predict_fn(config, model)
-  metadata = dict(task.export_metadata(config)) if hasattr(task, "export_metadata") else {}
-  defaults = task.export_defaults(config) if hasattr(task, "export_defaults") else None
-  constraints = (
-    list(task.symbolic_constraints(config)) if hasattr(task, "symbolic_constraints") else []
-  )
-  dims = concrete_dims(batch, time, input_specs, metadata)
+  predict, input_specs = task.predict_fn(config, model)  # none: MissingHookError, naming it
+  metadata = dict(task.export_metadata(config))
+  defaults = task.export_defaults(config)
+  constraints = list(task.symbolic_constraints(config))
+  dims = concrete_dims(task.export_dims(config), sizes or {}, input_specs)
   exported, weights = export_function(
     predict,
     input_specs,
@@ -712,17 +740,16 @@ def export_checkpoint(
     external_weights=external_weights,
   )
   functions = {"predict": exported}
-  streaming = task.stream_fn(config, model) if hasattr(task, "stream_fn") else None
+  streaming = task.stream_fn(config, model)
   if streaming is not None:
-    # Streaming functions have fixed chunks; only the batch size follows --batch.
+    # Streaming functions have fixed chunks: of the dims, in practice only the batch is theirs.
     stream_functions, metadata["streaming"] = streaming
-    stream_dims = {k: v for k, v in dims.items() if k == BATCH}
     for name, (fn, specs) in stream_functions.items():
       functions[name], _ = export_function(
         fn,
         specs,
         params,
-        dims=stream_dims,
+        dims=dims,
         platforms=platforms,
         dtype=dtype,
         external_weights=external_weights,
@@ -760,18 +787,21 @@ def _load_run_config(config_spec: str | None, workdir: str, overrides: list[str]
   return ml_collections.FrozenConfigDict(config)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(dims: Sequence[Any] = (), *, phase_one: bool = False) -> argparse.ArgumentParser:
+  """The command line; `dims` (the task's `ExportDim`s) add their flags. `phase_one`: only
+  what finds the run (its config names the task, whose dims give the other flags)."""
   parser = argparse.ArgumentParser(
     prog="fdjax export",
     description="Export a run's predict function as StableHLO (jax.export). Config overrides "
     "follow as --config.key=value.",
+    add_help=not phase_one,
   )
   parser.add_argument("--config", help="the run's config (default: <workdir>/config.json)")
-  parser.add_argument("--workdir", required=True, help="the run's workdir (checkpoints)")
+  parser.add_argument("--workdir", required=not phase_one, help="the run's workdir (checkpoints)")
+  if phase_one:
+    return parser
   parser.add_argument("--out", required=True, help="artifact directory to write")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  parser.add_argument("--batch", default=BATCH, help="batch size, or a dim name (symbolic)")
-  parser.add_argument("--time", default=FRAMES, help="frames, or a dim name (symbolic)")
   parser.add_argument("--platforms", default="cpu", help="comma-separated: cpu,cuda,rocm,tpu")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument(
@@ -783,34 +813,86 @@ def _parser() -> argparse.ArgumentParser:
     default=None,
     help="which parameters to export (default: ema when the run keeps an EMA, else raw)",
   )
+  parser.add_argument(
+    "--dim",
+    action="append",
+    default=[],
+    metavar="NAME=VALUE",
+    help="fix (an integer) or rename (a name) any export dim the task declares; repeatable",
+  )
+  group = parser.add_argument_group(
+    "the task's export dims", "an integer fixes the dim, a name renames it (default: symbolic)"
+  )
+  for dim in dims:
+    if dim.flag:
+      try:
+        metavar = dim.flag.lstrip("-").upper().replace("-", "_")
+        group.add_argument(
+          dim.flag, dest=f"dim_{dim.symbol}", metavar=metavar, default=None, help=dim.help
+        )
+      except argparse.ArgumentError as e:
+        raise ValueError(f"export dim {dim.symbol!r}: {e}") from None
   return parser
+
+
+def _dim_values(parser: argparse.ArgumentParser, args: Any, dims: Sequence[Any]) -> dict:
+  """`{symbol: value}` from the task's dim flags and `--dim NAME=VALUE`."""
+  values = {d.symbol: getattr(args, f"dim_{d.symbol}") for d in dims if d.flag}
+  values = {k: v for k, v in values.items() if v is not None}
+  for item in args.dim:
+    name, sep, value = item.partition("=")
+    if not (sep and name.isidentifier() and value):
+      parser.error(f"--dim {item!r}: expected NAME=VALUE, e.g. --dim b=4")
+    if name in values and values[name] != value:
+      parser.error(f"--dim {item}: {name} is also given as {values[name]}")
+    values[name] = value
+  return values
 
 
 def main(argv: Sequence[str]) -> int:
   """`fdjax export ...`; returns the exit status."""
-  parser = _parser()
-  args, rest = parser.parse_known_args(list(argv))
+  from fdjax.checkpoint import CheckpointRestoreError
+  from fdjax.tasks import load_task
+
+  argv = list(argv)
+  errors = (FileNotFoundError, ValueError, KeyError, AttributeError, CheckpointRestoreError)
+  # Phase one finds the run and its task, whose declared dims give the rest of the flags.
+  found, rest = _parser(phase_one=True).parse_known_args(argv)
+  overrides = [a for a in rest if a.startswith("--config.")]
+  config, dims = None, ()
+  if found.workdir:
+    try:
+      config = _load_run_config(found.config, found.workdir, overrides)
+      dims = tuple(load_task(config.task).export_dims(config))
+    except errors as e:
+      if not {"-h", "--help"} & set(argv):
+        print(f"fdjax export: {e}", file=sys.stderr)
+        return 1
+  try:
+    parser = _parser(dims)
+  except ValueError as e:
+    print(f"fdjax export: {e}", file=sys.stderr)
+    return 1
+  args, rest = parser.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith("--config.")]
   if bad:
     parser.error(f"unrecognised arguments: {' '.join(bad)}")
+  sizes = _dim_values(parser, args, dims)
   platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
-  from fdjax.checkpoint import CheckpointRestoreError
 
   try:
-    config = _load_run_config(args.config, args.workdir, rest)
     signature = export_checkpoint(
       config,
       args.workdir,
       args.out,
       step=args.step,
-      batch=args.batch,
-      time=args.time,
+      sizes=sizes,
       platforms=platforms,
       dtype=args.dtype,
       external_weights=args.external_weights,
       params=args.params,
     )
-  except (FileNotFoundError, ValueError, KeyError, AttributeError, CheckpointRestoreError) as e:
+  except errors as e:
     print(f"fdjax export: {e}", file=sys.stderr)
     return 1
   predict = signature["functions"]["predict"]

@@ -181,9 +181,7 @@ def run_folds(config: Any, workdir: str, folds: str | Sequence[int]) -> int:
 
   if jax.process_index() == 0:
     task = load_task(config.task)
-    names = None
-    if hasattr(task, "export_metadata"):
-      names = task.export_metadata(config).get("class_names")
+    names = task.export_metadata(config).get("class_names")
     summary = summarize(workdir, selected, names)
     print(summary_markdown(summary), flush=True)
     print(f"wrote {os.path.join(workdir, SUMMARY_MD)} and {SUMMARY_JSON}", flush=True)

@@ -55,6 +55,9 @@ WAV_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave")
 NPZ = "application/x-npz"
 # Lower sample rates are not speech; resampling from them would inflate a small body.
 MIN_WAV_SAMPLE_RATE = 4000
+# The dim name of audio samples in the speech tasks' inputs: a WAV request fills the one input
+# that has it, when the artifact's metadata names no `audio_input`.
+AUDIO_SAMPLES = "s"
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +240,7 @@ class PredictServer(ThreadingHTTPServer):
     metadata = self.model.metadata
     name = metadata.get("audio_input")
     if name is None:
-      candidates = [s["name"] for s in self.model.inputs if export.SAMPLES in s["shape"]]
+      candidates = [s["name"] for s in self.model.inputs if AUDIO_SAMPLES in s["shape"]]
       name = candidates[0] if len(candidates) == 1 else None
     if name is None:
       raise RequestError(400, "this artifact has no audio input: send JSON or .npz")

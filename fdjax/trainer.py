@@ -180,13 +180,7 @@ def restore_variables(
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     model, tx, _ = _model_and_optimizer(config, task)
     abstract, _ = state_lib.state_shardings(
-      mesh,
-      rules,
-      model,
-      tx,
-      task.dummy_batch(config, 1),
-      getattr(task, "init_fn", None),
-      ema=has_ema(config),
+      mesh, rules, model, tx, task.dummy_batch(config, 1), task.init_fn, ema=has_ema(config)
     )
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
     try:
@@ -235,7 +229,7 @@ def build_train_step(config: Any, task: Any, mesh, rules) -> tuple[Any, Any, Any
   same step. Call it under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`."""
   model, tx, schedule = _model_and_optimizer(config, task)
   dummy = task.dummy_batch(config, 1)
-  init_fn = getattr(task, "init_fn", None)
+  init_fn = task.init_fn
   state, shardings = state_lib.create_train_state(
     jax.random.key(config.seed), mesh, rules, model, tx, dummy, init_fn, ema=has_ema(config)
   )
@@ -265,7 +259,7 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
   )
   data_iter = iter(data)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
-  if checkpointer.latest_step() is None and hasattr(task, "load_pretrained"):
+  if checkpointer.latest_step() is None and task.has("load_pretrained"):
     loaded = task.load_pretrained(config, jax.device_get(state.params))
     params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded, state.params)
     # The EMA starts from the loaded weights too (a copy: the step donates both).
@@ -283,8 +277,7 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
   writer = MetricWriter(workdir)
   writer.write(0, "params", {"trainable": trainable, "total": total})
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-  flops = getattr(task, "flops_per_example", None)
-  flops = flops(config) if flops else None
+  flops = task.flops_per_example(config) if task.has("flops_per_example") else None
   peak = peak_flops_per_device()
   step = int(jax.device_get(state.step))
   start_step = step
@@ -383,7 +376,7 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
 def _evaluate(
   task, config, model, params, mesh, rules, workdir, step, writer, collections=None
 ) -> dict:
-  if not hasattr(task, "evaluate"):
+  if not task.has("evaluate"):
     return {}
   t0 = time.perf_counter()
   # `collections=` only for a model that has them, so tasks without them keep their signature.

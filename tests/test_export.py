@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from helpers import TINY, run_fdjax
@@ -279,16 +280,22 @@ def test_bfloat16_export_keeps_a_float32_interface(run, tmp_path):
 
 
 def test_time_fixes_frames_and_samples_from_the_task_metadata():
+  from fdjax.tasks import audio2mesh
+
   specs = {"audio": ("b, s", "float32"), "template": ("b, 5023, 3", "float32")}
-  dims = export.concrete_dims("4", "90", specs, {"sample_rate": 16000, "fps": 30})
+  rates = audio2mesh.export_dims(
+    ml_collections.ConfigDict({"data": {"sample_rate": 16000, "fps": 30}})
+  )
+  no_rates = audio2mesh.export_dims(ml_collections.ConfigDict({"data": {}}))
+  dims = export.concrete_dims(rates, {"b": "4", "t": "90"}, specs)
   assert dims == {"b": 4, "t": 90, "s": 48000}
   structs = export.abstract_inputs(specs, dims)
   assert structs["audio"].shape == (4, 48000) and structs["template"].shape == (4, 5023, 3)
-  assert export.concrete_dims("n", "t", specs, {}) == {"b": "n"}
+  assert export.concrete_dims(no_rates, {"b": "n", "t": "t"}, specs) == {"b": "n"}
   with pytest.raises(ValueError, match="no sample_rate and fps"):
-    export.concrete_dims("b", "90", specs, {})
+    export.concrete_dims(no_rates, {"b": "b", "t": "90"}, specs)
   with pytest.raises(ValueError, match="--batch '4x': expected a positive integer"):
-    export.concrete_dims("4x", "t", specs, {})
+    export.concrete_dims(no_rates, {"b": "4x", "t": "t"}, specs)
 
 
 def test_second_function_and_platforms_in_one_artifact(tmp_path):

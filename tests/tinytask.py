@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import pipeline
+from fdjax.tasks import BATCH_DIM
 
 IN, OUT = 8, 4
 
@@ -104,6 +105,10 @@ def predict_fn(config, model):
     return model.apply({"params": params}, {"x": x})[0]
 
   return predict, {"x": (f"b, {IN}", "float32")}
+
+
+def export_dims(config):
+  return [BATCH_DIM]
 
 
 def flops_per_example(config):

@@ -31,10 +31,11 @@ import numpy as np
 
 from fdjax import sharding as sharding_lib
 from fdjax.metrics import classification
-from fdjax.tasks import dfer
+from fdjax.tasks import BATCH_DIM, ExportDim, dfer
 
 init_fn = dfer.init_fn
 load_pretrained = dfer.load_pretrained
+saliency_fn = dfer.saliency_fn
 
 
 def au_names(config: Any) -> tuple[str, ...]:
@@ -129,7 +130,9 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
     len(names), threshold=config.loss.threshold, au_names=names
   )
   split = dfer.split_name(config, "eval")
-  for batch in dfer.eval_batches(config, model, split, sharding_lib.data_parallel_size(mesh, rules)):
+  for batch in dfer.eval_batches(
+    config, model, split, sharding_lib.data_parallel_size(mesh, rules)
+  ):
     logits = dfer.predict_logits(model, params, batch["video"], mesh, rules)
     accumulator.add(batch["aus"], jax.nn.sigmoid(logits), mask=batch["mask"])
   metrics = accumulator.compute()
@@ -155,6 +158,11 @@ def predict_fn(config: Any, model: nn.Module):
   return predict, {"video": (f"b, {config.data.num_frames}, {size}, {size}, 3", "uint8")}
 
 
+def export_dims(config: Any) -> list[ExportDim]:
+  """`b` by `--batch`; the frames and the image size are the trained ones."""
+  return [BATCH_DIM]
+
+
 def export_metadata(config: Any) -> dict:
   model = build_model(config)
   return {
@@ -168,4 +176,18 @@ def export_metadata(config: Any) -> dict:
       "RGB uint8 frames [b, num_frames, image_size, image_size, 3]: consecutive frames centred "
       "on the frame whose AUs are predicted, each the centred face crop resized to image_size"
     ),
+  }
+
+
+def explain_example(config: Any, model: nn.Module, params: Any, *, split: str, index: int) -> dict:
+  """The clip with each AU's probability (sigmoid) and its labelled AUs (for `fdjax explain`)."""
+  found = dfer.explain_clip(config, model, params, split, index)
+  logits, names = found["logits"], list(au_names(config))
+  truth = ", ".join(n for n, y in zip(names, found["example"]["aus"]) if y > 0.5) or "none"
+  return {
+    **found,
+    "class_names": names,
+    "probabilities": 1.0 / (1.0 + np.exp(-logits)),
+    "predicted": int(np.argmax(logits)),
+    "truth": truth,
   }

@@ -41,6 +41,7 @@ from fdjax.models.audio2mesh import MotionAutoencoder, SpeechToMesh
 from fdjax.models.codetalker import CodePredictor, MotionVQVAE
 from fdjax.models.motion_decoders import FaceFormerDecoder, NonAutoregressiveDecoder
 from fdjax.models.wav2vec2 import Wav2Vec2Encoder
+from fdjax.tasks import BATCH_DIM, ExportDim
 
 MM_PER_METRE = 1000.0
 DECODERS = {
@@ -421,6 +422,23 @@ def predict_fn(config: Any, model: nn.Module):
     "template": (f"b, {num_vertices}, 3", "float32"),
     "style": ("b", "int32"),
   }
+
+
+def export_dims(config: Any) -> list[ExportDim]:
+  """`b` by `--batch`, `t` (mesh frames) by `--time`, and `s` (audio samples) from `t` as
+  `round(t * sample_rate / fps)`."""
+
+  def samples(sizes: dict[str, int]) -> int:
+    sample_rate, fps = config.data.get("sample_rate"), config.data.get("fps")
+    if not (sample_rate and fps):
+      raise ValueError("the config gives no sample_rate and fps to convert frames to samples")
+    return round(sizes["t"] * sample_rate / fps)
+
+  return [
+    BATCH_DIM,
+    ExportDim("t", "--time", "mesh frames, or a dim name (default: symbolic)"),
+    ExportDim("s", help="audio samples", derive=samples, needs=("t",)),
+  ]
 
 
 def export_metadata(config: Any) -> dict:

@@ -60,6 +60,7 @@ from fdjax.metrics import classification
 from fdjax.models import clip as clip_lib
 from fdjax.models.temporal import VideoClassifier
 from fdjax.models.vivit import VIVIT_VARIANTS, VideoVisionTransformer, vivit_model
+from fdjax.tasks import BATCH_DIM, ExportDim
 
 MODEL_KINDS = ("clip", "vivit")
 # Keys of `config.model` that configure the task rather than the module's fields.
@@ -291,8 +292,7 @@ def parameter_counts(config: Any) -> tuple[int, int]:
   task = load_task(config.task)
   model = task.build_model(config)
   batch = task.dummy_batch(config, 1)
-  init = getattr(task, "init_fn", None) or (lambda m, rngs, b: m.init(rngs, b))
-  variables = jax.eval_shape(lambda b: init(model, {"params": jax.random.key(0)}, b), batch)
+  variables = jax.eval_shape(lambda b: task.init_fn(model, {"params": jax.random.key(0)}, b), batch)
   return optim_lib.count_params(variables["params"], config.optim.freeze)
 
 
@@ -590,6 +590,11 @@ def predict_fn(config: Any, model: nn.Module):
   return predict, {"video": (f"b, {config.data.num_frames}, {size}, {size}, 3", "uint8")}
 
 
+def export_dims(config: Any) -> list[ExportDim]:
+  """`b` by `--batch`; the frames and the image size are the trained ones."""
+  return [BATCH_DIM]
+
+
 def export_metadata(config: Any) -> dict:
   model = build_model(config)
   return {
@@ -602,3 +607,61 @@ def export_metadata(config: Any) -> dict:
       "frames of the clip, each the centred face crop resized to image_size"
     ),
   }
+
+
+# ----------------------------------------------------------------------------------------------
+# Explain (`fdjax explain`); the AU task shares these with its own scores.
+
+
+def explain_clip(config: Any, model: nn.Module, params: Any, split: str, index: int) -> dict:
+  """Clip `index` of `split` ("test"/"eval", "train" or a TFDS split name) through the
+  evaluation transform, and the model's logits on it: `{"split", "frames" [T, H, W, 3] uint8,
+  "example" (the transformed example), "logits" [K]}`."""
+  which = {"test": "eval", "eval": "eval", "train": "train"}.get(split)
+  split = split_name(config, which) if which else split
+  source = open_split(config, split)
+  if not 0 <= index < len(source):
+    raise IndexError(f"--index {index}: split {split!r} has {len(source)} examples")
+  example = video.eval_transform(
+    source[index],
+    num_frames=config.data.num_frames,
+    image_size=image_size(model),
+    crop_fraction=config.data.crop_fraction,
+  )
+  clip = example["video"]  # [T, H, W, 3] uint8
+  logits = jax.jit(lambda p, v: model.apply({"params": p}, v)[0])(params, clip[None])
+  return {"split": split, "frames": clip, "example": example, "logits": np.asarray(logits)[0]}
+
+
+def explain_example(config: Any, model: nn.Module, params: Any, *, split: str, index: int) -> dict:
+  """The clip with its class probabilities (softmax) and its labelled expression."""
+  found = explain_clip(config, model, params, split, index)
+  logits, names = found["logits"], list(config.data.class_names)
+  probabilities = np.exp(logits - logits.max())
+  probabilities /= probabilities.sum()
+  return {
+    **found,
+    "class_names": names,
+    "probabilities": probabilities,
+    "predicted": int(np.argmax(logits)),
+    "truth": names[int(found["example"]["label"])],
+  }
+
+
+def saliency_fn(
+  config: Any, model: nn.Module, params: Any, example: dict, *, method: str, target: int
+) -> dict:
+  """`gradxinput` (of logit `target`) or `rollout` (of the embedding) over the clip's frames;
+  see `fdjax.explain`."""
+  from fdjax import explain
+
+  if method == "gradxinput":
+    return {
+      "saliency": explain.gradient_x_input(model, params, example["frames"], target),
+      "what": f"gradient x input of {example['class_names'][target]}",
+      "target": target,
+    }
+  if method == "rollout":
+    saliency = explain.attention_rollout(model, params, example["frames"])
+    return {"saliency": saliency, "what": "attention rollout", "target": None}
+  raise ValueError(f"--method {method!r}: expected one of {explain.METHODS}")
