@@ -1,10 +1,11 @@
 """The config shared by the audio2mesh experiments (VOCASET and BIWI layouts).
 
 Variants (decoder families): `faceformer` (autoregressive, FaceFormer), `nonautoregressive`,
-`codetalker_vq` (CodeTalker stage 1, motion VQ-VAE) and `codetalker` (stage 2; needs
-`--config.model.prior_workdir=<stage-1 workdir>`). Encoder sizes: `base` (wav2vec2-base shapes;
-load weights with `--config.model.encoder.checkpoint=DIR`, a local Hugging Face directory) and
-`tiny` (trains from scratch on a CPU). `runlocal=True` shrinks data and steps for tests.
+`codetalker_vq` (CodeTalker stage 1, motion VQ-VAE: the task `motion_vq`) and `codetalker`
+(stage 2; needs `--config.model.prior_workdir=<stage-1 workdir>`). Encoder sizes: `base`
+(wav2vec2-base shapes; load weights with `--config.model.encoder.checkpoint=DIR`, a local
+Hugging Face directory) and `tiny` (trains from scratch on a CPU). `runlocal=True` shrinks
+data and steps for tests.
 
 `causal=True` (faceformer only) builds the streaming variant: a causal encoder attending to the
 last second of frames (at the mesh frame rate on VOCASET, whose causal conv features are
@@ -34,7 +35,8 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
       "by frame, which streaming needs"
     )
   c = base_config()
-  c.task = "audio2mesh"
+  # CodeTalker's stage 1 reconstructs motion without audio: a task of its own.
+  c.task = "motion_vq" if args.variant == "codetalker_vq" else "audio2mesh"
   c.data.update(dataset)
   c.data.synthetic = "tiny" if args.runlocal else "demo"  # Twin to write when no data is found.
   c.data.raw_dir = ""  # Raw download (or twin) directory; "" = the twin's cache directory.
@@ -54,6 +56,9 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
   c.model.decoder.variant = dataset.decoder_variant  # Named size of the decoder.
   c.model.decoder.num_styles = len(dataset.train_subjects)  # One style per training speaker.
   c.model.prior_workdir = ""  # CodeTalker stage 2: workdir of the finished stage-1 run.
+  # Weights to start from, `SOURCE[:SUBTREE]` specs (fdjax/pretrained.py), e.g.
+  # `runs/other:encoder`; "" = none beyond encoder.checkpoint and prior_workdir.
+  c.model.init_from = ""
   if args.variant == "codetalker":
     c.model.decoder.prior = ConfigDict()  # Overrides of the stage-1 VQ-VAE's fields.
     c.optim.freeze = ("^decoder/prior/",)

@@ -88,6 +88,9 @@ def video_model_config(variant: str, size: str, num_frames: int) -> tuple[Config
   if size not in SIZES:
     raise ValueError(f"size={size!r}: expected one of {SIZES}")
   m = ConfigDict()
+  # Weights to start from, `SOURCE[:SUBTREE]` specs (fdjax/pretrained.py), e.g.
+  # `runs/dfew_fold1:temporal_head`; "" = none beyond clip_checkpoint / clip_workdir.
+  m.init_from = ""
   if variant == "vivit_scratch":
     m.kind = "vivit"  # fdjax.models.vivit.VideoVisionTransformer, from scratch.
     m.variant = "B/16x2" if size == "base" else "tiny"  # Named ViViT size.

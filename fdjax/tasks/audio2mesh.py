@@ -1,62 +1,52 @@
 """Speech-driven 3D facial animation: audio in, per-frame mesh vertices out.
 
 The task family of FaceFormer, CodeTalker, SelfTalk, EmoFace, EMOTE and their successors, on
-VOCASET- and BIWI-layout data. It follows the task contract of `fdjax/tasks/__init__.py`:
+VOCASET- and BIWI-layout data. It follows the task contract of `fdjax/tasks/__init__.py`, with
+the data, losses and evaluation of the speech-mesh family (`fdjax/tasks/_speech_mesh.py`);
+CodeTalker's stage 1 is its own task, `motion_vq`:
 
 - model: `SpeechToMesh` (wav2vec2/HuBERT encoder + FaceFormer, non-autoregressive or CodeTalker
-  decoder), or `MotionAutoencoder` for CodeTalker's stage 1 (`config.model.decoder.kind`);
+  decoder, `config.model.decoder.kind`);
 - loss: vertex MSE + velocity MSE (optionally lip-weighted), in millimetres so the numbers are
-  readable and the optimizer's epsilon is negligible; plus the VQ losses for CodeTalker;
+  readable and the optimizer's epsilon is negligible; plus the latent regression for CodeTalker;
 - evaluation: whole test sequences generated from audio alone, metrics of DESIGN section 5
   (LVE squared, LVE mm, FDD, MVE; masks named) for the model and for two baselines computed by
   the same code (static template; training-set mean offset);
 - predict: `(params, audio, template, style) -> vertices` for any audio length.
 
-Config keys read (beyond the base config): `data.name`, `data.fps`, `data.sample_rate`,
-`data.window_frames`, `data.eval_split`, `data.eval_batch_size`, `data.eval_style`,
-`data.lip_mask`, `data.upper_face_mask`, `data.{raw_dir,data_dir,synthetic,skip_invalid}`,
+Config keys read (beyond the base config and those of `_speech_mesh`): `data.eval_style`,
 `model.encoder` (`variant`, `checkpoint`, fields), `model.decoder` (`kind`, `variant`, fields),
-`model.prior_workdir` (CodeTalker stage 2), `loss.velocity_weight`, `loss.lip_weight`,
-`loss.latent_weight`.
+`model.prior_workdir` (CodeTalker stage 2), `loss.latent_weight`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from data_pipelines import audio_mesh, pipeline, prepare
+from data_pipelines import pipeline, prepare
+from fdjax import pretrained
 from fdjax import step as step_lib
-from fdjax.metrics import mesh as mesh_metrics
 from fdjax.models import losses
-from fdjax.models.audio2mesh import MotionAutoencoder, SpeechToMesh
-from fdjax.models.codetalker import CodePredictor, MotionVQVAE
+from fdjax.models.audio2mesh import SpeechToMesh
+from fdjax.models.codetalker import CodePredictor
 from fdjax.models.motion_decoders import FaceFormerDecoder, NonAutoregressiveDecoder
 from fdjax.models.wav2vec2 import Wav2Vec2Encoder
-from fdjax.tasks import BATCH_DIM, ExportDim
+from fdjax.tasks import BATCH_DIM, ExportDim, _speech_mesh
 
-MM_PER_METRE = 1000.0
 DECODERS = {
   "faceformer": FaceFormerDecoder,
   "nonautoregressive": NonAutoregressiveDecoder,
   "codetalker": CodePredictor,
-  "codetalker_vq": MotionVQVAE,
 }
-# Frames of evaluation batches are padded up to a multiple of this, to bound recompilation.
-EVAL_FRAME_BUCKET = 32
+# Where CodeTalker stage 2 puts the parameters of a stage-1 (`motion_vq`) run.
+STAGE1_PRIOR = "prior=>decoder/prior"
 
-
-def _fields(config_dict: Any, *drop: str) -> dict:
-  fields = {k: v for k, v in dict(config_dict).items() if k not in drop}
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+train_data = _speech_mesh.train_data
 
 
 def build_encoder(config: Any) -> Wav2Vec2Encoder:
@@ -65,7 +55,7 @@ def build_encoder(config: Any) -> Wav2Vec2Encoder:
 
   enc = config.model.encoder
   dtype = step_lib.resolve_compute_dtype(config.precision.compute_dtype)
-  fields = _fields(enc, "variant", "checkpoint")
+  fields = _speech_mesh.module_fields(enc, "variant", "checkpoint")
   if enc.checkpoint:
     return Wav2Vec2Encoder.from_hf_config(
       hf_convert.read_hf_config(enc.checkpoint), dtype=dtype, **fields
@@ -77,14 +67,13 @@ def build_model(config: Any) -> nn.Module:
   dec = config.model.decoder
   dtype = step_lib.resolve_compute_dtype(config.precision.compute_dtype)
   if dec.kind not in DECODERS:
-    raise ValueError(f"config.model.decoder.kind={dec.kind!r}: expected one of {sorted(DECODERS)}")
-  fields = _fields(dec, "kind", "variant", "prior")
-  if dec.kind == "codetalker_vq":
-    # Stage 1 reconstructs motion alone: the experiments' speaking-style count is not its field.
-    fields.pop("num_styles", None)
-    return MotionAutoencoder(prior=MotionVQVAE.from_variant(dec.variant, dtype=dtype, **fields))
+    raise ValueError(
+      f"config.model.decoder.kind={dec.kind!r}: expected one of {sorted(DECODERS)} "
+      "(CodeTalker stage 1, codetalker_vq, is the task motion_vq)"
+    )
+  fields = _speech_mesh.module_fields(dec, "kind", "variant", "prior")
   if dec.kind == "codetalker":
-    prior = {**_fields(dec.prior), "dtype": dtype}
+    prior = {**_speech_mesh.module_fields(dec.prior), "dtype": dtype}
     decoder = CodePredictor.from_variant(dec.variant, prior=prior, dtype=dtype, **fields)
   else:
     decoder = DECODERS[dec.kind].from_variant(dec.variant, dtype=dtype, **fields)
@@ -97,163 +86,56 @@ def build_model(config: Any) -> nn.Module:
 
 
 def _num_vertices(config: Any) -> int:
-  model = build_model(config)
-  module = model.prior if isinstance(model, MotionAutoencoder) else model.decoder
-  return module.prior.num_vertices if isinstance(module, CodePredictor) else module.num_vertices
-
-
-def _window_samples(config: Any, frames: int) -> int:
-  return int(np.ceil(frames * config.data.sample_rate / config.data.fps))
+  decoder = build_model(config).decoder
+  return decoder.prior.num_vertices if isinstance(decoder, CodePredictor) else decoder.num_vertices
 
 
 def dummy_batch(config: Any, batch_size: int) -> dict[str, np.ndarray]:
-  frames = config.data.window_frames
-  samples = _window_samples(config, frames)
-  vertices = _num_vertices(config)
-  batch = {
-    "audio": np.zeros((batch_size, samples), np.float32),  # [B, S]
-    "audio_mask": np.ones((batch_size, samples), bool),
-    "vertices": np.zeros((batch_size, frames, vertices, 3), np.float32),  # [B, T, V, 3]
-    "template": np.zeros((batch_size, vertices, 3), np.float32),  # [B, V, 3]
-    "frame_mask": np.ones((batch_size, frames), bool),
-    "subject": np.zeros((batch_size,), np.int32),
-  }
-  return batch
+  return _speech_mesh.dummy_batch(config, batch_size, _num_vertices(config))
 
 
-def load_pretrained(config: Any, params: dict) -> dict:
-  """Parameters from local checkpoints: the HF audio encoder, the CodeTalker stage-1 prior."""
-  params = dict(params)
-  if config.model.decoder.kind != "codetalker_vq" and config.model.encoder.checkpoint:
-    from fdjax.models import hf_convert
-
-    _, encoder_params = hf_convert.load_wav2vec2(config.model.encoder.checkpoint)
-    params["encoder"] = _replace_matching(params["encoder"], encoder_params, "encoder")
+def pretrained_specs(config: Any) -> list[pretrained.InitFrom]:
+  """What `config.model.encoder.checkpoint` and `config.model.prior_workdir` load, as
+  `fdjax.pretrained` specs: the HF audio encoder, the CodeTalker stage-1 prior."""
+  specs = []
+  if config.model.encoder.checkpoint:
+    specs.append(pretrained.InitFrom(config.model.encoder.checkpoint, "", "encoder"))
   if config.model.decoder.kind == "codetalker":
     if not config.model.prior_workdir:
       raise ValueError(
         "the codetalker variant needs config.model.prior_workdir: the workdir of a finished "
-        "codetalker_vq (stage 1) run"
+        "motion_vq (CodeTalker stage 1, variant=codetalker_vq) run"
       )
-    prior = _stage1_params(config.model.prior_workdir)
-    decoder = dict(params["decoder"])
-    decoder["prior"] = _replace_matching(decoder["prior"], prior, "decoder/prior")
-    params["decoder"] = decoder
-  return params
+    specs.extend(pretrained.parse_spec(f"{config.model.prior_workdir}:{STAGE1_PRIOR}"))
+  return specs
 
 
-def _replace_matching(current: Any, loaded: Any, where: str) -> Any:
-  """`loaded` placed like `current`, after checking the trees and shapes agree."""
-  current_flat, treedef = jax.tree_util.tree_flatten_with_path(current)
-  loaded_flat = dict(
-    (jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]
-  )
-  leaves = []
-  for path, leaf in current_flat:
-    key = jax.tree_util.keystr(path)
-    if key not in loaded_flat:
-      raise ValueError(f"pretrained parameters for {where} lack {key}")
-    value = np.asarray(loaded_flat.pop(key), leaf.dtype)
-    if value.shape != leaf.shape:
-      raise ValueError(f"{where}{key}: pretrained shape {value.shape}, model {leaf.shape}")
-    leaves.append(value)
-  if loaded_flat:
-    raise ValueError(f"pretrained parameters for {where} have extra keys {sorted(loaded_flat)[:5]}")
-  return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _stage1_params(workdir: str) -> Any:
-  from fdjax import config as config_lib
-  from fdjax import trainer
-
-  stage1 = config_lib.load_json_config(os.path.join(workdir, "config.json"))
-  _, _, params, _ = trainer.restore_params(stage1, workdir)
-  return jax.device_get(params["prior"])
+def load_pretrained(config: Any, params: dict) -> dict:
+  """Parameters from local checkpoints: the HF audio encoder, the CodeTalker stage-1 prior."""
+  return pretrained.merge_specs(params, pretrained_specs(config), where="audio2mesh")
 
 
 def make_loss_fn(config: Any):
   """The loss for `config`: see the module docstring."""
-  kind = config.model.decoder.kind
-  lip_weights = None
-  if config.loss.lip_weight != 1.0:
-    raw_dir, _ = prepare.resolve_dirs(config.data)
-    lips = mesh_metrics.load_region_mask(
-      _mask_path(config, raw_dir, "lip_mask"), _num_vertices(config)
-    )
-    lip_weights = losses.region_weights(_num_vertices(config), lips.indices, config.loss.lip_weight)
   return functools.partial(
     _loss,
-    kind=kind,
+    latent=config.model.decoder.kind == "codetalker",
     velocity_weight=config.loss.velocity_weight,
     latent_weight=config.loss.latent_weight,
-    lip_weights=None if lip_weights is None else jnp.asarray(lip_weights),
+    lip_weights=_speech_mesh.lip_weights(config, _num_vertices(config)),
   )
 
 
-def _loss(model, params, batch, rng, train, *, kind, velocity_weight, latent_weight, lip_weights):
+def _loss(model, params, batch, rng, train, *, latent, velocity_weight, latent_weight, lip_weights):
   predicted, aux = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
-  frame_mask = batch["frame_mask"]
-  predicted_mm = predicted * MM_PER_METRE
-  truth_mm = batch["vertices"] * MM_PER_METRE
-  vertex = losses.vertex_mse(predicted_mm, truth_mm, frame_mask, lip_weights)
-  velocity = losses.velocity_mse(predicted_mm, truth_mm, frame_mask, lip_weights)
-  loss = vertex + velocity_weight * velocity
-  metrics = {"vertex_mse_mm2": vertex, "velocity_mse_mm2": velocity}
-  if kind == "codetalker_vq":
-    loss = loss + aux["vq_loss"]
-    metrics.update(
-      vq_loss=aux["vq_loss"],
-      codebook_usage=aux["codebook_usage"],
-      perplexity=aux["perplexity"],
-    )
-  if kind == "codetalker":
-    latent = losses.latent_mse(aux["latents"], aux["target_latents"], frame_mask)
-    loss = loss + latent_weight * latent
-    metrics["latent_mse"] = latent
-  metrics["weight"] = jnp.sum(frame_mask).astype(jnp.float32)
+  loss, metrics = _speech_mesh.vertex_losses(
+    predicted, batch, velocity_weight=velocity_weight, lip_weights=lip_weights
+  )
+  if latent:
+    latent_mse = losses.latent_mse(aux["latents"], aux["target_latents"], batch["frame_mask"])
+    loss = loss + latent_weight * latent_mse
+    metrics["latent_mse"] = latent_mse
   return loss, metrics
-
-
-def train_data(config: Any, *, process_index: int, process_count: int):
-  _, data_dir = prepare.ensure_dataset(config.data)
-  source = pipeline.tfds_source(config.data.name, data_dir, "train")
-  transform = functools.partial(
-    audio_mesh.train_window,
-    window_frames=config.data.window_frames,
-    fps=config.data.fps,
-    sample_rate=config.data.sample_rate,
-  )
-  return pipeline.train_dataset(
-    source,
-    transform,
-    batch_size=config.batch_size,
-    seed=config.seed,
-    process_index=process_index,
-    process_count=process_count,
-    num_workers=config.data.num_workers,
-    shuffle=config.data.shuffle,
-  )
-
-
-def _mask_path(config: Any, raw_dir: str, key: str) -> str:
-  path = config.data[key]
-  return path if os.path.isabs(path) else os.path.join(raw_dir, path)
-
-
-def _bucket(batch: dict, config: Any) -> dict:
-  """Pads frames to a multiple of EVAL_FRAME_BUCKET (and the audio to match)."""
-  frames = batch["vertices"].shape[1]
-  target = -(-frames // EVAL_FRAME_BUCKET) * EVAL_FRAME_BUCKET
-  samples = _window_samples(config, target)
-  pad_t, pad_s = target - frames, samples - batch["audio"].shape[1]
-  out = dict(batch)
-  out["vertices"] = np.concatenate(
-    [batch["vertices"], np.repeat(batch["template"][:, None], pad_t, axis=1)], axis=1
-  )
-  out["frame_mask"] = np.pad(batch["frame_mask"], ((0, 0), (0, pad_t)))
-  out["audio"] = np.pad(batch["audio"], ((0, 0), (0, max(pad_s, 0))))[:, :samples]
-  out["audio_mask"] = np.pad(batch["audio_mask"], ((0, 0), (0, max(pad_s, 0))))[:, :samples]
-  return out
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -272,147 +154,32 @@ def _generate(model, params, audio, audio_mask, frame_mask, template, style, emo
   return predicted
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _reconstruct(model, params, vertices, template):
-  return model.apply({"params": params}, vertices, template, method="generate")[0]
-
-
-def training_mean_offset(config: Any, data_dir: str, workdir: str) -> np.ndarray:
-  """The mean offset from the template over all training frames [V, 3], cached in workdir."""
-  path = os.path.join(workdir, "mean_offset.npy")
-  if os.path.exists(path):
-    return np.load(path)
-  source = pipeline.tfds_source(config.data.name, data_dir, "train")
-  pairs = ((np.asarray(e["vertices"]), np.asarray(e["template"])) for e in source)
-  offset = mesh_metrics.training_mean_offset(pairs).astype(np.float32)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    np.save(path, offset)
-  return offset
-
-
 def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> dict[str, float]:
-  """Metrics over whole sequences of `config.data.eval_split`, with both baselines.
+  """Metrics over whole sequences of `config.data.eval_split` generated from their audio, with
+  both baselines (see `_speech_mesh.evaluate_sequences`)."""
 
-  Every process evaluates the whole split (inputs replicated), so all report the same numbers.
-  """
-  raw_dir, data_dir = prepare.ensure_dataset(config.data)
-  num_vertices = _num_vertices(config)
-  lips = mesh_metrics.load_region_mask(_mask_path(config, raw_dir, "lip_mask"), num_vertices)
-  upper = mesh_metrics.load_region_mask(
-    _mask_path(config, raw_dir, "upper_face_mask"), num_vertices
+  def predict(batch, put):
+    style = np.where(batch["subject"] >= 0, batch["subject"], config.data.eval_style)
+    return _generate(
+      model,
+      params,
+      put(batch["audio"]),
+      put(batch["audio_mask"]),
+      put(batch["frame_mask"]),
+      put(batch["template"]),
+      put(style.astype(np.int32)),
+      put(batch.get("emotion")),
+      put(batch.get("intensity")),
+    )
+
+  return _speech_mesh.evaluate_sequences(
+    config, predict, _num_vertices(config), mesh=mesh, workdir=workdir, step=step
   )
-  accumulators = {
-    name: mesh_metrics.MeshMetricsAccumulator(lips, upper)
-    for name in ("model", "static_template", "mean_motion")
-  }
-  mean_offset = training_mean_offset(config, data_dir, workdir)
-  source = pipeline.tfds_source(config.data.name, data_dir, config.data.eval_split)
-  batches = pipeline.eval_dataset(
-    source,
-    functools.partial(
-      audio_mesh.whole_sequence, fps=config.data.fps, sample_rate=config.data.sample_rate
-    ),
-    batch_size=config.data.eval_batch_size,
-    batch_fn=audio_mesh.eval_batch,
-  )
-  replicated = NamedSharding(mesh, PartitionSpec())
-  put = lambda x: None if x is None else jax.make_array_from_process_local_data(replicated, x)
-  sample = None
-  for batch in batches:
-    batch = _bucket(batch, config)
-    num_frames = batch["vertices"].shape[1]
-    if config.model.decoder.kind == "codetalker_vq":
-      predicted = _reconstruct(model, params, put(batch["vertices"]), put(batch["template"]))
-    else:
-      style = np.where(batch["subject"] >= 0, batch["subject"], config.data.eval_style)
-      predicted = _generate(
-        model,
-        params,
-        put(batch["audio"]),
-        put(batch["audio_mask"]),
-        put(batch["frame_mask"]),
-        put(batch["template"]),
-        put(style.astype(np.int32)),
-        put(batch.get("emotion")),
-        put(batch.get("intensity")),
-      )
-    predicted = np.asarray(jax.device_get(predicted), np.float32)  # [B, T, V, 3]
-    truth, template, frame_mask = batch["vertices"], batch["template"], batch["frame_mask"]
-    accumulators["model"].add_batch(predicted, truth, template, frame_mask)
-    static = np.repeat(template[:, None], num_frames, axis=1)
-    accumulators["static_template"].add_batch(static, truth, template, frame_mask)
-    accumulators["mean_motion"].add_batch(static + mean_offset, truth, template, frame_mask)
-    if sample is None:
-      sample = (predicted[0], truth[0], batch["audio"][0], batch["audio_mask"][0], frame_mask[0])
-
-  results = {name: acc.compute() for name, acc in accumulators.items()}
-  metrics: dict[str, float] = {}
-  for name, values in results.items():
-    for metric in mesh_metrics.MeshMetricsAccumulator.METRIC_NAMES:
-      key = metric if name == "model" else f"{name}/{metric}"
-      metrics[key] = float(values[metric])
-  if jax.process_index() == 0:
-    _print_table(results, config.data.eval_split, step)
-    _write_sample(workdir, raw_dir, config, sample)
-    with open(os.path.join(workdir, "eval_masks.json"), "w") as f:
-      json.dump({"lip_mask": lips.name, "upper_face_mask": upper.name}, f)
-  return metrics
-
-
-def _print_table(results: dict, split: str, step: int) -> None:
-  model = results["model"]
-  rows = [
-    ("LVE squared (m^2)", "lve_squared", "{:.3e}"),
-    ("LVE (mm)", "lve_mm", "{:.3f}"),
-    ("FDD (m^2, signed)", "fdd", "{:+.3e}"),
-    ("MVE (mm)", "mve_mm", "{:.3f}"),
-  ]
-  names = ("model", "static_template", "mean_motion")
-  print(
-    f"\n{split} split, step {step}: {model['num_sequences']} sequences, {model['num_frames']} "
-    f"frames; lip mask {model['lip_mask']!r}, upper-face mask {model['upper_face_mask']!r}"
-  )
-  print(f"{'metric':<20}" + "".join(f"{n:>18}" for n in names))
-  for label, key, fmt in rows:
-    print(f"{label:<20}" + "".join(f"{fmt.format(results[n][key]):>18}" for n in names))
-  print(flush=True)
-
-
-def _write_sample(workdir: str, raw_dir: str, config: Any, sample) -> None:
-  """One test sequence for rendering: prediction, truth, audio and the template mesh's faces."""
-  import soundfile
-
-  predicted, truth, audio, audio_mask, frame_mask = sample
-  directory = os.path.join(workdir, "samples")
-  os.makedirs(directory, exist_ok=True)
-  frames = int(frame_mask.sum())
-  np.save(os.path.join(directory, "sample_pred.npy"), predicted[:frames])
-  np.save(os.path.join(directory, "sample_truth.npy"), truth[:frames])
-  samples = int(audio_mask.sum())
-  peak = max(float(np.abs(audio[:samples]).max()), 1e-6)
-  soundfile.write(
-    os.path.join(directory, "sample.wav"), audio[:samples] / peak * 0.9, config.data.sample_rate
-  )
-  for name in ("FLAME_sample.ply", "BIWI.ply"):
-    if os.path.exists(os.path.join(raw_dir, name)):
-      import shutil
-
-      shutil.copy(os.path.join(raw_dir, name), os.path.join(directory, "faces.ply"))
 
 
 def predict_fn(config: Any, model: nn.Module):
   """`predict(params, audio [b, s], template [b, V, 3], style [b]) -> vertices [b, t, V, 3]`."""
   num_vertices = _num_vertices(config)
-  if config.model.decoder.kind == "codetalker_vq":
-
-    def reconstruct(params, vertices, template):
-      return model.apply({"params": params}, vertices, template, method="generate")[0]
-
-    return reconstruct, {
-      "vertices": (f"b, t, {num_vertices}, 3", "float32"),
-      "template": (f"b, {num_vertices}, 3", "float32"),
-    }
 
   def predict(params, audio, template, style):
     return model.apply({"params": params}, audio, template, style, method="generate")[0]
@@ -442,23 +209,14 @@ def export_dims(config: Any) -> list[ExportDim]:
 
 
 def export_metadata(config: Any) -> dict:
-  metadata = {
-    "sample_rate": config.data.sample_rate,
-    "fps": config.data.fps,
-    "num_vertices": _num_vertices(config),
-    "dataset": config.data.name,
-    "train_subjects": list(config.data.train_subjects),
-  }
-  if config.model.decoder.kind != "codetalker_vq":
-    metadata["audio_input"] = "audio"
-    metadata["audio"] = "mono waveform at sample_rate, zero mean and unit variance over the clip"
+  metadata = _speech_mesh.export_metadata(config, _num_vertices(config))
+  metadata["audio_input"] = "audio"
+  metadata["audio"] = "mono waveform at sample_rate, zero mean and unit variance over the clip"
   return metadata
 
 
 def export_defaults(config: Any) -> dict[str, np.ndarray]:
   """What the server fills in when a request sends audio only: style 0 and its template."""
-  if config.model.decoder.kind == "codetalker_vq":
-    return {}
   _, data_dir = prepare.ensure_dataset(config.data)
   source = pipeline.tfds_source(config.data.name, data_dir, "train")
   first = next(e for e in source if int(e["subject"]) == 0)
@@ -467,9 +225,7 @@ def export_defaults(config: Any) -> dict[str, np.ndarray]:
 
 def symbolic_constraints(config: Any) -> list[str]:
   """Symbolic audio must cover at least one encoder frame (and one mesh frame)."""
-  if config.model.decoder.kind == "codetalker_vq":
-    return ["t >= 1"]
-  minimum = max(build_encoder(config).receptive_field, _window_samples(config, 1))
+  minimum = max(build_encoder(config).receptive_field, _speech_mesh.window_samples(config, 1))
   return [f"s >= {minimum}"]
 
 
@@ -492,8 +248,8 @@ def flops_per_example(config: Any) -> float:
   gradient of each input that depends on a trainable parameter. So a frozen module whose
   inputs are data (wav2vec2's conv stack with `optim.freeze`, as FaceFormer trains it) costs
   its forward only, the first trainable layer after it and the motion embedding of the data
-  twice their forward, and everything downstream three times. CodeTalker's variants are not
-  counted (0: the trainer then logs no MFU).
+  twice their forward, and everything downstream three times. CodeTalker's stage 2 is not
+  counted (0: no MFU is logged).
   """
   from fdjax import optim as optim_lib
   from fdjax.state import strip_boxes
@@ -528,7 +284,7 @@ def flops_per_example(config: Any) -> float:
   enc, dec = model.encoder, model.decoder
   frames = config.data.window_frames
   ratio = dec.audio_frames_per_frame
-  length = _window_samples(config, frames) + getattr(enc, "causal_padding", 0)
+  length = _speech_mesh.window_samples(config, frames) + getattr(enc, "causal_padding", 0)
   channels, needs = 1, False  # needs: the activations depend on a trainable parameter
   for i, (dim, kernel, stride) in enumerate(zip(enc.conv_dim, enc.conv_kernel, enc.conv_stride)):
     length = (length - kernel) // stride + 1

@@ -54,6 +54,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipelines import pipeline, prepare, video
+from fdjax import pretrained
 from fdjax import sharding as sharding_lib
 from fdjax import step as step_lib
 from fdjax.metrics import classification
@@ -64,7 +65,14 @@ from fdjax.tasks import BATCH_DIM, ExportDim
 
 MODEL_KINDS = ("clip", "vivit")
 # Keys of `config.model` that configure the task rather than the module's fields.
-TASK_MODEL_KEYS = ("kind", "clip_checkpoint", "clip_workdir", "prompts", "prompt_length")
+TASK_MODEL_KEYS = (
+  "kind",
+  "clip_checkpoint",
+  "clip_workdir",
+  "init_from",
+  "prompts",
+  "prompt_length",
+)
 # CLIP's special token ids (the built-in tokenizer keeps them, so the text tower pools alike).
 CLIP_VOCAB_SIZE = 49408
 CLIP_BOS, CLIP_EOS = 49406, 49407
@@ -195,90 +203,48 @@ def dummy_batch(config: Any, batch_size: int) -> dict[str, np.ndarray]:
   return batch
 
 
-def _replace_tower(current: Any, loaded: Any, where: str) -> Any:
-  """`current` with every leaf of `loaded` put in its place; leaves `loaded` lacks must be PEFT.
+# Parameters that keep their fresh initialisation when CLIP towers are loaded under them.
+PEFT_PARAMS = "lora|adapter"
 
-  Shapes must agree; a pretrained leaf the model does not have is an error naming it.
+
+def pretrained_specs(config: Any) -> list[pretrained.InitFrom]:
+  """The CLIP towers `config.model.clip_checkpoint` or `config.model.clip_workdir` load, as
+  `fdjax.pretrained` specs: the image tower always, the text tower when the classifier uses it.
   """
-  flat_current = {
-    "/".join(str(k.key) for k in path): leaf
-    for path, leaf in jax.tree_util.tree_flatten_with_path(current)[0]
-  }
-  flat_loaded = {
-    "/".join(str(k.key) for k in path): leaf
-    for path, leaf in jax.tree_util.tree_flatten_with_path(loaded)[0]
-  }
-  extra = sorted(set(flat_loaded) - set(flat_current))
-  if extra:
-    raise ValueError(f"{where}: the checkpoint has parameters the model lacks: {extra[:5]}")
-  missing = [p for p in flat_current if p not in flat_loaded and not re.search("lora|adapter", p)]
-  if missing:
-    raise ValueError(f"{where}: the checkpoint lacks {missing[:5]}")
-  merged = {}
-  for path, leaf in flat_current.items():
-    value = flat_loaded.get(path, leaf)
-    if np.shape(value) != np.shape(leaf):
-      raise ValueError(
-        f"{where}/{path}: checkpoint shape {np.shape(value)}, model {np.shape(leaf)} "
-        "(is config.model.variant the checkpoint's size?)"
-      )
-    merged[path] = np.asarray(value, np.asarray(leaf).dtype)
-  tree: dict = {}
-  for path, value in merged.items():
-    node = tree
-    *parents, name = path.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[name] = value
-  return tree
+  if config.model.kind != "clip":
+    return []
+  checkpoint, workdir = config.model.clip_checkpoint, config.model.clip_workdir
+  if checkpoint and workdir:
+    raise ValueError("set config.model.clip_checkpoint or config.model.clip_workdir, not both")
+  if workdir:
+    _check_clip_run(workdir)
+  source = checkpoint or workdir
+  if not source:
+    return []
+  towers = ("vision", "text") if config.model.classifier == "text" else ("vision",)
+  return [pretrained.InitFrom(source, tower, tower) for tower in towers]
 
 
-def _run_towers(workdir: str) -> dict:
-  """The CLIP towers (PEFT leaves left out) of the latest checkpoint of an fdjax run."""
+def _check_clip_run(workdir: str) -> None:
+  """A clear error for a `clip_workdir` that is not a run of a CLIP video model."""
   from fdjax import config as config_lib
-  from fdjax import trainer
 
-  run_config = config_lib.load_json_config(os.path.join(workdir, "config.json"))
-  if run_config.model.get("kind") != "clip":
+  path = os.path.join(workdir, "config.json")
+  if os.path.isfile(path) and config_lib.load_json_config(path).model.get("kind") != "clip":
     raise ValueError(f"config.model.clip_workdir={workdir!r} is not a run of a CLIP video model")
-  _, _, params, _ = trainer.restore_params(run_config, workdir)
-  params = jax.device_get(params)
-  towers = {}
-  for tower in ("vision", "text"):
-    if tower in params:
-      towers[tower] = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: None if re.search("lora|adapter", jax.tree_util.keystr(path)) else leaf,
-        params[tower],
-      )
-  return towers
 
 
 def load_pretrained(config: Any, params: dict) -> dict:
   """CLIP towers from `config.model.clip_checkpoint` (a local Hugging Face directory) or from
-  the latest checkpoint of the run in `config.model.clip_workdir`.
+  the latest checkpoint of the run in `config.model.clip_workdir` (`fdjax.pretrained`).
 
   The image tower always, the text tower when the classifier uses it; LoRA, adapters and the
-  temporal head keep their fresh initialisation.
+  temporal head keep their fresh initialisation (the source's own LoRA and adapters are not
+  taken). Shapes must agree: is config.model.variant the checkpoint's size?
   """
-  if config.model.kind != "clip":
-    return params
-  checkpoint, workdir = config.model.clip_checkpoint, config.model.clip_workdir
-  if checkpoint and workdir:
-    raise ValueError("set config.model.clip_checkpoint or config.model.clip_workdir, not both")
-  if checkpoint:
-    from fdjax.models import hf_clip
-
-    _, towers = hf_clip.load_hf_clip(checkpoint)
-  elif workdir:
-    towers = _run_towers(workdir)
-  else:
-    return params
-  params = dict(params)
-  for tower in ("vision", "text") if config.model.classifier == "text" else ("vision",):
-    if tower not in towers:
-      raise ValueError(f"{checkpoint or workdir} has no {tower} tower to load")
-    params[tower] = _replace_tower(params[tower], towers[tower], f"{checkpoint or workdir} {tower}")
-  return params
+  return pretrained.merge_specs(
+    params, pretrained_specs(config), where="dfer", keep_fresh=PEFT_PARAMS
+  )
 
 
 def parameter_counts(config: Any) -> tuple[int, int]:

@@ -1,0 +1,247 @@
+"""Pieces shared by the speech-mesh tasks (`audio2mesh`, `motion_vq`) on VOCASET- and BIWI-layout
+data: batches, training windows, the vertex and velocity losses in millimetres, region masks,
+whole-sequence evaluation with both baselines, its table and renderable sample, and the
+export metadata. Each task supplies its model and how it predicts a batch of whole sequences.
+
+Config keys read: `data.name`, `data.fps`, `data.sample_rate`, `data.window_frames`,
+`data.eval_split`, `data.eval_batch_size`, `data.lip_mask`, `data.upper_face_mask`,
+`data.train_subjects`, `data.{raw_dir,data_dir,synthetic,skip_invalid}`, `loss.velocity_weight`,
+`loss.lip_weight`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from data_pipelines import audio_mesh, pipeline, prepare
+from fdjax.metrics import mesh as mesh_metrics
+from fdjax.models import losses
+
+MM_PER_METRE = 1000.0
+# Frames of evaluation batches are padded up to a multiple of this, to bound recompilation.
+EVAL_FRAME_BUCKET = 32
+# The three rows of the evaluation table: the model and the two baselines.
+SYSTEMS = ("model", "static_template", "mean_motion")
+
+
+def module_fields(config_dict: Any, *drop: str) -> dict:
+  """The fields of a config node as module keyword arguments (lists as tuples), less `drop`."""
+  fields = {k: v for k, v in dict(config_dict).items() if k not in drop}
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+def window_samples(config: Any, frames: int) -> int:
+  """Audio samples that cover `frames` mesh frames."""
+  return int(np.ceil(frames * config.data.sample_rate / config.data.fps))
+
+
+def dummy_batch(config: Any, batch_size: int, num_vertices: int) -> dict[str, np.ndarray]:
+  frames = config.data.window_frames
+  samples = window_samples(config, frames)
+  return {
+    "audio": np.zeros((batch_size, samples), np.float32),  # [B, S]
+    "audio_mask": np.ones((batch_size, samples), bool),
+    "vertices": np.zeros((batch_size, frames, num_vertices, 3), np.float32),  # [B, T, V, 3]
+    "template": np.zeros((batch_size, num_vertices, 3), np.float32),  # [B, V, 3]
+    "frame_mask": np.ones((batch_size, frames), bool),
+    "subject": np.zeros((batch_size,), np.int32),
+  }
+
+
+def train_data(config: Any, *, process_index: int, process_count: int):
+  """Random training windows of `data.window_frames` frames with their audio."""
+  _, data_dir = prepare.ensure_dataset(config.data)
+  source = pipeline.tfds_source(config.data.name, data_dir, "train")
+  transform = functools.partial(
+    audio_mesh.train_window,
+    window_frames=config.data.window_frames,
+    fps=config.data.fps,
+    sample_rate=config.data.sample_rate,
+  )
+  return pipeline.train_dataset(
+    source,
+    transform,
+    batch_size=config.batch_size,
+    seed=config.seed,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=config.data.num_workers,
+    shuffle=config.data.shuffle,
+  )
+
+
+def mask_path(config: Any, raw_dir: str, key: str) -> str:
+  """The file of region mask `config.data[key]` (relative paths are in the raw directory)."""
+  path = config.data[key]
+  return path if os.path.isabs(path) else os.path.join(raw_dir, path)
+
+
+def lip_weights(config: Any, num_vertices: int) -> jax.Array | None:
+  """Per-vertex loss weights [V] with `loss.lip_weight` on the lips (None when it is 1)."""
+  if config.loss.lip_weight == 1.0:
+    return None
+  raw_dir, _ = prepare.resolve_dirs(config.data)
+  lips = mesh_metrics.load_region_mask(mask_path(config, raw_dir, "lip_mask"), num_vertices)
+  return jnp.asarray(losses.region_weights(num_vertices, lips.indices, config.loss.lip_weight))
+
+
+def vertex_losses(
+  predicted: jax.Array, batch: dict, *, velocity_weight: float, lip_weights: jax.Array | None
+) -> tuple[jax.Array, dict]:
+  """Vertex MSE + `velocity_weight` x velocity MSE in mm^2, and their metrics (with `weight`)."""
+  frame_mask = batch["frame_mask"]
+  predicted_mm = predicted * MM_PER_METRE
+  truth_mm = batch["vertices"] * MM_PER_METRE
+  vertex = losses.vertex_mse(predicted_mm, truth_mm, frame_mask, lip_weights)
+  velocity = losses.velocity_mse(predicted_mm, truth_mm, frame_mask, lip_weights)
+  metrics = {
+    "vertex_mse_mm2": vertex,
+    "velocity_mse_mm2": velocity,
+    "weight": jnp.sum(frame_mask).astype(jnp.float32),
+  }
+  return vertex + velocity_weight * velocity, metrics
+
+
+def bucket(batch: dict, config: Any) -> dict:
+  """Pads frames to a multiple of EVAL_FRAME_BUCKET (and the audio to match)."""
+  frames = batch["vertices"].shape[1]
+  target = -(-frames // EVAL_FRAME_BUCKET) * EVAL_FRAME_BUCKET
+  samples = window_samples(config, target)
+  pad_t, pad_s = target - frames, samples - batch["audio"].shape[1]
+  out = dict(batch)
+  out["vertices"] = np.concatenate(
+    [batch["vertices"], np.repeat(batch["template"][:, None], pad_t, axis=1)], axis=1
+  )
+  out["frame_mask"] = np.pad(batch["frame_mask"], ((0, 0), (0, pad_t)))
+  out["audio"] = np.pad(batch["audio"], ((0, 0), (0, max(pad_s, 0))))[:, :samples]
+  out["audio_mask"] = np.pad(batch["audio_mask"], ((0, 0), (0, max(pad_s, 0))))[:, :samples]
+  return out
+
+
+def training_mean_offset(config: Any, data_dir: str, workdir: str) -> np.ndarray:
+  """The mean offset from the template over all training frames [V, 3], cached in workdir."""
+  path = os.path.join(workdir, "mean_offset.npy")
+  if os.path.exists(path):
+    return np.load(path)
+  source = pipeline.tfds_source(config.data.name, data_dir, "train")
+  pairs = ((np.asarray(e["vertices"]), np.asarray(e["template"])) for e in source)
+  offset = mesh_metrics.training_mean_offset(pairs).astype(np.float32)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    np.save(path, offset)
+  return offset
+
+
+# `predict(batch, put) -> vertices [B, T, V, 3]` for one bucketed host batch of whole sequences;
+# `put` makes a host array (or None) a replicated global array.
+PredictBatch = Callable[[dict, Callable], jax.Array]
+
+
+def evaluate_sequences(
+  config: Any, predict: PredictBatch, num_vertices: int, *, mesh, workdir: str, step: int
+) -> dict[str, float]:
+  """Metrics of `predict` over whole sequences of `config.data.eval_split`, with both baselines
+  (static template; training-set mean offset), named masks, a printed table and a sample.
+
+  Every process evaluates the whole split (inputs replicated), so all report the same numbers.
+  """
+  raw_dir, data_dir = prepare.ensure_dataset(config.data)
+  lips = mesh_metrics.load_region_mask(mask_path(config, raw_dir, "lip_mask"), num_vertices)
+  upper = mesh_metrics.load_region_mask(mask_path(config, raw_dir, "upper_face_mask"), num_vertices)
+  accumulators = {name: mesh_metrics.MeshMetricsAccumulator(lips, upper) for name in SYSTEMS}
+  mean_offset = training_mean_offset(config, data_dir, workdir)
+  source = pipeline.tfds_source(config.data.name, data_dir, config.data.eval_split)
+  batches = pipeline.eval_dataset(
+    source,
+    functools.partial(
+      audio_mesh.whole_sequence, fps=config.data.fps, sample_rate=config.data.sample_rate
+    ),
+    batch_size=config.data.eval_batch_size,
+    batch_fn=audio_mesh.eval_batch,
+  )
+  replicated = NamedSharding(mesh, PartitionSpec())
+  put = lambda x: None if x is None else jax.make_array_from_process_local_data(replicated, x)
+  sample = None
+  for batch in batches:
+    batch = bucket(batch, config)
+    num_frames = batch["vertices"].shape[1]
+    predicted = np.asarray(jax.device_get(predict(batch, put)), np.float32)  # [B, T, V, 3]
+    truth, template, frame_mask = batch["vertices"], batch["template"], batch["frame_mask"]
+    accumulators["model"].add_batch(predicted, truth, template, frame_mask)
+    static = np.repeat(template[:, None], num_frames, axis=1)
+    accumulators["static_template"].add_batch(static, truth, template, frame_mask)
+    accumulators["mean_motion"].add_batch(static + mean_offset, truth, template, frame_mask)
+    if sample is None:
+      sample = (predicted[0], truth[0], batch["audio"][0], batch["audio_mask"][0], frame_mask[0])
+
+  results = {name: acc.compute() for name, acc in accumulators.items()}
+  metrics: dict[str, float] = {}
+  for name, values in results.items():
+    for metric in mesh_metrics.MeshMetricsAccumulator.METRIC_NAMES:
+      key = metric if name == "model" else f"{name}/{metric}"
+      metrics[key] = float(values[metric])
+  if jax.process_index() == 0:
+    _print_table(results, config.data.eval_split, step)
+    _write_sample(workdir, raw_dir, config, sample)
+    with open(os.path.join(workdir, "eval_masks.json"), "w") as f:
+      json.dump({"lip_mask": lips.name, "upper_face_mask": upper.name}, f)
+  return metrics
+
+
+def _print_table(results: dict, split: str, step: int) -> None:
+  model = results["model"]
+  rows = [
+    ("LVE squared (m^2)", "lve_squared", "{:.3e}"),
+    ("LVE (mm)", "lve_mm", "{:.3f}"),
+    ("FDD (m^2, signed)", "fdd", "{:+.3e}"),
+    ("MVE (mm)", "mve_mm", "{:.3f}"),
+  ]
+  print(
+    f"\n{split} split, step {step}: {model['num_sequences']} sequences, {model['num_frames']} "
+    f"frames; lip mask {model['lip_mask']!r}, upper-face mask {model['upper_face_mask']!r}"
+  )
+  print(f"{'metric':<20}" + "".join(f"{n:>18}" for n in SYSTEMS))
+  for label, key, fmt in rows:
+    print(f"{label:<20}" + "".join(f"{fmt.format(results[n][key]):>18}" for n in SYSTEMS))
+  print(flush=True)
+
+
+def _write_sample(workdir: str, raw_dir: str, config: Any, sample) -> None:
+  """One test sequence for rendering: prediction, truth, audio and the template mesh's faces."""
+  import soundfile
+
+  predicted, truth, audio, audio_mask, frame_mask = sample
+  directory = os.path.join(workdir, "samples")
+  os.makedirs(directory, exist_ok=True)
+  frames = int(frame_mask.sum())
+  np.save(os.path.join(directory, "sample_pred.npy"), predicted[:frames])
+  np.save(os.path.join(directory, "sample_truth.npy"), truth[:frames])
+  samples = int(audio_mask.sum())
+  peak = max(float(np.abs(audio[:samples]).max()), 1e-6)
+  soundfile.write(
+    os.path.join(directory, "sample.wav"), audio[:samples] / peak * 0.9, config.data.sample_rate
+  )
+  for name in ("FLAME_sample.ply", "BIWI.ply"):
+    if os.path.exists(os.path.join(raw_dir, name)):
+      shutil.copy(os.path.join(raw_dir, name), os.path.join(directory, "faces.ply"))
+
+
+def export_metadata(config: Any, num_vertices: int) -> dict:
+  """The signature.json metadata every speech-mesh artifact carries."""
+  return {
+    "sample_rate": config.data.sample_rate,
+    "fps": config.data.fps,
+    "num_vertices": num_vertices,
+    "dataset": config.data.name,
+    "train_subjects": list(config.data.train_subjects),
+  }
