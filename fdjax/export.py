@@ -723,7 +723,13 @@ def export_checkpoint(
   from fdjax import config as config_lib
   from fdjax import trainer
 
-  task, model, params, step = trainer.restore_params(config, workdir, step, params=params)
+  task, model, params, collections, step = trainer.restore_variables(
+    config, workdir, step, params=params
+  )
+  if collections is not None:
+    # A model with mutable collections (BatchNorm statistics) is exported with all of its
+    # variables: `predict` then receives `{"params": ..., "batch_stats": ...}`.
+    params = {"params": params, **collections}
   predict, input_specs = task.predict_fn(config, model)  # none: MissingHookError, naming it
   metadata = dict(task.export_metadata(config))
   defaults = task.export_defaults(config)

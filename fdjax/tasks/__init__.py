@@ -120,7 +120,10 @@ class TaskModule(Protocol):
     such as `"b, s"` or `"b, 5023, 3"` and the dtype a numpy name such as `"float32"`. Named
     dims are symbolic (`jax.export.symbolic_shape`) and share one scope, so a name means the
     same size in every input: `b` batch, `t` frames, `s` audio samples; `export_dims` says
-    which ones `fdjax export` may fix. Absent: the task cannot be exported."""
+    which ones `fdjax export` may fix. A model with mutable collections gets, in place of
+    `params`, its whole variables dict `{"params": ..., "batch_stats": ...}` (the EMA or raw
+    parameters as chosen, and the collections as saved). Absent: the task cannot be
+    exported."""
 
   def export_dims(self, config: Any) -> Sequence[ExportDim]:
     """The symbolic dims of the inputs and how `fdjax export` may fix them (`ExportDim`), e.g.

@@ -56,11 +56,10 @@ def build_encoder(config: Any) -> Wav2Vec2Encoder:
   enc = config.model.encoder
   dtype = step_lib.resolve_compute_dtype(config.precision.compute_dtype)
   fields = _speech_mesh.module_fields(enc, "variant", "checkpoint")
+  fields.update(dtype=dtype, attention_impl=config.precision.attention_impl)
   if enc.checkpoint:
-    return Wav2Vec2Encoder.from_hf_config(
-      hf_convert.read_hf_config(enc.checkpoint), dtype=dtype, **fields
-    )
-  return Wav2Vec2Encoder.from_variant(enc.variant, dtype=dtype, **fields)
+    return Wav2Vec2Encoder.from_hf_config(hf_convert.read_hf_config(enc.checkpoint), **fields)
+  return Wav2Vec2Encoder.from_variant(enc.variant, **fields)
 
 
 def build_model(config: Any) -> nn.Module:
@@ -72,11 +71,12 @@ def build_model(config: Any) -> nn.Module:
       "(CodeTalker stage 1, codetalker_vq, is the task motion_vq)"
     )
   fields = _speech_mesh.module_fields(dec, "kind", "variant", "prior")
+  fields.update(dtype=dtype, attention_impl=config.precision.attention_impl)
   if dec.kind == "codetalker":
-    prior = {**_speech_mesh.module_fields(dec.prior), "dtype": dtype}
-    decoder = CodePredictor.from_variant(dec.variant, prior=prior, dtype=dtype, **fields)
+    prior = {**_speech_mesh.module_fields(dec.prior), **fields}
+    decoder = CodePredictor.from_variant(dec.variant, prior=prior, **fields)
   else:
-    decoder = DECODERS[dec.kind].from_variant(dec.variant, dtype=dtype, **fields)
+    decoder = DECODERS[dec.kind].from_variant(dec.variant, **fields)
   return SpeechToMesh(
     encoder=build_encoder(config),
     decoder=decoder,

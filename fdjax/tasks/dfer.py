@@ -161,6 +161,7 @@ def build_video_model(config: Any, num_outputs: int, output_names: Sequence[str]
     raise ValueError(f"config.model.kind={kind!r}: expected one of {MODEL_KINDS}")
   dtype = step_lib.resolve_compute_dtype(config.precision.compute_dtype)
   fields = _module_fields(config.model)
+  fields["attention_impl"] = config.precision.attention_impl
   if kind == "vivit":
     variant = fields.pop("variant")
     if variant not in VIVIT_VARIANTS:

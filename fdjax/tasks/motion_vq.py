@@ -49,7 +49,8 @@ def build_model(config: Any) -> MotionAutoencoder:
     )
   dtype = step_lib.resolve_compute_dtype(config.precision.compute_dtype)
   fields = _speech_mesh.module_fields(dec, *TASK_DECODER_KEYS)
-  return MotionAutoencoder(prior=MotionVQVAE.from_variant(dec.variant, dtype=dtype, **fields))
+  fields.update(dtype=dtype, attention_impl=config.precision.attention_impl)
+  return MotionAutoencoder(prior=MotionVQVAE.from_variant(dec.variant, **fields))
 
 
 def _num_vertices(config: Any) -> int:
