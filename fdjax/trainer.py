@@ -35,7 +35,7 @@ import numpy as np
 
 from fdjax import checkpoint as checkpoint_lib
 from fdjax import config as config_lib
-from fdjax import distributed
+from fdjax import distributed, pretrained
 from fdjax import optim as optim_lib
 from fdjax import sharding as sharding_lib
 from fdjax import state as state_lib
@@ -259,8 +259,11 @@ def _run(config, workdir, task, mesh, rules) -> TrainResult:
   )
   data_iter = iter(data)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
-  if checkpointer.latest_step() is None and task.has("load_pretrained"):
+  reuses_weights = task.has("load_pretrained") or config.model.get("init_from", "")
+  if checkpointer.latest_step() is None and reuses_weights:
+    # The task's own weight keys first, then `config.model.init_from` (fdjax.pretrained).
     loaded = task.load_pretrained(config, jax.device_get(state.params))
+    loaded = pretrained.apply_init_from(config, loaded)
     params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), loaded, state.params)
     # The EMA starts from the loaded weights too (a copy: the step donates both).
     ema = None if state.ema is None else jax.tree.map(lambda p: p.copy(), params)
