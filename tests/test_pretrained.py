@@ -198,3 +198,66 @@ def test_a_directory_that_is_no_source_is_named(tmp_path):
     pretrained.merge_specs({}, [InitFrom(str(tmp_path / "absent"))])
   with pytest.raises(FileNotFoundError, match="neither an fdjax workdir"):
     pretrained.merge_specs({}, [InitFrom(str(tmp_path))])
+
+
+def test_dfer_clip_workdir_takes_a_runs_towers_but_keeps_fresh_adapters(tmp_path):
+  """The `clip_workdir` alias: towers from the run's latest checkpoint, read with Orbax alone;
+  the run's own adapters and the temporal head are not taken."""
+  import json
+
+  from fdjax.tasks import dfer
+
+  dfew = os.path.join(os.path.dirname(TINY), os.pardir, os.pardir, "experiments/dfer/dfew.py")
+  source_config = config_lib.load_config(
+    f"{dfew}:variant=clip_adapter,size=tiny,runlocal=True,frames=4"
+  )
+
+  def init(config, seed):
+    model, batch = dfer.build_model(config), dfer.dummy_batch(config, 1)
+    variables = dfer.init_fn(model, {"params": jax.random.key(seed)}, batch)
+    return jax.device_get(strip_boxes(variables["params"]))
+
+  # A finished run's layout: config.json and `checkpoints/<step>/state` holding a train state.
+  run_params = init(source_config, seed=1)
+  workdir = tmp_path / "clip_run"
+  os.makedirs(workdir / "checkpoints" / "3")
+  with open(workdir / "config.json", "w") as f:
+    json.dump(config_lib.to_dict(source_config), f)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(
+      str(workdir / "checkpoints" / "3" / "state"), {"params": run_params, "step": np.int32(3)}
+    )
+
+  config = config_lib.load_config(
+    f"{dfew}:variant=clip_adapter,size=tiny,runlocal=True,frames=4",
+    [("model.clip_workdir", str(workdir))],
+  )
+  fresh = init(config, seed=2)
+  loaded = dfer.load_pretrained(config, fresh)
+  layer = ("vision", "encoder", "layers_1")
+
+  def at(tree, *path):
+    for name in path:
+      tree = tree[name]
+    return tree
+
+  np.testing.assert_array_equal(
+    at(loaded, *layer, "fc1", "kernel"), at(run_params, *layer, "fc1", "kernel")
+  )
+  np.testing.assert_array_equal(
+    at(loaded, *layer, "adapter_mlp", "down", "kernel"),
+    at(fresh, *layer, "adapter_mlp", "down", "kernel"),
+  )
+  assert not np.array_equal(
+    at(run_params, *layer, "adapter_mlp", "down", "kernel"),
+    at(fresh, *layer, "adapter_mlp", "down", "kernel"),
+  )
+  _assert_trees_equal(loaded["temporal_head"], fresh["temporal_head"])
+  with pytest.raises(ValueError, match="not both"):
+    dfer.load_pretrained(
+      config_lib.load_config(
+        f"{dfew}:variant=clip_adapter,size=tiny,runlocal=True,frames=4",
+        [("model.clip_workdir", str(workdir)), ("model.clip_checkpoint", str(workdir))],
+      ),
+      fresh,
+    )

@@ -94,25 +94,32 @@ def dummy_batch(config: Any, batch_size: int) -> dict[str, np.ndarray]:
   return _speech_mesh.dummy_batch(config, batch_size, _num_vertices(config))
 
 
-def pretrained_specs(config: Any) -> list[pretrained.InitFrom]:
+def pretrained_specs(config: Any) -> dict[str, pretrained.InitFrom]:
   """What `config.model.encoder.checkpoint` and `config.model.prior_workdir` load, as
-  `fdjax.pretrained` specs: the HF audio encoder, the CodeTalker stage-1 prior."""
-  specs = []
+  `fdjax.pretrained` specs keyed by their config key: the HF audio encoder, the CodeTalker
+  stage-1 prior."""
+  specs = {}
   if config.model.encoder.checkpoint:
-    specs.append(pretrained.InitFrom(config.model.encoder.checkpoint, "", "encoder"))
+    specs["config.model.encoder.checkpoint"] = pretrained.InitFrom(
+      config.model.encoder.checkpoint, "", "encoder"
+    )
   if config.model.decoder.kind == "codetalker":
     if not config.model.prior_workdir:
       raise ValueError(
         "the codetalker variant needs config.model.prior_workdir: the workdir of a finished "
         "motion_vq (CodeTalker stage 1, variant=codetalker_vq) run"
       )
-    specs.extend(pretrained.parse_spec(f"{config.model.prior_workdir}:{STAGE1_PRIOR}"))
+    (specs["config.model.prior_workdir"],) = pretrained.parse_spec(
+      f"{config.model.prior_workdir}:{STAGE1_PRIOR}"
+    )
   return specs
 
 
 def load_pretrained(config: Any, params: dict) -> dict:
   """Parameters from local checkpoints: the HF audio encoder, the CodeTalker stage-1 prior."""
-  return pretrained.merge_specs(params, pretrained_specs(config), where="audio2mesh")
+  for key, spec in pretrained_specs(config).items():
+    params = pretrained.merge_specs(params, [spec], where=key)
+  return params
 
 
 def make_loss_fn(config: Any):

@@ -243,8 +243,9 @@ def load_pretrained(config: Any, params: dict) -> dict:
   temporal head keep their fresh initialisation (the source's own LoRA and adapters are not
   taken). Shapes must agree: is config.model.variant the checkpoint's size?
   """
+  key = "clip_checkpoint" if config.model.get("clip_checkpoint") else "clip_workdir"
   return pretrained.merge_specs(
-    params, pretrained_specs(config), where="dfer", keep_fresh=PEFT_PARAMS
+    params, pretrained_specs(config), where=f"config.model.{key}", keep_fresh=PEFT_PARAMS
   )
 
 
