@@ -61,8 +61,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hostinfo import machine  # noqa: E402
 
 from fdjax import config as config_lib
-from fdjax import sharding as sharding_lib
 from fdjax import optim as optim_lib
+from fdjax import sharding as sharding_lib
 from fdjax import step as step_lib
 from fdjax import trainer
 from fdjax.tasks import load_task

@@ -39,8 +39,8 @@ CONFIG = os.path.join(ROOT, "experiments", "dfer", "dfew.py")
 
 def benchmark(variant: str, size: str, frames: int, batch: int, steps: int, warmup: int) -> dict:
   from fdjax import config as config_lib
-  from fdjax import sharding as sharding_lib
   from fdjax import optim as optim_lib
+  from fdjax import sharding as sharding_lib
   from fdjax import step as step_lib
   from fdjax import trainer
   from fdjax.tasks import dfer, load_task

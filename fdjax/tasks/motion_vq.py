@@ -31,7 +31,7 @@ import numpy as np
 from fdjax import step as step_lib
 from fdjax.models.audio2mesh import MotionAutoencoder
 from fdjax.models.codetalker import MotionVQVAE
-from fdjax.tasks import _speech_mesh
+from fdjax.tasks import BATCH_DIM, ExportDim, _speech_mesh
 
 KIND = "codetalker_vq"
 # Keys of `config.model.decoder` that are not MotionVQVAE fields.
@@ -108,6 +108,11 @@ def predict_fn(config: Any, model: nn.Module):
     "vertices": (f"b, t, {num_vertices}, 3", "float32"),
     "template": (f"b, {num_vertices}, 3", "float32"),
   }
+
+
+def export_dims(config: Any) -> list[ExportDim]:
+  """`b` by `--batch`, `t` (mesh frames) by `--time`."""
+  return [BATCH_DIM, ExportDim("t", "--time", "mesh frames, or a dim name (default: symbolic)")]
 
 
 def export_metadata(config: Any) -> dict:

@@ -14,8 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipelines import video
 from fdjax import config as config_lib
-from fdjax import sharding as sharding_lib
 from fdjax import optim as optim_lib
+from fdjax import sharding as sharding_lib
 from fdjax.tasks import dfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
