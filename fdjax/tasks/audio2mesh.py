@@ -70,10 +70,10 @@ def build_model(config: Any) -> nn.Module:
       f"config.model.decoder.kind={dec.kind!r}: expected one of {sorted(DECODERS)} "
       "(CodeTalker stage 1, codetalker_vq, is the task motion_vq)"
     )
-  fields = _speech_mesh.module_fields(dec, "kind", "variant", "prior")
-  fields.update(dtype=dtype, attention_impl=config.precision.attention_impl)
+  numerics = {"dtype": dtype, "attention_impl": config.precision.attention_impl}
+  fields = {**_speech_mesh.module_fields(dec, "kind", "variant", "prior"), **numerics}
   if dec.kind == "codetalker":
-    prior = {**_speech_mesh.module_fields(dec.prior), **fields}
+    prior = {**_speech_mesh.module_fields(dec.prior), **numerics}
     decoder = CodePredictor.from_variant(dec.variant, prior=prior, **fields)
   else:
     decoder = DECODERS[dec.kind].from_variant(dec.variant, **fields)

@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import os
 import pkgutil
+import sys
 import types
 
 import pytest
@@ -27,14 +28,19 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_TASKS = sorted(
   name for _, name, _ in pkgutil.iter_modules(fdjax.tasks.__path__) if not name.startswith("_")
 )
-# The test tasks: every tests/**/*task.py (tinytask, probetask, ...).
-TEST_TASKS = sorted(glob.glob(os.path.join(TESTS, "**", "*task.py"), recursive=True))
+# The test tasks: every tests/**/*task.py (tinytask, probetask, ...) and the new family's task.
+TEST_TASKS = sorted(glob.glob(os.path.join(TESTS, "**", "*task.py"), recursive=True)) + [
+  os.path.join(TESTS, "newfamily", "inbetween.py")
+]
 
 
 def _import_path(path: str) -> types.ModuleType:
-  name = os.path.splitext(os.path.basename(path))[0]
+  # A name of its own (tests/launch/probetask.py is no `launch.` module), registered while it
+  # executes, as dataclasses in the module need it to be.
+  name = "contract_test_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
   spec.loader.exec_module(module)
   return module
 
@@ -42,7 +48,7 @@ def _import_path(path: str) -> types.ModuleType:
 def test_every_task_is_found():
   assert {"audio2mesh", "dfer", "au"} <= set(PACKAGE_TASKS)
   names = {os.path.basename(p) for p in TEST_TASKS}
-  assert {"tinytask.py", "probetask.py"} <= names
+  assert {"tinytask.py", "probetask.py", "bntask.py", "gantask.py", "inbetween.py"} <= names
 
 
 @pytest.mark.parametrize("name", PACKAGE_TASKS)

@@ -39,7 +39,7 @@ def stage1(tmp_path_factory):
 def test_the_codetalker_vq_variant_is_the_motion_vq_task():
   config = config_lib.load_config(VOCASET + ":variant=codetalker_vq,encoder=tiny,runlocal=True")
   assert config.task == "motion_vq"
-  assert load_task(config.task) is motion_vq
+  assert load_task(config.task).module is motion_vq
   assert config_lib.load_config(VOCASET + ":variant=codetalker").task == "audio2mesh"
   # audio2mesh names the task that trains the VQ-VAE now.
   with pytest.raises(ValueError, match="the task motion_vq"):
