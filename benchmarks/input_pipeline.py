@@ -3,8 +3,8 @@
     python benchmarks/input_pipeline.py                       # every pipeline, 0/1/2 workers
     python benchmarks/input_pipeline.py --pipelines video_16x112 --workers 2 --num_batches 40
 
-Measures the pipelines the trainer iterates (`data_pipelines/pipeline.py`, DESIGN section 2),
-from the TFDS array_record files to numpy batches, on the synthetic twins:
+Measures the pipelines the trainer iterates (`data_pipelines/pipeline.py`, docs/design.md
+section 4), from the TFDS array_record files to numpy batches, on the synthetic twins:
 
 - `audio_mesh`: VOCASET layout, 1-second training windows (`fdjax.tasks.audio2mesh.train_data`
   on `experiments/audio2mesh/vocaset.py`, the trainer's own path): audio [B, 16000],

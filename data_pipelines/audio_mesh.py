@@ -6,7 +6,7 @@ top of the generic plumbing in `data_pipelines/pipeline.py`:
     train:  train_dataset(source, partial(train_window, window_frames=..., fps=...), ...)
     eval:   eval_dataset(source, partial(whole_sequence, fps=...), batch_fn=eval_batch, ...)
 
-Outputs follow DESIGN section 3 (per example, before batching):
+Outputs follow docs/design.md section 3 (per example, before batching):
 
     audio       float32 [S]        normalised waveform (zero mean, unit variance per sentence)
     audio_mask  bool    [S]        real samples

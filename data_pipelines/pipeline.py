@@ -1,7 +1,7 @@
 """Grain input pipelines: from a random-access source to batches of numpy arrays.
 
 Every dataset family (audio-mesh, video, the tests' toy task) feeds the trainer through the same
-plumbing, following DESIGN section 2:
+plumbing, following docs/design.md section 4:
 
     source -> seeded global shuffle -> slice by process -> repeat -> per-example transform
            -> batch of the per-process size -> worker processes and prefetch

@@ -6,7 +6,7 @@ the model, on top of the generic plumbing in `data_pipelines/pipeline.py`:
     train:  train_dataset(source, make_train_transform(num_frames=16, image_size=112), ...)
     eval:   eval_dataset(source, make_eval_transform(num_frames=16, image_size=112), ...)
 
-Outputs follow DESIGN section 3 (per example, before batching; every example of a family has
+Outputs follow docs/design.md section 3 (per example, before batching; every example of a family has
 the same shapes, so the default stacking batches them):
 
     video  uint8   [T, H, W, 3]  T = num_frames, H = W = image_size

@@ -1,57 +1,12 @@
 """Streaming speech-to-animation: a causal audio2mesh model run chunk by chunk, in bounded state.
 
-Where it sits: a causal `SpeechToMesh` (`experiments/audio2mesh/vocaset.py:causal=True`; see
-`fdjax/models/audio2mesh.py`) is trained like any other. `fdjax export` then writes, beside
-`predict`, the functions built here: `stream_init` and `stream_step` (the task's `stream_fn`
-calls `export_functions`). A serving program loads them with jax alone
-(`fdjax.export.load(DIR, "stream_step")`) and feeds fixed chunks of audio as they arrive:
-
-    init = fdjax.export.load(DIR, "stream_init")
-    step = fdjax.export.load(DIR, "stream_step")
-    state = init(template=template, style=style)        # template [b, V, 3], style [b]
-    for chunk in chunks:                                 # chunk [b, chunk_samples] float32
-      out = step(audio=chunk, **state)
-      state, vertices = out["state"], out["vertices"]    # vertices [b, chunk_frames, V, 3]
-
-The frames equal those of `predict` (the same causal model over the whole audio at once) to
-float rounding; tests/test_streaming.py holds them to 1e-4.
-
-Chunks and alignment. Mesh frame t spans samples `[t * sr / fps, (t + 1) * sr / fps)` (DESIGN
-section 3); audio frame i of the causal encoder ends at sample `(i + 1) * hop` (hop = 320
-samples = 20 ms at 16 kHz), its conv stack being left-padded by `receptive_field - hop` = 80
-samples. A chunk must hold whole mesh frames and whole audio frames, so that every chunk starts
-on both boundaries: at 16 kHz and 30 fps (533.33 samples a frame) the shortest is 3 frames =
-1600 samples = 5 audio frames (100 ms); at 25 fps it is 1 frame = 640 samples = 2 audio frames.
-`config.model.stream_chunk_frames` picks a multiple (0: the shortest). At 30 fps (VOCASET, one
-audio feature per mesh frame) the encoder resamples a chunk's 5 conv frames to its 3 mesh
-frames before the transformer (`wav2vec2.resample_causal`: frames 0, 1, 2 of a chunk
-interpolate its audio frames 0, 1-2 and 3-4, none ending after the mesh frame does), so the
-transformer runs at the mesh frame rate. At 25 fps (BIWI, r = 2 audio features per mesh frame)
-the transformer runs at the audio frame rate and mesh frame t reads the r audio frames that end
-last at or before its own end (`wav2vec2.causal_frame_indices`). Nothing looks ahead: a chunk's
-frames are complete when its last sample has arrived, so the algorithmic latency is one chunk
-(plus compute).
-
-State layout (`state_specs`): a dict of arrays with a leading batch axis, whose shapes do not
-depend on the stream's length. Encoder frames are transformer frames: mesh frames when the
-encoder resamples (VOCASET; W = 30 is then 1 s), audio frames otherwise (BIWI; W = 50):
-
-    audio_context     [b, receptive_field - hop]   last samples (conv stack's left context)
-    position_context  [b, pos_conv_taps - 1, D]    positional conv inputs of the last frames
-    encoder_keys      [b, L, W - 1, H, Dh]         per-layer keys of the last W - 1 frames
-    encoder_values    [b, L, W - 1, H, Dh]         and their values (W = attention_window)
-    encoder_valid     [b, W - 1] bool              which of those frames exist (stream start)
-    decoder_keys      [b, L_d, K - 1, H_d, Dh_d]   decoder keys of the last K - 1 mesh frames
-    decoder_values    [b, L_d, K - 1, H_d, Dh_d]   and values (K = cache_window)
-    decoder_valid     [b, K - 1] bool              which of those frames exist
-    motion_input      [b, d_model]                 next decoder input: embedded last frame
-    condition         [b, d_model]                 style (+ emotion, intensity) embedding
-    template          [b, V, 3]                    the neutral meshes the offsets add to
-    phase             [b] int32                    next frame's position modulo the period
-
-Caches shift by one chunk per step instead of growing (ALiBi biases depend on distances only,
-the positional encoding on the phase only), and streams in one batch may be at different
-points: nothing is shared across the batch.
+Where it sits: a causal `SpeechToMesh` (`experiments/audio2mesh/vocaset.py:causal=True`) is
+trained like any other; `fdjax export` then writes, beside `predict`, the `stream_init` and
+`stream_step` functions built here (the task's `stream_fn` calls `export_functions`). A serving
+program loads them with jax alone (`fdjax.export.load(DIR, "stream_step")`) and feeds fixed
+chunks of audio as they arrive; the frames equal those of `predict` over the whole audio to
+float rounding (tests/test_streaming.py). Chunk sizes, the alignment of chunks to mesh and audio
+frames, and the state layout are described in docs/design.md section 11.
 """
 
 from __future__ import annotations

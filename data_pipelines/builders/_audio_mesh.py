@@ -7,8 +7,8 @@ assigns them to splits; `AudioMeshBuilder` turns each into one example:
     vertex file/rows  -> [T, V, 3] at the capture rate -> fps -> "vertices" float32 [T, V, 3]
     templates.pkl[subject]                                   -> "template" float32 [V, 3]
 
-after checking, per DESIGN section 6, that the audio decodes and is not empty, that every value
-is finite, that the vertex count is the dataset's, and that audio and frames agree in length
+after checking, per docs/design.md section 6, that the audio decodes and is not empty, that every
+value is finite, that the vertex count is the dataset's, and that audio and frames agree in length
 within one frame. A failing example stops the build with the file and the reason, or, with
 `skip_invalid`, is skipped and counted; the count is printed per split and stored in the
 dataset's metadata (`skipped`). A split with no raw sequences at all (a partial download) is

@@ -1,6 +1,6 @@
 """TFDS builder for BIWI (Fanelli et al., 2010) as used by FaceFormer: 14 speakers, 25 fps.
 
-Reads the per-sequence form (DESIGN section 4): `vertices_npy/F2_e01.npy` [T, 70110]
+Reads the per-sequence form (docs/design.md section 4): `vertices_npy/F2_e01.npy` [T, 70110]
 (23370 vertices x 3), `wav/F2_e01.wav`, and `templates.pkl` ({"F2": [23370, 3], ...}, read with
 the restricted unpickler). Vertices are stored at their 25 fps; audio is resampled to 16 kHz.
 

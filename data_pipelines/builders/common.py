@@ -1,4 +1,4 @@
-"""What every dataset builder shares: the bad-input policy of DESIGN section 6.
+"""What every dataset builder shares: the bad-input policy of docs/design.md section 6.
 
 A builder turns each raw example into a dict of arrays inside `validated(...)`. Anything wrong
 with the example raises `InvalidExample(path, reason)`; `ExampleValidator` then either re-raises

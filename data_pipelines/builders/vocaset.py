@@ -1,6 +1,6 @@
 """TFDS builder for VOCASET (Cudeiro et al., CVPR 2019): 12 speakers, FLAME meshes, 60 -> 30 fps.
 
-Reads the raw directory in either form (DESIGN section 4):
+Reads the raw directory in either form (docs/design.md section 4):
 
 - the release: `data_verts.npy` [N, 5023, 3] with `subj_seq_to_idx.pkl`
   ({subject: {"sentenceXX": {frame: row}}}) and `raw_audio_fixed.pkl`

@@ -4,7 +4,7 @@ Builders use `read_audio`, `to_mono` and `resample` to store every dataset's aud
 the audio-mesh transforms use `normalize` and `crop_or_pad` on each example. Everything here is
 plain numpy on a mono waveform `[S]`.
 
-Frames and samples are aligned as in DESIGN section 3: frame `t` covers samples
+Frames and samples are aligned as in docs/design.md section 3: frame `t` covers samples
 `[t * sample_rate / fps, (t + 1) * sample_rate / fps)`, so its first sample is
 `ceil(t * sample_rate / fps)`. The arithmetic is exact (fractions), so 16 kHz at 30 fps, where a
 frame is 533 1/3 samples, never drifts over long sequences.

@@ -1,6 +1,6 @@
 """Synthetic twin of BIWI (3D audio-visual corpus) in the per-sequence form FaceFormer uses.
 
-Layout written to `out_dir` (DESIGN section 4), read by `data_pipelines/builders/biwi.py`:
+Layout written to `out_dir` (docs/design.md section 4), read by `data_pipelines/builders/biwi.py`:
 
     vertices_npy/F2_e01.npy  float32 [T, 70110] (23370 vertices x 3), 25 fps
     wav/F2_e01.wav           16 kHz mono 16-bit PCM, as long as the vertex sequence

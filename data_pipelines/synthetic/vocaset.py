@@ -1,7 +1,7 @@
 """Synthetic twin of VOCASET: writes the raw files of the real download, filled by `talking_mesh`.
 
-Layout written to `out_dir` (DESIGN section 4; the same names, types and shapes as the release
-that `data_pipelines/builders/vocaset.py` reads):
+Layout written to `out_dir` (docs/design.md section 4; the same names, types and shapes as the
+release that `data_pipelines/builders/vocaset.py` reads):
 
     data_verts.npy          float32 [N, 5023, 3], every captured frame of every sequence, 60 fps
     subj_seq_to_idx.pkl     {subject: {"sentenceXX": {frame: row of data_verts}}}

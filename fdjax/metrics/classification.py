@@ -2,7 +2,7 @@
 
 The dfer and au tasks evaluate by streaming predictions into `ClassificationAccumulator` /
 `AUF1Accumulator`, log `compute()`, save the confusion matrix with `save_confusion_png`, and the
-fold runner reduces per-fold results with `fold_summary`. Definitions (DESIGN.md section 5),
+fold runner reduces per-fold results with `fold_summary`. Definitions (docs/design.md section 5),
 each equal to scikit-learn's (tests check this on random predictions):
 
 - UAR (`unweighted_average_recall`): the mean over classes of recall = the mean of the diagonal

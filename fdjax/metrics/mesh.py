@@ -2,7 +2,7 @@
 
 Evaluation of the audio2mesh task gathers whole test sequences on the host and feeds them here,
 one sequence (or one padded batch) at a time, through `MeshMetricsAccumulator`. The definitions
-follow DESIGN.md section 5 and the evaluation scripts behind the FaceFormer / CodeTalker /
+follow docs/design.md section 5 and the evaluation scripts behind the FaceFormer / CodeTalker /
 SelfTalk tables, so numbers are comparable with those tables when the same region masks are used:
 
 - LVE squared (`lip_vertex_error_squared`): per frame, the maximum over lip vertices of the

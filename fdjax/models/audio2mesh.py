@@ -51,7 +51,7 @@ def frames_in(num_samples: Any, sample_rate: int, fps: float) -> Any:
 
 
 class SpeechToMesh(nn.Module):
-  """Audio encoder + motion decoder. Batch keys follow DESIGN section 3."""
+  """Audio encoder + motion decoder. Batch keys follow docs/design.md section 3."""
 
   encoder: Wav2Vec2Encoder  # audio [B, S] -> features [B, T_a, D]
   decoder: nn.Module  # FaceFormerDecoder, NonAutoregressiveDecoder or CodePredictor

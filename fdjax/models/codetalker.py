@@ -1,32 +1,11 @@
 """CodeTalker-style discrete motion prior (Xing et al. 2023): a VQ-VAE over face motion and a
 code predictor that reaches it from speech.
 
-Where this sits: stage 1 (`MotionVQVAE`) is trained on captured `vertices [B, T, V, 3]` alone
-to reconstruct motion through a finite codebook; stage 2 (`CodePredictor`) maps frame-aligned
-audio features `[B, T_a, D_audio]` (from `fdjax/models/wav2vec2.py`) plus speaking style to
-latents, snaps them to the stage-1 codebook and decodes them with the stage-1 decoder, whose
-parameters sit under `prior/` and are frozen by the optimizer (`config.optim.freeze =
-("^prior/",)`), after the stage-1 parameters are copied in (`params["prior"] = stage1_params`).
-
-Kept from CodeTalker: motion is encoded as offsets from the template; each frame's latent is
-split into `tokens_per_frame` codes of `code_dim` (CodeTalker's `face_quan_num` x `zquant_dim`);
-the quantiser loss is `||sg(z) - e||^2 + beta ||z - sg(e)||^2` with beta 0.25, the codebook is
-initialised uniform in `[-1/K, 1/K)`, and the stage-2 output head is zero-initialised and
-bias-free; stage-2 losses are the vertex loss plus a regression of the predicted latents onto
-the quantised latents of the true motion (`aux["target_latents"]`).
-
-Deviations, on purpose:
-- No temporal down-sampling (CodeTalker's `quant_factor` is 0 in both published configs) and
-  no fixed lengths: everything runs frame by frame and over any T.
-- CodeTalker's instance norm over time (statistics of the whole, possibly padded, sequence) is
-  replaced by a per-frame LayerNorm, and replicate padding of its temporal convolutions by zero
-  padding of masked inputs, so that valid frames do not depend on padding.
-- Stage 2 is non-autoregressive: one transformer pass over the audio predicts every frame's
-  latents. CodeTalker's stage 2 decodes autoregressively, re-running its non-causal stage-1
-  decoder over the whole prefix at every frame, which is quadratic in decoder passes.
-- Optional EMA codebook (`ema_decay > 0`, van den Oord et al. 2017 appendix): the codebook then
-  lives in the `vq_ema` collection, is updated when that collection is mutable in training, and
-  only the commitment loss remains.
+Where this sits: stage 1 (`MotionVQVAE`, task `motion_vq`) learns to reconstruct captured
+`vertices [B, T, V, 3]` through a finite codebook; stage 2 (`CodePredictor`, task `audio2mesh`
+with `decoder.kind="codetalker"`) maps frame-aligned audio features plus speaking style onto
+that codebook and decodes with the frozen stage-1 decoder under `prior/`. What is kept from
+CodeTalker and what deviates on purpose is described in docs/design.md section 14.
 """
 
 from __future__ import annotations

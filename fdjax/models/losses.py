@@ -141,7 +141,7 @@ def region_weights(
 ) -> np.ndarray:
   """Vertex weights `[V]`: `region_weight` on the given vertices (e.g. the lips), 1 elsewhere.
 
-  Region masks are data (DESIGN section 5): pass the indices loaded from the mask file the
+  Region masks are data (docs/design.md section 5): pass the indices loaded from the mask file the
   config names.
   """
   indices = np.asarray(region_vertex_indices, dtype=np.int64)

@@ -1,54 +1,11 @@
 """Speech-driven motion decoders: audio features + template + style -> per-frame mesh vertices.
 
 Where this sits: an audio encoder (`fdjax/models/wav2vec2.py`) turns the waveform into features
-`[B, T_a, D_audio]` aligned to the mesh frame rate (one feature per frame, VOCASET style, or two,
-BIWI style); a decoder here turns them into vertex offsets that are added to the subject's
-neutral `template` `[B, V, 3]`; `fdjax/models/losses.py` and `fdjax/metrics/` compare the
-result with the captured `vertices` `[B, T, V, 3]`.
-
-- `FaceFormerDecoder`: autoregressive transformer decoder (FaceFormer, Fan et al. 2022).
-  Training is teacher-forced (`__call__`); prediction (`generate`) decodes frame by frame with
-  a key/value cache inside a compiled loop (`nn.while_loop`): each step runs one query per
-  layer against the cache, so the work per frame is one pass of one frame plus `O(T)` reads
-  and writes of `d_model`-wide buffers, and memory is linear in the length.
-  `generate_without_cache` re-runs the whole causal decoder at every step, as FaceFormer's
-  `predict` does; it is the reference the cache is tested against. With `cache_window=K` every
-  frame attends to the last K frames only (in training and in generation alike), and
-  `stream_init` / `stream` decode a stream chunk by chunk with a fixed-size cache of K - 1
-  frames (`fdjax/streaming.py`).
-- `NonAutoregressiveDecoder`: one pass of a transformer encoder over the frame-aligned audio.
-- Both take optional emotion and intensity conditioning (EMOTE / EmoFace style): embeddings of
-  the class and level indices added to the speaking-style embedding.
-
-FaceFormer semantics kept (from reading its `faceformer.py`):
-- periodic positional encoding: sinusoid of `t mod period`, sin/cos interleaved;
-- temporal bias: on top of the causal mask, key `j` of query `i` gets
-  `-slope_h * floor((i - j) / period)`, with the ALiBi slopes of `num_heads` heads;
-- alignment bias: frame `t` cross-attends only to audio features
-  `[t * audio_frames_per_frame, (t + 1) * audio_frames_per_frame)` (1 for VOCASET, 2 for BIWI);
-- PyTorch's default post-norm decoder layer (self-attention, cross-attention, ReLU MLP), motion
-  input `Dense(vertex offsets) + style`, output layer initialised to zero so training starts
-  from the template.
-
-Deviations, on purpose:
-- No maximum length: FaceFormer precomputes the bias and the encoding for 600 frames (20 s at
-  30 fps); here both are computed from positions for any length.
-- FaceFormer passes its `[H, T, T]` bias where PyTorch expects `[B * H, T, T]`, so the per-head
-  slopes are right only at batch size 1 (the size it trains with); here every batch element
-  gets every head's slope.
-- Start token: FaceFormer's teacher-forced start is `Dense(0) + style` (the embedding bias plus
-  style) while its inference start is `style` alone; here both use `style`, so training and
-  generation see the same first input.
-- The alignment mask is evaluated as attention within each frame's group of aligned audio
-  features (a `[B, T, r]` score tensor) instead of a dense `[T, T_a]` mask: the same result in
-  linear memory.
-- Dropout is applied to the residual branches and the encoded input, not to attention weights.
-- `pre_norm=True` (not in FaceFormer) switches to pre-norm layers and closes the stack with a
-  final LayerNorm.
-
-Numerics: cached and uncached generation agree to 1e-5 in float32 on CPU. On GPUs whose
-default float32 matmul precision is TF32, run under `jax.default_matmul_precision("float32")`
-to reproduce that.
+`[B, T_a, D_audio]` aligned to the mesh frame rate; a decoder here (`FaceFormerDecoder`,
+autoregressive with a key/value cache; `NonAutoregressiveDecoder`, one pass) turns them into
+vertex offsets added to the subject's neutral `template` `[B, V, 3]`. Their layers are
+`fdjax.models.attention` blocks. The FaceFormer semantics kept, the deliberate deviations and
+the numerics are described in docs/design.md section 13.
 """
 
 from __future__ import annotations
@@ -395,7 +352,7 @@ FACEFORMER_VARIANTS: dict[str, dict] = {
 class FaceFormerDecoder(nn.Module):
   """Autoregressive speech-to-motion decoder in the FaceFormer style.
 
-  Inputs (DESIGN section 3): `audio_features [B, T_a, D_audio]` aligned to the mesh frames
+  Inputs (docs/design.md section 3): `audio_features [B, T_a, D_audio]` aligned to the mesh frames
   (`T_a >= T * audio_frames_per_frame`), `template [B, V, 3]`, `style [B]` int32, optional
   `emotion`/`intensity [B]` int32, `vertices [B, T, V, 3]`, `frame_mask [B, T]` bool.
   Outputs `vertices [B, T, V, 3]` = template + predicted offsets.

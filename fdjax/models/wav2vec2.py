@@ -1,60 +1,13 @@
 """wav2vec 2.0 and HuBERT speech encoders in Flax Linen (one trunk, configured by fields).
 
 Where it sits: the audio half of the audio2mesh task family (FaceFormer, CodeTalker, SelfTalk,
-EmoFace and the methods built on them). A normalised 16 kHz waveform goes in; one feature vector
-per 20 ms audio frame comes out (or, given `num_frames` or a causal `fps`, one per mesh frame):
-
-  audio [B, S] -> feature_extractor (strided 1-D convs) [B, T_a, C]
-    -> optional alignment to the mesh frame rate (see below)
-    -> feature_projection (layer norm, dense, dropout) [B, T_a, D]
-    -> SpecAugment masking (training only)
-    -> encoder: convolutional positional embedding + transformer (post- or pre-norm) [B, T_a, D]
-
-wav2vec 2.0 and HuBERT share this trunk; HuBERT checkpoints may drop the feature-projection layer
-norm (`feat_proj_layer_norm=False`) and newer ones put a batch norm in front of the positional
-convolution instead of a weight norm on it (`conv_pos_batch_norm=True`). Field names and parameter
-names follow Hugging Face `transformers`, so `fdjax.models.hf_convert.load_wav2vec2` maps a local
-checkpoint one-to-one. The conv stack is the submodule `feature_extractor`, so
-`optim.freeze=("feature_extractor",)` freezes it, as FaceFormer does.
-
-Alignment of audio features to mesh frames, as the reference methods do it:
-- FaceFormer, CodeTalker and SelfTalk on VOCASET (30 fps): the 50 Hz CNN features are linearly
-  interpolated (`align_corners=True`) to the number of mesh frames *before* the transformer
-  (`frame_alignment="interpolate"`, `interpolate_features`).
-- FaceFormer and CodeTalker on BIWI (25 fps): two 50 Hz audio frames per mesh frame. The CNN
-  features are cut to an even length of at most 2 x frames and the decoder's alignment mask lets
-  frame t attend to audio frames 2t and 2t+1 (`frame_alignment="pairs"`, `pair_audio_frames`).
-  Where the audio is shorter FaceFormer shortens the mesh sequence; here the features are
-  zero-padded instead and the padding is marked invalid in `aux["frame_mask"]`.
-
-Causal encoders (`causal=True`) are the streaming variant (`fdjax/streaming.py`): no output
-frame depends on later audio.
-- The conv stack is left-padded with `receptive_field - hop` zeros (80 samples for the
-  wav2vec2 convs), so audio frame i covers samples `[i * hop - 80, (i + 1) * hop)` and ends
-  where its 20 ms hop ends; S samples make `S // hop` frames.
-- wav2vec2-base's group norm on conv 0 normalises each channel over the whole clip; a causal
-  encoder uses `feat_extract_norm="frame"` instead (a layer norm over channels per frame on
-  conv 0, with the same parameters, so pretrained weights load) or "layer".
-- The positional conv is padded with `kernel - 1` zeros on the left only.
-- Frame i attends to frames `(i - attention_window, i]` (all earlier ones when 0).
-- With `fps` set (VOCASET, one audio feature per mesh frame) the conv features are resampled to
-  the mesh frame rate before the feature projection, as FaceFormer interpolates them, but
-  causally (`resample_causal`): mesh frame t interpolates audio frames floor(p_t) and ceil(p_t)
-  at the rate position p_t = t * (sr / hop) / fps, never reading a frame that ends after mesh
-  frame t does. The transformer then runs at the mesh frame rate (3 frames per 5 audio frames
-  at 30 fps), and `attention_window` and the positional conv count mesh frames.
-- With fps=0 (BIWI's two audio frames per mesh frame) the transformer runs at the audio frame
-  rate; the caller aligns its output to mesh frames with `align_causal` (mesh frame t reads the
-  audio frames that end last at or before the end of frame t).
-Given `stream_state` (see `initial_stream_state`), `__call__` encodes one chunk of a stream and
-returns the updated buffers in `aux["stream_state"]`. The buffers hold left context only (audio
-samples, positional-conv inputs, per-layer keys and values of the last `attention_window - 1`
-transformer frames), so their size is fixed, and the frames equal those of the whole clip
-encoded at once. A resampled chunk needs no conv-feature context: it starts on a mesh frame and
-an audio frame boundary, and its mesh frames read only its own audio frames.
-
-Export with a symbolic number of samples works when the shape promises at least one audio
-frame: `jax.export.symbolic_shape("b, s", constraints=(f"s >= {encoder.receptive_field}",))`.
+EmoFace and the methods built on them). A normalised 16 kHz waveform `[B, S]` goes in; one
+feature vector per 20 ms audio frame comes out `[B, T_a, D]` (or, given `num_frames` or a causal
+`fps`, one per mesh frame). Parameter names follow Hugging Face `transformers`
+(`fdjax.models.hf_convert` loads a local checkpoint one-to-one); the transformer layers are
+`fdjax.models.attention` blocks. The trunk, the alignment of audio features to mesh frames as
+each reference method does it, and the causal (streaming) variant are described in
+docs/design.md section 12.
 """
 
 from __future__ import annotations

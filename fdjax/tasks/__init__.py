@@ -77,7 +77,7 @@ class TaskModule(Protocol):
     """The model (a `flax.linen.Module`), usually `Model(**config.model)`."""
 
   def dummy_batch(self, config: Any, batch_size: int) -> dict[str, Any]:
-    """A batch (numpy arrays) of the right keys, shapes and dtypes (DESIGN section 3) for
+    """A batch (numpy arrays) of the right keys, shapes and dtypes (docs/design.md section 3) for
     `model.init` and shape inference. Any batch size; values need not be meaningful."""
 
   def train_data(self, config: Any, *, process_index: int, process_count: int) -> Any:

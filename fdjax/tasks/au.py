@@ -10,7 +10,7 @@ shares the model, batches and evaluation loop of `fdjax.tasks.dfer`:
   `config.loss.max_positive_weight`), so rare AUs are not drowned by their absence
   (`config.loss.positive_weighting`);
 - evaluation: every window of the evaluation split once, at its centre frame: F1 per AU at
-  `config.loss.threshold` (0.5 by DESIGN section 5) and their mean `au_f1`;
+  `config.loss.threshold` (0.5 by docs/design.md section 5) and their mean `au_f1`;
 - predict: `(params, video uint8 [b, T, H, W, 3]) -> {"probabilities", "logits"}` [b, A].
 
 Config keys read (beyond the base config): those of `fdjax.tasks.dfer` with `data.aus` (the AU

@@ -9,7 +9,7 @@ CodeTalker's stage 1 is its own task, `motion_vq`:
   decoder, `config.model.decoder.kind`);
 - loss: vertex MSE + velocity MSE (optionally lip-weighted), in millimetres so the numbers are
   readable and the optimizer's epsilon is negligible; plus the latent regression for CodeTalker;
-- evaluation: whole test sequences generated from audio alone, metrics of DESIGN section 5
+- evaluation: whole test sequences generated from audio alone, metrics of docs/design.md section 5
   (LVE squared, LVE mm, FDD, MVE; masks named) for the model and for two baselines computed by
   the same code (static template; training-set mean offset);
 - predict: `(params, audio, template, style) -> vertices` for any audio length.

@@ -1,4 +1,5 @@
-"""BIWI: synthetic twin -> TFDS build -> data source, and the bad-input rules (DESIGN section 6)."""
+"""BIWI: synthetic twin -> TFDS build -> data source, and the bad-input rules (docs/design.md
+section 6)."""
 
 import math
 import os

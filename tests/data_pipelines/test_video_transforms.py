@@ -1,4 +1,5 @@
-"""Per-example video transforms: shapes and dtypes of DESIGN section 3, sampling, determinism."""
+"""Per-example video transforms: shapes and dtypes of docs/design.md section 3, sampling,
+determinism."""
 
 import pickle
 

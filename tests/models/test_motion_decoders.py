@@ -200,7 +200,8 @@ def test_generate_with_cache_matches_generate_without_cache(name, request):
 
 
 def test_generate_exports_with_a_symbolic_length(faceformer_biwi_emotion):
-  """The predict function is exported with symbolic time (DESIGN: export); T = T_a // 2 here."""
+  """The predict function is exported with symbolic time (docs/design.md section 11); T = T_a // 2
+  here."""
   s = faceformer_biwi_emotion
   (audio_frames,) = jax.export.symbolic_shape("t_a")
   audio_spec = jax.ShapeDtypeStruct((BATCH, audio_frames, AUDIO_DIM), jnp.float32)
