@@ -4,9 +4,9 @@ VOCASET and BIWI ship pickles (`templates.pkl`, `raw_audio_fixed.pkl`, `subj_seq
 that come from strangers (docs/design.md section 4). A pickle can name any importable callable
 and call it while loading, so `pickle.load` on such a file is arbitrary code execution.
 `load_pickle` overrides `find_class`, the one door through which a pickle reaches a callable,
-and opens it only for what numpy's own pickles of arrays, scalars and dtypes need; containers, strings,
-numbers, bools and None are built by opcodes and need no callable. Anything else is refused
-before it is called, with an error naming the file and the refused global.
+and opens it only for what numpy's own pickles of arrays, scalars and dtypes need; containers,
+strings, numbers, bools and None are built by opcodes and need no callable. Anything else is
+refused before it is called, with an error naming the file and the refused global.
 
 Both numpy 1 (`numpy.core...`) and numpy 2 (`numpy._core...`) spellings are admitted, and Python
 2 pickles (the real VOCASET files) load with `encoding="latin1"`.
