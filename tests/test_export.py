@@ -439,3 +439,23 @@ def test_audio2mesh_artifact_in_a_jax_only_process_equals_predict(audio2mesh_run
     for how in ("loader", "snippet"):
       outputs = np.load(f"{case}_{how}.npz")
       np.testing.assert_allclose(outputs["output"], expected, atol=1e-5, rtol=0)
+
+
+def test_audio2mesh_batch_and_time_flags_fix_frames_and_samples(audio2mesh_run, tmp_path):
+  workdir, predict, params = audio2mesh_run
+  out = str(tmp_path / "concrete")
+  assert export.main(["--workdir", workdir, "--out", out, "--batch", "2", "--time", "30"]) == 0
+  signature = export.read_signature(out)
+  shapes = {s["name"]: s["shape"] for s in signature["functions"]["predict"]["inputs"]}
+  # 30 frames at 30 fps of 16 kHz audio: 16000 samples, derived by the task's export_dims.
+  assert shapes == {"audio": [2, 16000], "template": [2, 5023, 3], "style": [2]}
+  assert signature["symbolic_constraints"] == []
+  rng = np.random.default_rng(1)
+  inputs = {
+    "audio": rng.standard_normal((2, 16000)).astype(np.float32),
+    "template": rng.normal(0, 0.1, (2, 5023, 3)).astype(np.float32),
+    "style": np.zeros(2, np.int32),
+  }
+  np.testing.assert_allclose(
+    np.asarray(export.load(out)(**inputs)), np.asarray(predict(params, **inputs)), atol=1e-5
+  )
