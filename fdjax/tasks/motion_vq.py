@@ -70,27 +70,37 @@ def make_loss_fn(config: Any):
   )
 
 
-def _loss(model, params, batch, rng, train, *, velocity_weight, lip_weights):
-  predicted, aux = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
+def _loss(model, params, batch, rng, train, *, velocity_weight, lip_weights, collections=None):
+  # With an EMA codebook (`ema_decay > 0`) the codebook is the `vq_ema` collection of the train
+  # state: read here, and in training updated by the model and returned to the step.
+  variables = {"params": params, **(collections or {})}
+  mutable = list(collections) if train and collections else False
+  outputs = model.apply(variables, batch, train=train, rngs={"dropout": rng}, mutable=mutable)
+  (predicted, aux), updated = outputs if mutable else (outputs, None)
   loss, metrics = _speech_mesh.vertex_losses(
     predicted, batch, velocity_weight=velocity_weight, lip_weights=lip_weights
   )
   metrics.update(
     vq_loss=aux["vq_loss"], codebook_usage=aux["codebook_usage"], perplexity=aux["perplexity"]
   )
+  if updated is not None:
+    metrics["collections"] = updated
   return loss + aux["vq_loss"], metrics
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _reconstruct(model, params, vertices, template):
-  return model.apply({"params": params}, vertices, template, method="generate")[0]
+def _reconstruct(model, variables, vertices, template):
+  return model.apply(variables, vertices, template, method="generate")[0]
 
 
-def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> dict[str, float]:
+def evaluate(
+  config, model, params, *, mesh, rules, workdir: str, step: int, collections=None
+) -> dict[str, float]:
   """Metrics of the reconstructions of whole sequences of `config.data.eval_split`."""
+  variables = {"params": params, **(collections or {})}
 
   def predict(batch, put):
-    return _reconstruct(model, params, put(batch["vertices"]), put(batch["template"]))
+    return _reconstruct(model, variables, put(batch["vertices"]), put(batch["template"]))
 
   return _speech_mesh.evaluate_sequences(
     config, predict, _num_vertices(config), mesh=mesh, workdir=workdir, step=step
@@ -101,8 +111,12 @@ def predict_fn(config: Any, model: nn.Module):
   """`reconstruct(params, vertices [b, t, V, 3], template [b, V, 3]) -> vertices [b, t, V, 3]`."""
   num_vertices = _num_vertices(config)
 
+  # An EMA codebook is a collection, so the export passes the variables dict (the contract).
+  has_collections = config.model.decoder.get("ema_decay", 0.0) > 0
+
   def reconstruct(params, vertices, template):
-    return model.apply({"params": params}, vertices, template, method="generate")[0]
+    variables = params if has_collections else {"params": params}
+    return model.apply(variables, vertices, template, method="generate")[0]
 
   return reconstruct, {
     "vertices": (f"b, t, {num_vertices}, 3", "float32"),

@@ -124,3 +124,19 @@ def test_stage2_starts_its_prior_from_the_stage1_workdir(stage1):
   without = config_lib.load_config(VOCASET + ":variant=codetalker,encoder=tiny,runlocal=True")
   with pytest.raises(ValueError, match="needs config.model.prior_workdir"):
     audio2mesh.load_pretrained(without, fresh)
+
+
+def test_an_ema_codebook_lives_in_the_train_state_and_moves(tmp_path):
+  """With `ema_decay > 0` the codebook is the `vq_ema` collection: kept in the train state,
+  updated by the steps (not by gradients), and read by evaluation."""
+  config = config_lib.load_config(
+    VOCASET + ":variant=codetalker_vq,encoder=tiny,runlocal=True,steps=4",
+    [("model.decoder", {**TINY_VQVAE, "ema_decay": 0.9}), *STAGE1[1:]],
+  )
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  state = jax.device_get(result.state)
+  assert set(state.collections) == {"vq_ema"}
+  ema = state.collections["vq_ema"]["prior"]["quantizer"]
+  assert "quantizer" not in state.params["prior"]  # the codebook is no parameter any more
+  assert np.all(ema["cluster_size"] != 1.0)  # moved away from its initial ones by the updates
+  assert np.isfinite(result.eval_metrics["lve_squared"])
