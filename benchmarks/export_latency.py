@@ -49,7 +49,8 @@ def _params(config, workdir):
 
   task = load_task(config.task)
   model = task.build_model(config)
-  variables = model.init(jax.random.key(config.seed), task.dummy_batch(config, 1))
+  rngs = {"params": jax.random.key(config.seed), "dropout": jax.random.key(config.seed + 1)}
+  variables = task.init_fn(model, rngs, task.dummy_batch(config, 1))
   return task, model, jax.device_get(nn.meta.unbox(variables["params"]))
 
 
