@@ -18,6 +18,7 @@ from fdjax import checkpoint as checkpoint_lib
 from fdjax import cli, export, trainer
 from fdjax import config as config_lib
 from fdjax import sharding as sharding_lib
+from fdjax.tasks import load_task
 
 
 def _config(*overrides, spec=TINY):
@@ -188,7 +189,7 @@ def test_evaluation_with_ema_uses_the_ema_tree_which_is_the_hand_computed_averag
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.as_rules(config.rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    _, fresh, _, _ = trainer.build_train_step(config, tinytask, mesh, rules)
+    _, fresh, _, _ = trainer.build_train_step(config, load_task("tinytask"), mesh, rules)
   ema = jax.device_get(fresh.params)
   for step in range(1, 6):
     _, _, raw, _ = trainer.restore_params(config, workdir, step, params="raw")
@@ -351,5 +352,5 @@ def _fresh_params(config):
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.as_rules(config.rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    _, state, _, _ = trainer.build_train_step(config, gantask, mesh, rules)
+    _, state, _, _ = trainer.build_train_step(config, load_task("gantask"), mesh, rules)
   return state.params
