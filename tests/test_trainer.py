@@ -54,11 +54,9 @@ def _restore_params(workdir, like_state, step=None):
   return restored_step, state
 
 
-def test_sigkill_then_restart_is_bit_identical_to_uninterrupted(tmp_path):
-  args = ["steps=24", "--config.data.delay_s=0.004", "--config.checkpoint.every=6"]
-  spec, overrides = TINY + ":" + args[0], args[1:]
-  reference = trainer.train_and_evaluate(_config(*overrides, spec=spec), str(tmp_path / "ref"))
-
+def _kill_then_resume(tmp_path, spec, overrides, reference_state):
+  """Runs `fdjax train` in a subprocess, SIGKILLs it after its step-6 checkpoint, restarts it
+  on the same workdir to the end, and returns the restored `(step, state)`."""
   workdir = str(tmp_path / "killed")
   log = str(tmp_path / "killed.log")
   proc = start_fdjax("train", "--config", spec, "--workdir", workdir, *overrides, log_path=log)
@@ -70,7 +68,15 @@ def test_sigkill_then_restart_is_bit_identical_to_uninterrupted(tmp_path):
   result = run_fdjax("train", "--config", spec, "--workdir", workdir, *overrides)
   assert result.returncode == 0, result.stderr
   assert "resumed from checkpoint at step" in result.stdout
-  step, resumed = _restore_params(workdir, reference.state)
+  return _restore_params(workdir, reference_state)
+
+
+def test_sigkill_then_restart_is_bit_identical_to_uninterrupted(tmp_path):
+  args = ["steps=24", "--config.data.delay_s=0.004", "--config.checkpoint.every=6"]
+  spec, overrides = TINY + ":" + args[0], args[1:]
+  reference = trainer.train_and_evaluate(_config(*overrides, spec=spec), str(tmp_path / "ref"))
+
+  step, resumed = _kill_then_resume(tmp_path, spec, overrides, reference.state)
   assert step == 24
   jax.tree.map(
     np.testing.assert_array_equal,
@@ -243,18 +249,7 @@ def test_sigkill_then_restart_of_an_ema_batchnorm_run_is_bit_identical(tmp_path)
   reference = trainer.train_and_evaluate(_config(*overrides, spec=spec), reference_dir)
   assert reference.state.ema is not None and "batch_stats" in reference.state.collections
 
-  workdir = str(tmp_path / "killed")
-  log = str(tmp_path / "killed.log")
-  proc = start_fdjax("train", "--config", spec, "--workdir", workdir, *overrides, log_path=log)
-  _wait_for(lambda: any(s >= 6 for s in _committed_steps(workdir)), proc=proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert max(_committed_steps(workdir)) < 24, "the run finished before it was killed"
-
-  result = run_fdjax("train", "--config", spec, "--workdir", workdir, *overrides)
-  assert result.returncode == 0, result.stderr
-  assert "resumed from checkpoint at step" in result.stdout
-  step, resumed = _restore_params(workdir, reference.state)
+  step, resumed = _kill_then_resume(tmp_path, spec, overrides, reference.state)
   assert step == 24
   _tree_equal(reference.state.params, resumed.params)
   _tree_equal(reference.state.ema, resumed.ema)
@@ -262,6 +257,7 @@ def test_sigkill_then_restart_of_an_ema_batchnorm_run_is_bit_identical(tmp_path)
   _tree_equal(reference.state.opt_state, resumed.opt_state)
   _tree_equal(reference.state.rng, resumed.rng)
   # The same batches in the same order: the last logged losses agree exactly.
+  workdir = str(tmp_path / "killed")  # where _kill_then_resume ran
   assert read_metrics(workdir)[-1]["loss"] == read_metrics(reference_dir)[-1]["loss"]
 
 
