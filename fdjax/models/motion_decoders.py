@@ -32,6 +32,10 @@ DECODER_BLOCK_NAMES = BlockNames(
 )
 
 
+# What a FaceFormerDecoder's `__call__` feeds each frame (its `training` field).
+TRAINING_MODES = ("teacher_forcing", "autoregressive", "scheduled_sampling")
+
+
 def alibi_slopes(num_heads: int) -> np.ndarray:
   """Per-head slopes of ALiBi (Press et al. 2022), as FaceFormer uses them.
 
@@ -374,6 +378,14 @@ class FaceFormerDecoder(nn.Module):
   dropout_rate: float = 0.1  # dropout on the encoded input and the residual branches
   pre_norm: bool = False  # False = post-norm layers, as FaceFormer (PyTorch default)
   cache_window: int = 0  # frames a frame attends to, itself included (bounded cache); 0 = all
+  # What `__call__` feeds frame t: "teacher_forcing" (the true frame t - 1, one parallel pass),
+  # "autoregressive" (its own prediction of frame t - 1, as FaceFormer trains) or
+  # "scheduled_sampling" (the truth with `truth_probability`, else its own prediction)
+  training: str = "teacher_forcing"
+  # The rollout's gradient (see `_rollout`): "recompute" (a reverse scan recomputing each frame,
+  # memory linear in T) or "autodiff" (jax's own scan gradient, which keeps every frame's
+  # caches: memory quadratic in T; a reference for checks)
+  rollout_gradient: str = "recompute"
   attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
@@ -381,6 +393,12 @@ class FaceFormerDecoder(nn.Module):
     super().__post_init__()
     if self.cache_window < 0:
       raise ValueError(f"cache_window must be >= 0, got {self.cache_window}")
+    if self.training not in TRAINING_MODES:
+      raise ValueError(f"training={self.training!r}: expected one of {TRAINING_MODES}")
+    if self.rollout_gradient not in ("recompute", "autodiff"):
+      raise ValueError(
+        f"rollout_gradient={self.rollout_gradient!r}: expected 'recompute' or 'autodiff'"
+      )
 
   @classmethod
   def from_variant(cls, variant: str, **overrides: Any) -> FaceFormerDecoder:
@@ -482,19 +500,28 @@ class FaceFormerDecoder(nn.Module):
     emotion: Array | None = None,
     intensity: Array | None = None,
     frame_mask: Array | None = None,
+    truth_probability: Array | float | None = None,
     train: bool = False,
   ) -> tuple[Array, dict[str, Array]]:
-    """Teacher-forced pass: frame `t` sees the true vertices of frames `< t`.
+    """Training pass over the frames of `vertices`, fed as the `training` field says.
+
+    Teacher forcing: frame `t` sees the true vertices of frames `< t`, all frames in one
+    parallel pass. Autoregressive: frame `t` sees the model's own predictions of frames `< t`
+    (a rollout, see `_rollout`), as FaceFormer trains. Scheduled sampling: each frame's input
+    is the true previous frame with probability `truth_probability`, else the prediction.
 
     Args:
       audio_features: `[B, T_a, D_audio]`, `T_a >= T * audio_frames_per_frame`.
       template: `[B, V, 3]`.
       style: `[B]` int32 (None only when `num_styles == 0`).
-      vertices: `[B, T, V, 3]` ground truth; required (it fixes T and is the shifted input).
+      vertices: `[B, T, V, 3]` ground truth; required (it fixes T, and is the teacher-forced
+        input).
       emotion: `[B]` int32, required when `num_emotions > 0`.
       intensity: `[B]` int32, required when `num_intensities > 0`.
       frame_mask: `[B, T]` bool; padded frames predict the template. Causal attention and
         right padding already keep valid frames independent of padding.
+      truth_probability: scalar in [0, 1], scheduled sampling's chance of feeding the truth
+        (draws from the "dropout" rng); None = 0 (autoregressive). Ignored by the other modes.
       train: enables dropout (needs a `dropout` rng).
 
     Returns:
@@ -502,7 +529,7 @@ class FaceFormerDecoder(nn.Module):
     """
     if vertices is None:
       raise ValueError(
-        "FaceFormerDecoder.__call__ is teacher-forced and needs vertices; "
+        "FaceFormerDecoder.__call__ trains on (and is fed) ground-truth vertices; "
         "use generate() to predict from audio alone"
       )
     batch_size, num_frames = vertices.shape[:2]
@@ -520,12 +547,169 @@ class FaceFormerDecoder(nn.Module):
     )
     # Inputs are offsets from the template of the previous frame; the first frame starts from
     # the condition alone.
-    previous = (vertices[:, :-1] - template[:, None]).reshape(batch_size, num_frames - 1, -1)
-    motion = self._embed_offsets(previous) + condition[:, None]  # [B, T-1, D]
-    inputs = jnp.concatenate([condition[:, None], motion], axis=1)  # [B, T, D]
-    offsets = self._decode_sequence(inputs, memory, train)
+    truth = (vertices - template[:, None]).reshape(batch_size, num_frames, -1)  # [B, T, V*3]
+    if self.training == "teacher_forcing" or self.is_initializing():
+      motion = self._embed_offsets(truth[:, :-1]) + condition[:, None]  # [B, T-1, D]
+      inputs = jnp.concatenate([condition[:, None], motion], axis=1)  # [B, T, D]
+      offsets = self._decode_sequence(inputs, memory, train)
+    else:
+      # feed_truth[:, t]: frame t + 1's input is the true frame t rather than the prediction.
+      feed_truth = jnp.zeros((batch_size, num_frames), bool)
+      if self.training == "scheduled_sampling" and truth_probability is not None:
+        draw = jax.random.uniform(self.make_rng("dropout"), (batch_size, num_frames))
+        feed_truth = draw < truth_probability
+      offsets = self._rollout(memory, condition, truth, feed_truth, train)
     predicted, offsets = self._to_vertices(offsets, template, frame_mask)
     return predicted, {"offsets": offsets}
+
+  def _rollout_step(
+    self,
+    next_input: Array,
+    caches: tuple,
+    frame_memory: Array,
+    condition: Array,
+    frame_truth: Array,
+    feed_truth: Array,
+    position: Array,
+    train: bool,
+  ) -> tuple[Array, tuple, Array]:
+    """One frame of the rollout: `next_input [B, D]` (before its positional encoding), the
+    key/value caches (`[B, T, H, Dh]` per layer; read below `position`, written at it), the
+    frame's audio `[B, r, D]`, the truth `[B, V*3]` and `feed_truth [B]` for the next input.
+
+    Returns the frame's offsets `[B, V*3]`, the caches with this frame written, and the next
+    frame's input.
+    """
+    num_frames = caches[0][0].shape[1]
+    frame_positions = jnp.arange(num_frames)
+    slot = frame_positions == position  # [T]
+    encoding = periodic_positional_encoding(position, self.d_model, self.period)
+    x = (next_input + encoding.astype(next_input.dtype))[:, None]  # [B, 1, D]
+    x = self.input_dropout(x, deterministic=not train)
+    bias = periodic_alibi_bias(
+      position[None], frame_positions, alibi_slopes(self.num_heads), self.period, True
+    )  # [H, 1, T]
+    mask = self._allowed(position, frame_positions)[None]  # [1, T]
+    new_caches = []
+    for layer, cache in zip(self.layers, caches, strict=True):
+      x, cache = layer(
+        x, mask, train, cache, bias=bias[None], memory=frame_memory[:, None], cache_slot=slot
+      )
+      new_caches.append(cache)
+    offsets = self._output(x[:, 0])  # [B, V*3]
+    fed = jnp.where(feed_truth[:, None], frame_truth.astype(offsets.dtype), offsets)
+    return offsets, tuple(new_caches), self._embed_offsets(fed) + condition
+
+  def _rollout(
+    self, memory: Array, condition: Array, truth: Array, feed_truth: Array, train: bool
+  ) -> Array:
+    """Autoregressive pass over all frames, differentiable through the whole rollout.
+
+    Frame t runs every layer once for one query against the key/value cache of frames `< t`
+    (`_rollout_step`) and feeds its prediction (or, where `feed_truth`, the truth) to frame
+    t + 1: the arithmetic of re-running the decoder over the growing prefix of its own
+    predictions at every frame, as FaceFormer trains, but each frame computed once. The
+    gradient is a reverse scan that recomputes each frame from the FINAL caches: frame t reads
+    only slots `< t` (equal in the final caches to what it read) and overwrites slot t, so its
+    derivatives are the same, and memory stays linear in T (no per-frame copies of the caches).
+    Dropout draws per frame from the "dropout" rng folded with the frame index, alike in both
+    passes.
+
+    Args:
+      memory: `[B, T, r, D]` projected audio; condition `[B, D]`; truth `[B, T, V*3]` true
+        offsets; feed_truth `[B, T]` bool; train: dropout.
+
+    Returns:
+      offsets `[B, T, V*3]`.
+    """
+    batch_size, num_frames = truth.shape[:2]
+    head_dim = self.d_model // self.num_heads
+    cache_shape = (batch_size, num_frames, self.num_heads, head_dim)
+    caches = tuple(
+      (jnp.zeros(cache_shape, self.dtype), jnp.zeros(cache_shape, self.dtype))
+      for _ in range(self.num_layers)
+    )
+    rng = self.make_rng("dropout") if train else jax.random.key(0)
+    module = self.clone(parent=None)
+
+    def step(params, next_input, caches, frame_memory, condition, frame_truth, feed, position):
+      return module.apply(
+        {"params": params},
+        next_input,
+        caches,
+        frame_memory,
+        condition,
+        frame_truth,
+        feed,
+        position,
+        train,
+        rngs={"dropout": jax.random.fold_in(rng, position)} if train else {},
+        method=FaceFormerDecoder._rollout_step,
+      )
+
+    # Per-frame inputs, time first; frame t's truth and feed flag make frame t + 1's input.
+    frames = (
+      jnp.arange(num_frames),
+      jnp.swapaxes(memory, 0, 1),
+      jnp.swapaxes(truth, 0, 1),
+      jnp.swapaxes(feed_truth, 0, 1),
+    )
+
+    def forward(params, memory_t, condition):
+      def body(carry, xs):
+        caches, next_input = carry
+        position, frame_memory, frame_truth, feed = xs
+        offsets, caches, following = step(
+          params, next_input, caches, frame_memory, condition, frame_truth, feed, position
+        )
+        return (caches, following), (offsets, next_input)
+
+      (final_caches, _), (offsets, inputs) = jax.lax.scan(
+        body, (caches, condition), (frames[0], memory_t, *frames[2:])
+      )
+      return offsets, (final_caches, inputs)
+
+    params = self.variables["params"]
+    if self.rollout_gradient == "autodiff":
+      return jnp.swapaxes(forward(params, frames[1], condition)[0], 0, 1)
+
+    @jax.custom_vjp
+    def rollout(params, memory_t, condition):
+      return forward(params, memory_t, condition)[0]
+
+    def rollout_fwd(params, memory_t, condition):
+      offsets, (final_caches, inputs) = forward(params, memory_t, condition)
+      return offsets, (params, memory_t, condition, final_caches, inputs)
+
+    def rollout_bwd(residuals, d_offsets):
+      params, memory_t, condition, final_caches, inputs = residuals
+
+      def body(carry, xs):
+        d_caches, d_following, d_params, d_condition = carry
+        position, frame_memory, frame_truth, feed, next_input, d_frame = xs
+        _, vjp = jax.vjp(
+          lambda p, x, c, m, cond: step(p, x, c, m, cond, frame_truth, feed, position),
+          params,
+          next_input,
+          final_caches,
+          frame_memory,
+          condition,
+        )
+        dp, d_input, d_caches, d_memory, dc = vjp((d_frame, d_caches, d_following))
+        d_params = jax.tree.map(jnp.add, d_params, dp)
+        return (d_caches, d_input, d_params, d_condition + dc), d_memory
+
+      zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+      carry = (zeros(final_caches), zeros(condition), zeros(params), zeros(condition))
+      (_, d_first, d_params, d_condition), d_memory = jax.lax.scan(
+        body, carry, (frames[0], memory_t, *frames[2:], inputs, d_offsets), reverse=True
+      )
+      # The first frame's input is the condition itself.
+      return d_params, d_memory, d_condition + d_first
+
+    rollout.defvjp(rollout_fwd, rollout_bwd)
+    offsets = rollout(params, frames[1], condition)  # [T, B, V*3]
+    return jnp.swapaxes(offsets, 0, 1)
 
   def generate(
     self,
