@@ -4,6 +4,7 @@ They sit between a TFDS source of the builders in `data_pipelines/builders/` and
 top of the generic plumbing in `data_pipelines/pipeline.py`:
 
     train:  train_dataset(source, partial(train_window, window_frames=..., fps=...), ...)
+            (or whole sentences: partial(train_sequence, max_frames=...), batch_fn=eval_batch)
     eval:   eval_dataset(source, partial(whole_sequence, fps=...), batch_fn=eval_batch, ...)
 
 Outputs follow docs/design.md section 3 (per example, before batching):
@@ -81,6 +82,36 @@ def train_window(
     "frame_mask": frame_mask,
     "subject": np.int32(example["subject"]),
   }
+
+
+def train_sequence(
+  example: Mapping[str, Any],
+  rng: np.random.Generator,
+  *,
+  max_frames: int,
+  fps: float,
+  sample_rate: int = 16000,
+  normalize_audio: bool = True,
+) -> dict[str, np.ndarray]:
+  """A whole training sentence (FaceFormer trains on whole sentences), or a random window of
+  `max_frames` frames of a longer one; batch with `eval_batch`, which pads to the longest.
+
+  Returns:
+    `whole_sequence`'s keys for T = min(frames, max_frames) frames.
+  """
+  num_frames = np.asarray(example["vertices"]).shape[0]
+  if num_frames <= max_frames:
+    return whole_sequence(
+      example, fps=fps, sample_rate=sample_rate, normalize_audio=normalize_audio
+    )
+  return train_window(
+    example,
+    rng,
+    window_frames=max_frames,
+    fps=fps,
+    sample_rate=sample_rate,
+    normalize_audio=normalize_audio,
+  )
 
 
 def whole_sequence(

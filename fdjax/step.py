@@ -11,7 +11,9 @@ weighted by it, so gradient accumulation is exact for masked, variable-length ba
 When the state holds mutable model collections (BatchNorm's `batch_stats`, ...), the loss is
 called as `loss_fn(model, params, batch, rng, train, collections=...)`, and with `train=True`
 returns the updated collections in `aux["collections"]` (the step pops them before the metrics;
-under accumulation each micro-batch sees the collections the previous one left).
+under accumulation each micro-batch sees the collections the previous one left). A loss that
+declares a `step` keyword is passed, in training, the number of updates made so far (an int32
+scalar): for schedules inside the loss, such as scheduled sampling's.
 
 `train_step` adds: micro-batch gradient accumulation with `lax.scan`, the precision policy
 (float32 parameters, cast to the compute dtype inside the differentiated function, so gradients
@@ -24,6 +26,7 @@ update (see `update_ema`).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -61,21 +64,35 @@ def _split_micro_batches(batch: dict, num: int, batch_axes: tuple[str, ...]) -> 
   return jax.tree.map(split, batch)
 
 
-def _call_loss(loss_fn, model, params, batch, rng, train, collections):
-  """The loss, with `collections=` only for a state that has collections."""
-  if collections is None:
-    return loss_fn(model, params, batch, rng, train)
-  return loss_fn(model, params, batch, rng, train, collections=collections)
+def takes_step(loss_fn: LossFn) -> bool:
+  """Whether `loss_fn` declares a `step` keyword (then training passes it the update count)."""
+  try:
+    return "step" in inspect.signature(loss_fn).parameters
+  except (TypeError, ValueError):
+    return False
 
 
-def _weighted_grad(loss_fn, model, params, collections, batch, rng, trainable, compute_dtype):
+def _call_loss(loss_fn, model, params, batch, rng, train, collections, step=None):
+  """The loss, with `collections=` only for a state that has collections, and `step=` (in
+  training) only for a loss that declares it."""
+  kwargs = {}
+  if collections is not None:
+    kwargs["collections"] = collections
+  if step is not None and takes_step(loss_fn):
+    kwargs["step"] = step
+  return loss_fn(model, params, batch, rng, train, **kwargs)
+
+
+def _weighted_grad(
+  loss_fn, model, params, collections, batch, rng, trainable, compute_dtype, step=None
+):
   """Gradient of `loss * weight` with respect to the float32 `params`, the aux, and the updated
   collections (None without collections)."""
 
   def objective(p):
     p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
     loss, aux = _call_loss(
-      loss_fn, model, cast_floating(p, compute_dtype), batch, rng, True, collections
+      loss_fn, model, cast_floating(p, compute_dtype), batch, rng, True, collections, step
     )
     aux = dict(aux)
     new_collections = None
@@ -130,7 +147,12 @@ def train_step(
   """
   rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
   grad = functools.partial(
-    _weighted_grad, loss_fn, model, trainable=trainable, compute_dtype=compute_dtype
+    _weighted_grad,
+    loss_fn,
+    model,
+    trainable=trainable,
+    compute_dtype=compute_dtype,
+    step=state.step,
   )
   if grad_accum_steps == 1:
     (grads, loss_sum, weight, aux), collections = grad(

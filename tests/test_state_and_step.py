@@ -372,3 +372,30 @@ def test_update_ema_copies_params_until_start_step_then_averages(start_step):
     value = float(n) if n <= start_step else decay * value + (1 - decay) * n
     expected.append(value)
   assert history == pytest.approx(expected)
+
+
+def test_a_loss_that_declares_step_gets_the_update_count_in_training():
+  config, mesh, rules, model, tx, schedule, state, shardings = _setup()
+  batch = _batch(config, 8)
+
+  def loss_with_step(model, params, batch, rng, train, *, step=None):
+    loss, aux = tinytask.loss_fn(model, params, batch, rng, train)
+    return loss, {**aux, "seen_step": jnp.asarray(-1 if step is None else step, jnp.float32)}
+
+  assert step_lib.takes_step(loss_with_step) and not step_lib.takes_step(tinytask.loss_fn)
+  run = step_lib.jit_train_step(
+    mesh,
+    rules,
+    shardings,
+    model=model,
+    loss_fn=loss_with_step,
+    tx=tx,
+    schedule=schedule,
+    trainable=optim_lib.trainable_mask(state.params, config.optim.freeze),
+  )
+  seen = []
+  with jax.set_mesh(mesh):
+    for _ in range(3):
+      state, metrics = run(state, batch)
+      seen.append(float(metrics["seen_step"]))
+  assert seen == [0.0, 1.0, 2.0]

@@ -22,7 +22,7 @@ def get_config(arg=None):
   dataset.name = "biwi"  # TFDS builder data_pipelines/builders/biwi.py.
   dataset.fps = 25.0  # Mesh frames per second.
   dataset.sample_rate = 16000  # Audio samples per second.
-  dataset.window_frames = 25  # Frames per training window (1 s).
+  dataset.window_frames = 25  # Frames per training window (1 s); 0 = whole sentences.
   dataset.train_subjects = biwi.TRAIN_SUBJECTS  # Speakers with a style embedding.
   dataset.decoder_variant = "biwi"  # FaceFormer sizes for BIWI (d_model 128).
   dataset.decoder_period = 25  # Period of the positional encoding, frames.

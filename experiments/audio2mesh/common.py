@@ -42,6 +42,9 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
   c.data.raw_dir = ""  # Raw download (or twin) directory; "" = the twin's cache directory.
   c.data.data_dir = ""  # Built array_record directory; "" = the twin's cache directory.
   c.data.skip_invalid = False  # Skip (and count) invalid examples instead of failing the build.
+  # Longest training sentence when data.window_frames=0 (whole sentences, as FaceFormer trains:
+  # each batch padded to its longest); longer ones give a random window of this many frames.
+  c.data.max_frames = 600
   c.data.eval_split = "test"  # Split evaluated with whole sequences.
   c.data.eval_batch_size = 4  # Whole sequences per evaluation batch (padded to the longest).
   c.data.eval_style = 0  # Speaking style used for speakers unseen in training.
@@ -90,6 +93,16 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
   if args.variant == "faceformer":
     # Frames each frame attends to (bounded key/value cache) when causal: one training window.
     c.model.decoder.cache_window = dataset.window_frames if args.causal else 0
+    # What frame t is fed in training: FaceFormer's published setting, "autoregressive" (its
+    # own predictions, back-propagated through the rollout); or "teacher_forcing" (the truth,
+    # one parallel pass) or "scheduled_sampling" (the truth with the probability below).
+    c.model.decoder.training = "autoregressive"
+    # Scheduled sampling's probability of feeding the truth at each training step: an optax
+    # schedule and its arguments (transition_steps=0: total_steps), 1 -> 0 linearly by default.
+    c.model.decoder.sampling_schedule = "linear_schedule"
+    c.model.decoder.sampling_schedule_kwargs = ConfigDict(
+      {"init_value": 1.0, "end_value": 0.0, "transition_steps": 0}
+    )
   # Mesh frames per chunk of `fdjax export`'s stream_step; 0 = the shortest exact chunk (3
   # frames = 1600 samples at 30 fps, 1 frame = 640 samples at 25 fps).
   c.model.stream_chunk_frames = 0

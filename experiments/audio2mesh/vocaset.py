@@ -35,7 +35,7 @@ def get_config(arg=None):
   dataset.name = "vocaset"  # TFDS builder data_pipelines/builders/vocaset.py.
   dataset.fps = 30.0  # Mesh frames per second (captured at 60, used at 30).
   dataset.sample_rate = 16000  # Audio samples per second after resampling.
-  dataset.window_frames = 30  # Frames per training window (1 s).
+  dataset.window_frames = 30  # Frames per training window (1 s); 0 = whole sentences.
   dataset.train_subjects = vocaset.TRAIN_SUBJECTS  # Speakers with a style embedding.
   dataset.decoder_variant = "vocaset"  # FaceFormer sizes for VOCASET (d_model 64).
   dataset.decoder_period = 30  # Period of the positional encoding, frames.

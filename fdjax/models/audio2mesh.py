@@ -58,13 +58,23 @@ class SpeechToMesh(nn.Module):
   sample_rate: int = 16000  # audio samples per second
   fps: float = 30.0  # mesh frames per second
 
-  def __call__(self, batch: dict[str, Array], train: bool = False) -> tuple[Array, dict]:
-    """Training pass. Returns `vertices [B, T, V, 3]` and aux with the decoder's intermediates."""
+  def __call__(
+    self,
+    batch: dict[str, Array],
+    train: bool = False,
+    truth_probability: Array | float | None = None,
+  ) -> tuple[Array, dict]:
+    """Training pass. Returns `vertices [B, T, V, 3]` and aux with the decoder's intermediates.
+
+    `truth_probability`: scheduled sampling's chance of feeding the true previous frame (a
+    `FaceFormerDecoder(training="scheduled_sampling")` only).
+    """
     vertices = batch["vertices"]
     num_frames = vertices.shape[1]
     features = self._encode(
       batch["audio"], batch.get("audio_mask"), train, num_frames, batch.get("frame_mask")
     )  # [B, T * r, D]
+    extra = {} if truth_probability is None else {"truth_probability": truth_probability}
     predicted, aux = self.decoder(
       features,
       batch["template"],
@@ -74,6 +84,7 @@ class SpeechToMesh(nn.Module):
       intensity=batch.get("intensity"),
       frame_mask=batch.get("frame_mask"),
       train=train,
+      **extra,
     )
     return predicted, {**aux, "audio_features": features}
 

@@ -386,6 +386,9 @@ class FaceFormerDecoder(nn.Module):
   # memory linear in T) or "autodiff" (jax's own scan gradient, which keeps every frame's
   # caches: memory quadratic in T; a reference for checks)
   rollout_gradient: str = "recompute"
+  # Frames per chunk of the recomputed gradient's parameter pass: its memory is about
+  # chunk * T * d_model per layer, and each chunk adds one parameter-sized sum
+  rollout_chunk: int = 32
   attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
@@ -395,6 +398,8 @@ class FaceFormerDecoder(nn.Module):
       raise ValueError(f"cache_window must be >= 0, got {self.cache_window}")
     if self.training not in TRAINING_MODES:
       raise ValueError(f"training={self.training!r}: expected one of {TRAINING_MODES}")
+    if self.rollout_chunk < 1:
+      raise ValueError(f"rollout_chunk must be >= 1, got {self.rollout_chunk}")
     if self.rollout_gradient not in ("recompute", "autodiff"):
       raise ValueError(
         f"rollout_gradient={self.rollout_gradient!r}: expected 'recompute' or 'autodiff'"
@@ -577,8 +582,8 @@ class FaceFormerDecoder(nn.Module):
     key/value caches (`[B, T, H, Dh]` per layer; read below `position`, written at it), the
     frame's audio `[B, r, D]`, the truth `[B, V*3]` and `feed_truth [B]` for the next input.
 
-    Returns the frame's offsets `[B, V*3]`, the caches with this frame written, and the next
-    frame's input.
+    Returns the frame's offsets `[B, V*3]`, its keys and values (`[B, H, Dh]` per layer) and
+    the next frame's input.
     """
     num_frames = caches[0][0].shape[1]
     frame_positions = jnp.arange(num_frames)
@@ -590,15 +595,17 @@ class FaceFormerDecoder(nn.Module):
       position[None], frame_positions, alibi_slopes(self.num_heads), self.period, True
     )  # [H, 1, T]
     mask = self._allowed(position, frame_positions)[None]  # [1, T]
-    new_caches = []
+    frame_keys_values = []
     for layer, cache in zip(self.layers, caches, strict=True):
-      x, cache = layer(
+      x, (keys, values) = layer(
         x, mask, train, cache, bias=bias[None], memory=frame_memory[:, None], cache_slot=slot
       )
-      new_caches.append(cache)
+      frame_keys_values.append(
+        tuple(jax.lax.dynamic_index_in_dim(t, position, 1, False) for t in (keys, values))
+      )
     offsets = self._output(x[:, 0])  # [B, V*3]
     fed = jnp.where(feed_truth[:, None], frame_truth.astype(offsets.dtype), offsets)
-    return offsets, tuple(new_caches), self._embed_offsets(fed) + condition
+    return offsets, tuple(frame_keys_values), self._embed_offsets(fed) + condition
 
   def _rollout(
     self, memory: Array, condition: Array, truth: Array, feed_truth: Array, train: bool
@@ -608,12 +615,16 @@ class FaceFormerDecoder(nn.Module):
     Frame t runs every layer once for one query against the key/value cache of frames `< t`
     (`_rollout_step`) and feeds its prediction (or, where `feed_truth`, the truth) to frame
     t + 1: the arithmetic of re-running the decoder over the growing prefix of its own
-    predictions at every frame, as FaceFormer trains, but each frame computed once. The
-    gradient is a reverse scan that recomputes each frame from the FINAL caches: frame t reads
-    only slots `< t` (equal in the final caches to what it read) and overwrites slot t, so its
-    derivatives are the same, and memory stays linear in T (no per-frame copies of the caches).
-    Dropout draws per frame from the "dropout" rng folded with the frame index, alike in both
-    passes.
+    predictions at every frame, as FaceFormer trains, but each frame computed once.
+
+    The gradient (docs/design.md section 13): a reverse scan carries the cotangents of the
+    caches and of the next input, recomputing each frame from the FINAL caches (frame t reads
+    only slots `< t`, equal there to what it read, and writes slot t, so its derivatives are
+    the forward's), and keeps per frame only cotangents of the frame's outputs; the parameters
+    then get their gradient from a pass over the frames given their inputs and the final
+    caches, `rollout_chunk` frames at a time (vmapped), so no parameter-sized sum runs per
+    frame. Memory is linear in T (plus `rollout_chunk * T` cache reads). Dropout draws per frame
+    from the "dropout" rng folded with the frame index, alike in every pass.
 
     Args:
       memory: `[B, T, r, D]` projected audio; condition `[B, D]`; truth `[B, T, V*3]` true
@@ -625,12 +636,15 @@ class FaceFormerDecoder(nn.Module):
     batch_size, num_frames = truth.shape[:2]
     head_dim = self.d_model // self.num_heads
     cache_shape = (batch_size, num_frames, self.num_heads, head_dim)
-    caches = tuple(
+    empty = tuple(
       (jnp.zeros(cache_shape, self.dtype), jnp.zeros(cache_shape, self.dtype))
       for _ in range(self.num_layers)
     )
-    rng = self.make_rng("dropout") if train else jax.random.key(0)
+    rng = self.make_rng("dropout") if train else None
     module = self.clone(parent=None)
+    # Per-frame inputs, time first; frame t's truth and feed flag make frame t + 1's input.
+    positions = jnp.arange(num_frames)
+    truth_t, feed_t = jnp.swapaxes(truth, 0, 1), jnp.swapaxes(feed_truth, 0, 1)
 
     def step(params, next_input, caches, frame_memory, condition, frame_truth, feed, position):
       return module.apply(
@@ -647,68 +661,90 @@ class FaceFormerDecoder(nn.Module):
         method=FaceFormerDecoder._rollout_step,
       )
 
-    # Per-frame inputs, time first; frame t's truth and feed flag make frame t + 1's input.
-    frames = (
-      jnp.arange(num_frames),
-      jnp.swapaxes(memory, 0, 1),
-      jnp.swapaxes(truth, 0, 1),
-      jnp.swapaxes(feed_truth, 0, 1),
-    )
+    def write(caches, frame_keys_values, position):
+      return jax.tree.map(
+        lambda cache, new: jax.lax.dynamic_update_index_in_dim(cache, new, position, 1),
+        caches,
+        frame_keys_values,
+      )
 
     def forward(params, memory_t, condition):
       def body(carry, xs):
         caches, next_input = carry
         position, frame_memory, frame_truth, feed = xs
-        offsets, caches, following = step(
+        offsets, frame_keys_values, following = step(
           params, next_input, caches, frame_memory, condition, frame_truth, feed, position
         )
-        return (caches, following), (offsets, next_input)
+        return (write(caches, frame_keys_values, position), following), (offsets, next_input)
 
-      (final_caches, _), (offsets, inputs) = jax.lax.scan(
-        body, (caches, condition), (frames[0], memory_t, *frames[2:])
+      (caches, _), (offsets, inputs) = jax.lax.scan(
+        body, (empty, condition), (positions, memory_t, truth_t, feed_t)
       )
-      return offsets, (final_caches, inputs)
+      return offsets, caches, inputs
 
     params = self.variables["params"]
+    memory_t = jnp.swapaxes(memory, 0, 1)  # [T, B, r, D]
     if self.rollout_gradient == "autodiff":
-      return jnp.swapaxes(forward(params, frames[1], condition)[0], 0, 1)
+      return jnp.swapaxes(forward(params, memory_t, condition)[0], 0, 1)
 
     @jax.custom_vjp
     def rollout(params, memory_t, condition):
       return forward(params, memory_t, condition)[0]
 
     def rollout_fwd(params, memory_t, condition):
-      offsets, (final_caches, inputs) = forward(params, memory_t, condition)
-      return offsets, (params, memory_t, condition, final_caches, inputs)
+      offsets, caches, inputs = forward(params, memory_t, condition)
+      return offsets, (params, memory_t, condition, caches, inputs)
 
     def rollout_bwd(residuals, d_offsets):
-      params, memory_t, condition, final_caches, inputs = residuals
+      params, memory_t, condition, caches, inputs = residuals
 
       def body(carry, xs):
-        d_caches, d_following, d_params, d_condition = carry
+        d_caches, d_following, d_condition = carry
         position, frame_memory, frame_truth, feed, next_input, d_frame = xs
         _, vjp = jax.vjp(
-          lambda p, x, c, m, cond: step(p, x, c, m, cond, frame_truth, feed, position),
-          params,
+          lambda x, c, m, cond: step(params, x, c, m, cond, frame_truth, feed, position),
           next_input,
-          final_caches,
+          caches,
           frame_memory,
           condition,
         )
-        dp, d_input, d_caches, d_memory, dc = vjp((d_frame, d_caches, d_following))
-        d_params = jax.tree.map(jnp.add, d_params, dp)
-        return (d_caches, d_input, d_params, d_condition + dc), d_memory
+        # This frame's keys and values have had every later frame's cotangent by now.
+        d_frame_keys_values = jax.tree.map(
+          lambda d: jax.lax.dynamic_index_in_dim(d, position, 1, False), d_caches
+        )
+        d_outputs = (d_frame, d_frame_keys_values, d_following)
+        d_input, d_read, d_memory, dc = vjp(d_outputs)
+        d_caches = jax.tree.map(jnp.add, d_caches, d_read)
+        return (d_caches, d_input, d_condition + dc), (d_memory, d_outputs)
 
-      zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-      carry = (zeros(final_caches), zeros(condition), zeros(params), zeros(condition))
-      (_, d_first, d_params, d_condition), d_memory = jax.lax.scan(
-        body, carry, (frames[0], memory_t, *frames[2:], inputs, d_offsets), reverse=True
+      carry = (
+        jax.tree.map(jnp.zeros_like, caches),
+        jnp.zeros_like(condition),
+        jnp.zeros_like(condition),
       )
+      (_, d_first, d_condition), (d_memory, d_outputs) = jax.lax.scan(
+        body, carry, (positions, memory_t, truth_t, feed_t, inputs, d_offsets), reverse=True
+      )
+
+      # The parameters' gradient: the frames' steps given their inputs and the final caches,
+      # `rollout_chunk` frames at a time (vmapped), each chunk rematerialised in the backward.
+      def all_frames(params):
+        def frame(xs):
+          x, m, tr, fd, t = xs
+          return step(params, x, caches, m, condition, tr, fd, t)
+
+        xs = (inputs, memory_t, truth_t, feed_t, positions)
+        return jax.lax.map(
+          jax.checkpoint(frame), xs, batch_size=min(self.rollout_chunk, num_frames)
+        )
+
+      _, vjp = jax.vjp(all_frames, params)
+      (d_params,) = vjp(d_outputs)
       # The first frame's input is the condition itself.
       return d_params, d_memory, d_condition + d_first
 
     rollout.defvjp(rollout_fwd, rollout_bwd)
-    offsets = rollout(params, frames[1], condition)  # [T, B, V*3]
+    offsets = rollout(params, memory_t, condition)  # [T, B, V*3]
     return jnp.swapaxes(offsets, 0, 1)
 
   def generate(

@@ -20,6 +20,8 @@ Conventions the hooks follow:
   "batch_stats"), the step calls `loss_fn(model, params, batch, rng, train, collections=...)`
   and in training the loss returns the updated collections in `aux["collections"]`; tasks
   without collections are called as today. (`evaluate` then also gets `collections=`.)
+- Training step: a loss that declares a `step` keyword gets the number of updates made so far
+  (an int32 scalar) in training, for schedules inside the loss (scheduled sampling).
 - EMA: when `config.ema.decay > 0`, evaluate/export receive the EMA parameters.
 - The adversarial pattern: two networks trained in one step by one combined loss whose parts
   stop each other's gradients (the generator's loss sees the discriminator's params through

@@ -4,6 +4,7 @@ whole-sequence evaluation with both baselines, its table and renderable sample, 
 export metadata. Each task supplies its model and how it predicts a batch of whole sequences.
 
 Config keys read: `data.name`, `data.fps`, `data.sample_rate`, `data.window_frames`,
+`data.max_frames`,
 `data.eval_split`, `data.eval_batch_size`, `data.lip_mask`, `data.upper_face_mask`,
 `data.train_subjects`, `data.{raw_dir,data_dir,synthetic,skip_invalid}`, `loss.velocity_weight`,
 `loss.lip_weight`.
@@ -45,8 +46,14 @@ def window_samples(config: Any, frames: int) -> int:
   return int(np.ceil(frames * config.data.sample_rate / config.data.fps))
 
 
+def training_frames(config: Any) -> int:
+  """Frames of a training example: `data.window_frames`, or with 0 (whole sentences) the most
+  a batch pads to, `data.max_frames`."""
+  return config.data.window_frames or config.data.max_frames
+
+
 def dummy_batch(config: Any, batch_size: int, num_vertices: int) -> dict[str, np.ndarray]:
-  frames = config.data.window_frames
+  frames = training_frames(config)
   samples = window_samples(config, frames)
   return {
     "audio": np.zeros((batch_size, samples), np.float32),  # [B, S]
@@ -59,15 +66,29 @@ def dummy_batch(config: Any, batch_size: int, num_vertices: int) -> dict[str, np
 
 
 def train_data(config: Any, *, process_index: int, process_count: int):
-  """Random training windows of `data.window_frames` frames with their audio."""
+  """Random training windows of `data.window_frames` frames with their audio; with
+  `window_frames=0`, whole sentences (longer than `data.max_frames`: a random window of that
+  many), each batch padded (masks False) to its longest sentence rounded up to
+  `EVAL_FRAME_BUCKET` frames, so a run compiles one step per bucket, not per length. With
+  several processes every batch is padded to `max_frames`, as all must agree on its shape."""
   _, data_dir = prepare.ensure_dataset(config.data)
   source = pipeline.tfds_source(config.data.name, data_dir, "train")
-  transform = functools.partial(
-    audio_mesh.train_window,
-    window_frames=config.data.window_frames,
-    fps=config.data.fps,
-    sample_rate=config.data.sample_rate,
-  )
+  rates = {"fps": config.data.fps, "sample_rate": config.data.sample_rate}
+  batch_fn = None
+  if config.data.window_frames > 0:
+    transform = functools.partial(
+      audio_mesh.train_window, window_frames=config.data.window_frames, **rates
+    )
+  else:
+    max_frames = config.data.max_frames
+    if max_frames < 1:
+      raise ValueError(
+        "config.data.window_frames=0 trains on whole sentences and needs config.data.max_frames "
+        f">= 1 (the longest a batch pads to), got {max_frames}"
+      )
+    transform = functools.partial(audio_mesh.train_sequence, max_frames=max_frames, **rates)
+    pad_to = max_frames if process_count > 1 else 0
+    batch_fn = functools.partial(sentence_batch, pad_to=pad_to, **rates)
   return pipeline.train_dataset(
     source,
     transform,
@@ -77,7 +98,35 @@ def train_data(config: Any, *, process_index: int, process_count: int):
     process_count=process_count,
     num_workers=config.data.num_workers,
     shuffle=config.data.shuffle,
+    batch_fn=batch_fn,
   )
+
+
+def sentence_batch(
+  examples: list[dict], *, pad_to: int, fps: float, sample_rate: int
+) -> dict[str, np.ndarray]:
+  """Whole sentences padded to the longest (`audio_mesh.eval_batch`), then to a multiple of
+  `EVAL_FRAME_BUCKET` frames, or to `pad_to` frames when set; the audio to match."""
+  batch = audio_mesh.eval_batch(examples)
+  frames = batch["vertices"].shape[1]
+  target = pad_to or -(-frames // EVAL_FRAME_BUCKET) * EVAL_FRAME_BUCKET
+  return pad_frames(batch, target, fps=fps, sample_rate=sample_rate)
+
+
+def pad_frames(batch: dict, frames: int, *, fps: float, sample_rate: int) -> dict:
+  """Pads a batch of whole sequences to `frames` frames (vertices with the template, masks
+  False) and its audio to the samples those frames span."""
+  pad_t = frames - batch["vertices"].shape[1]
+  samples = int(np.ceil(frames * sample_rate / fps))
+  pad_s = samples - batch["audio"].shape[1]
+  out = dict(batch)
+  out["vertices"] = np.concatenate(
+    [batch["vertices"], np.repeat(batch["template"][:, None], pad_t, axis=1)], axis=1
+  )
+  out["frame_mask"] = np.pad(batch["frame_mask"], ((0, 0), (0, pad_t)))
+  out["audio"] = np.pad(batch["audio"], ((0, 0), (0, max(pad_s, 0))))[:, :samples]
+  out["audio_mask"] = np.pad(batch["audio_mask"], ((0, 0), (0, max(pad_s, 0))))[:, :samples]
+  return out
 
 
 def mask_path(config: Any, raw_dir: str, key: str) -> str:
@@ -116,16 +165,7 @@ def bucket(batch: dict, config: Any) -> dict:
   """Pads frames to a multiple of EVAL_FRAME_BUCKET (and the audio to match)."""
   frames = batch["vertices"].shape[1]
   target = -(-frames // EVAL_FRAME_BUCKET) * EVAL_FRAME_BUCKET
-  samples = window_samples(config, target)
-  pad_t, pad_s = target - frames, samples - batch["audio"].shape[1]
-  out = dict(batch)
-  out["vertices"] = np.concatenate(
-    [batch["vertices"], np.repeat(batch["template"][:, None], pad_t, axis=1)], axis=1
-  )
-  out["frame_mask"] = np.pad(batch["frame_mask"], ((0, 0), (0, pad_t)))
-  out["audio"] = np.pad(batch["audio"], ((0, 0), (0, max(pad_s, 0))))[:, :samples]
-  out["audio_mask"] = np.pad(batch["audio_mask"], ((0, 0), (0, max(pad_s, 0))))[:, :samples]
-  return out
+  return pad_frames(batch, target, fps=config.data.fps, sample_rate=config.data.sample_rate)
 
 
 def training_mean_offset(config: Any, data_dir: str, workdir: str) -> np.ndarray:

@@ -22,13 +22,16 @@ Config keys read (beyond the base config and those of `_speech_mesh`): `data.eva
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 
 from data_pipelines import pipeline, prepare
+from fdjax import optim as optim_lib
 from fdjax import pretrained
 from fdjax import step as step_lib
 from fdjax.models import losses
@@ -43,6 +46,8 @@ DECODERS = {
   "nonautoregressive": NonAutoregressiveDecoder,
   "codetalker": CodePredictor,
 }
+# Decoder config keys that configure the loss (scheduled sampling), not the decoder module.
+SAMPLING_KEYS = ("sampling_schedule", "sampling_schedule_kwargs")
 # Where CodeTalker stage 2 puts the parameters of a stage-1 (`motion_vq`) run.
 STAGE1_PRIOR = "prior=>decoder/prior"
 
@@ -71,7 +76,10 @@ def build_model(config: Any) -> nn.Module:
       "(CodeTalker stage 1, codetalker_vq, is the task motion_vq)"
     )
   numerics = {"dtype": dtype, "attention_impl": config.precision.attention_impl}
-  fields = {**_speech_mesh.module_fields(dec, "kind", "variant", "prior"), **numerics}
+  fields = {
+    **_speech_mesh.module_fields(dec, "kind", "variant", "prior", *SAMPLING_KEYS),
+    **numerics,
+  }
   if dec.kind == "codetalker":
     prior = {**_speech_mesh.module_fields(dec.prior), **numerics}
     decoder = CodePredictor.from_variant(dec.variant, prior=prior, **fields)
@@ -130,11 +138,56 @@ def make_loss_fn(config: Any):
     velocity_weight=config.loss.velocity_weight,
     latent_weight=config.loss.latent_weight,
     lip_weights=_speech_mesh.lip_weights(config, _num_vertices(config)),
+    truth_probability=sampling_schedule(config),
   )
 
 
-def _loss(model, params, batch, rng, train, *, latent, velocity_weight, latent_weight, lip_weights):
-  predicted, aux = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
+def sampling_schedule(config: Any) -> Callable[[Any], Any] | None:
+  """Scheduled sampling's probability of feeding the truth, as a function of the training step
+  (`model.decoder.sampling_schedule`: an optax schedule name, called with
+  `sampling_schedule_kwargs`; `transition_steps=0` there means `total_steps`); None unless the
+  decoder trains with `training="scheduled_sampling"`."""
+  dec = config.model.decoder
+  if dec.get("training") != "scheduled_sampling":
+    return None
+  name = dec.get("sampling_schedule", "linear_schedule")
+  kwargs = dict(dec.get("sampling_schedule_kwargs", {}))
+  if kwargs.get("transition_steps", None) == 0:
+    kwargs["transition_steps"] = config.total_steps
+  if name not in optim_lib.optax_schedule_names():
+    raise ValueError(
+      f"config.model.decoder.sampling_schedule={name!r} is not an optax schedule; known: "
+      f"{optim_lib.optax_schedule_names()}"
+    )
+  try:
+    schedule = getattr(optax, name)(**kwargs)
+  except TypeError as e:
+    raise TypeError(
+      f"config.model.decoder.sampling_schedule_kwargs for optax.{name}: {e}"
+    ) from None
+  return schedule
+
+
+def _loss(
+  model,
+  params,
+  batch,
+  rng,
+  train,
+  *,
+  latent,
+  velocity_weight,
+  latent_weight,
+  lip_weights,
+  truth_probability=None,
+  step=None,
+):
+  extra = {}
+  if truth_probability is not None and train and step is not None:
+    extra["truth_probability"] = truth_probability(step)
+  predicted, aux = model.apply(
+    {"params": params}, batch, train=train, rngs={"dropout": rng}, **extra
+  )
   loss, metrics = _speech_mesh.vertex_losses(
     predicted, batch, velocity_weight=velocity_weight, lip_weights=lip_weights
   )
@@ -289,7 +342,7 @@ def flops_per_example(config: Any) -> float:
     total += flops * (1 + sum(bool(g) for g in gradients))
 
   enc, dec = model.encoder, model.decoder
-  frames = config.data.window_frames
+  frames = _speech_mesh.training_frames(config)
   ratio = dec.audio_frames_per_frame
   length = _speech_mesh.window_samples(config, frames) + getattr(enc, "causal_padding", 0)
   channels, needs = 1, False  # needs: the activations depend on a trainable parameter
