@@ -59,7 +59,7 @@ def test_max_frames_caps_long_sentences_and_zero_is_an_error():
 def test_each_training_mode_trains_on_padded_whole_sentences(mode, tmp_path):
   config = _config(
     f"--config.model.decoder.training={mode}",
-    "--config.batch_size=2",
+    "--config.batch_size=8",
     "--config.eval_every=0",
     "--config.data.max_frames=40",
     "--config.log_every=1",
