@@ -357,8 +357,11 @@ def run_torch(config, args) -> dict:
 
 def run(args: argparse.Namespace) -> list[dict]:
   spec = args.config + (",encoder=tiny" if args.small else "")
-  overrides = [f"--config.batch_size={args.batch_size}", *args.override]
-  config = config_lib.load_config(spec, overrides)
+  overrides = [f"--config.batch_size={args.batch_size}"]
+  if config_lib.load_config(spec).model.decoder.get("training") is not None:
+    # The torch side trains teacher-forced: so does the JAX side unless --training says otherwise.
+    overrides.append(f"--config.model.decoder.training={args.training}")
+  config = config_lib.load_config(spec, [*overrides, *args.override])
   frames = config.data.window_frames
   common = {
     "benchmark": "audio2mesh_step",
@@ -366,6 +369,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     "overrides": list(args.override),
     "encoder": config.model.encoder.variant,
     "decoder": f"{config.model.decoder.kind} ({config.model.decoder.variant})",
+    "training": config.model.decoder.get("training", "teacher_forcing"),
     "batch_size": config.batch_size,
     "window_frames": frames,
     "audio_samples": int(math.ceil(frames * config.data.sample_rate / config.data.fps)),
@@ -399,6 +403,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=5, help="timed steps")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
   parser.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
+  parser.add_argument(
+    "--training",
+    default="teacher_forcing",
+    choices=("teacher_forcing", "autoregressive", "scheduled_sampling"),
+    help="the FaceFormer decoder's training mode on the JAX side",
+  )
   parser.add_argument("--check_flops", action="store_true", help="also count FLOPs in the HLO")
   parser.add_argument("--override", action="append", default=[], help="--config.x=y overrides")
   return parser.parse_args(argv)
