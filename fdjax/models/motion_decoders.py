@@ -534,8 +534,8 @@ class FaceFormerDecoder(nn.Module):
     """
     if vertices is None:
       raise ValueError(
-        "FaceFormerDecoder.__call__ trains on (and is fed) ground-truth vertices; "
-        "use generate() to predict from audio alone"
+        "FaceFormerDecoder.__call__ needs vertices (the ground truth it trains on, and is fed "
+        "under teacher forcing); use generate() to predict from audio alone"
       )
     batch_size, num_frames = vertices.shape[:2]
     if vertices.shape[2:] != (self.num_vertices, 3):
