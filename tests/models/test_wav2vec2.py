@@ -552,3 +552,26 @@ def test_span_mask_respects_lengths_and_counts():
     masker(jax.random.key(s), jnp.full((8,), 1000), 1000, 0.3, 10, 0).mean() for s in range(4)
   ]
   assert 0.15 < np.mean(fractions) < 0.3  # overlaps make 0.3 an upper bound
+
+
+@pytest.mark.parametrize("padding", [(8, 8), (15, 0), (0, 0)])
+def test_grouped_conv1d_equals_the_native_grouped_convolution_and_its_gradients(padding):
+  from fdjax.models.wav2vec2 import grouped_conv1d
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 37, 32)), jnp.float32)
+  kernel = jnp.asarray(0.1 * rng.normal(size=(16, 8, 32)), jnp.float32)
+  target = jnp.asarray(rng.normal(size=(2, 37 + sum(padding) - 15, 32)), jnp.float32)
+
+  def native(x, kernel):
+    return jax.lax.conv_general_dilated(
+      x, kernel, (1,), (padding,), dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=4
+    )
+
+  ours = lambda x, kernel: grouped_conv1d(x, kernel, padding, 4)
+  np.testing.assert_allclose(ours(x, kernel), native(x, kernel), atol=1e-5)
+  loss = lambda f: lambda x, kernel: jnp.sum((f(x, kernel) - target) ** 2)
+  got = jax.grad(loss(ours), argnums=(0, 1))(x, kernel)
+  want = jax.grad(loss(native), argnums=(0, 1))(x, kernel)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
