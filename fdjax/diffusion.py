@@ -405,8 +405,9 @@ def ddim_step(
 
 
 def step_noise(key: jax.Array, step: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
-  """The noise `sample` draws at step index `step` (0 = the first, noisiest step)."""
-  return jax.random.normal(jax.random.fold_in(key, step), shape, dtype)
+  """The noise `sample` draws at step index `step` (0 = the first, noisiest step); drawn in
+  float32 whatever the dtype, so that one key gives the same run at every precision."""
+  return jax.random.normal(jax.random.fold_in(key, step), shape, jnp.float32).astype(dtype)
 
 
 def sample(

@@ -412,6 +412,26 @@ def test_sampler_is_one_scan_over_the_steps():
     assert all(eqn.primitive.name != "while" for eqn in jaxpr.eqns)
 
 
+@pytest.mark.parametrize("method,steps", [("ddpm", 1000), ("ddim", 50)])
+def test_float32_sampling_stays_close_to_float64(method, steps):
+  schedule = _schedule("squaredcos_cap_v2")
+  sampler = diffusion.Sampler(method=method, num_steps=steps, eta=0.5, clip_sample_range=1.0)
+  initial_noise = _normal(0, (2, 7, 3))
+
+  def run(x):
+    return jax.jit(
+      lambda x: diffusion.sample(
+        sampler, schedule, _toy_denoiser_jax, x, jax.random.key(0), prediction_type="sample"
+      )
+    )(x)
+
+  single = run(jnp.asarray(initial_noise, jnp.float32))
+  with jax.enable_x64(True):
+    double = run(jnp.asarray(initial_noise))
+  assert single.dtype == jnp.float32 and double.dtype == jnp.float64
+  np.testing.assert_allclose(single, double, rtol=0, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Classifier-free guidance
 
