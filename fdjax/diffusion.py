@@ -398,7 +398,9 @@ def ddim_step(
     epsilon = (x_t - jnp.sqrt(alpha_bar) * sample) / jnp.sqrt(1.0 - alpha_bar)
   variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev)
   std = sampler.eta * jnp.sqrt(variance)
-  x_prev = jnp.sqrt(alpha_bar_prev) * sample + jnp.sqrt(1.0 - alpha_bar_prev - std**2) * epsilon
+  # Never negative in exact arithmetic (std**2 <= 1 - a_prev); the floor guards rounding.
+  direction = jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - std**2, 0.0))
+  x_prev = jnp.sqrt(alpha_bar_prev) * sample + direction * epsilon
   if sampler.eta > 0:
     x_prev = x_prev + std * noise
   return x_prev, sample

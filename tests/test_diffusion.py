@@ -232,10 +232,12 @@ def test_denoising_loss_is_per_example_over_valid_frames_only(distance):
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
-def test_ddpm_step_matches_diffusers(x64, monkeypatch, prediction_type, variance_type):
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])  # the last step at t = 0 / t > 0
+def test_ddpm_step_matches_diffusers(x64, monkeypatch, prediction_type, variance_type, spacing):
   schedule, reference = _ddpm(
-    "linear", prediction_type=prediction_type, variance_type=variance_type, clip_sample=True
-  )
+    "linear", prediction_type=prediction_type, variance_type=variance_type, clip_sample=True,
+    timestep_spacing=spacing,
+  )  # fmt: skip
   reference.set_timesteps(20)
   patched = _PatchedNoise(monkeypatch)
   sampler = diffusion.Sampler(method="ddpm", variance_type=variance_type, clip_sample_range=1.0)
