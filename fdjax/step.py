@@ -18,7 +18,7 @@ scalar): for schedules inside the loss, such as scheduled sampling's.
 `train_step` adds: micro-batch gradient accumulation with `lax.scan`, the precision policy
 (float32 parameters, cast to the compute dtype inside the differentiated function, so gradients
 and updates stay float32), frozen parameters behind `stop_gradient`, and the non-finite guard
-(a step whose loss or gradient is not finite leaves parameters and optimizer state untouched,
+(a step whose loss or gradient norm is not finite leaves parameters and optimizer state untouched,
 and is counted). With `ema_decay > 0` the state's EMA of the parameters follows each applied
 update (see `update_ema`).
 """
@@ -84,10 +84,12 @@ def _call_loss(loss_fn, model, params, batch, rng, train, collections, step=None
 
 
 def _weighted_grad(
-  loss_fn, model, params, collections, batch, rng, trainable, compute_dtype, step=None
+  loss_fn, model, params, collections, batch, rng, trainable, compute_dtype, step=None, mean=False
 ):
-  """Gradient of `loss * weight` with respect to the float32 `params`, the aux, and the updated
-  collections (None without collections)."""
+  """Gradient of `loss * weight` (of `loss` itself with `mean=True`: a batch that is not
+  accumulated needs no division afterwards, a pass over every gradient saved) with respect to the
+  float32 `params`, `loss * weight`, `weight`, the aux, and the updated collections (None
+  without collections)."""
 
   def objective(p):
     p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
@@ -108,7 +110,7 @@ def _weighted_grad(
       )
     weight = jnp.asarray(aux.pop("weight", 1.0), jnp.float32)
     loss = loss.astype(jnp.float32)
-    return loss * weight, (loss * weight, weight, aux, new_collections)
+    return loss if mean else loss * weight, (loss * weight, weight, aux, new_collections)
 
   grads, (weighted_loss, weight, aux, new_collections) = jax.grad(objective, has_aux=True)(params)
   return (grads, weighted_loss, weight, aux), new_collections
@@ -156,7 +158,7 @@ def train_step(
   )
   if grad_accum_steps == 1:
     (grads, loss_sum, weight, aux), collections = grad(
-      state.params, state.collections, batch, step_rng
+      state.params, state.collections, batch, step_rng, mean=True
     )
   else:
     micro_batches = _split_micro_batches(batch, grad_accum_steps, batch_axes)
@@ -174,35 +176,47 @@ def train_step(
       accumulate, (zero, state.collections), (micro_batches, jnp.arange(grad_accum_steps))
     )
     aux = jax.tree.map(lambda a: a / grad_accum_steps, aux)
-  grads = jax.tree.map(lambda g: g / weight, grads)
+    grads = jax.tree.map(lambda g: g / weight, grads)
   loss = loss_sum / weight
 
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & jnp.all(
-    jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-  )
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  optional = {}
-  if state.ema is not None:
-    ema = update_ema(state.ema, new_params, state.step + 1, ema_decay, ema_start_step)
-    optional["ema"] = keep(ema, state.ema)
-  if state.collections is not None:
-    optional["collections"] = keep(collections, state.collections)
+  # Every gradient is finite iff their global norm is (a norm that overflows float32 counts as
+  # not finite too): one reduction, shared with the metric and with norm clipping.
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def apply(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    applied = {"params": params, "opt_state": opt_state}
+    if state.ema is not None:
+      applied["ema"] = update_ema(state.ema, params, state.step + 1, ema_decay, ema_start_step)
+    if state.collections is not None:
+      applied["collections"] = collections
+    return applied, optax.tree.norm(updates)
+
+  def skip(_):
+    kept = {"params": state.params, "opt_state": state.opt_state}
+    if state.ema is not None:
+      kept["ema"] = state.ema
+    if state.collections is not None:
+      kept["collections"] = state.collections
+    return kept, jnp.full((), jnp.nan, jnp.float32)
+
+  # A branch, not a select over every leaf: the update is computed (in place, the state being
+  # donated) only when the step is applied, and a skipped step costs no pass over the state.
+  applied, update_norm = jax.lax.cond(finite, apply, skip, None)
   new_state = state.replace(
-    **optional,
+    **applied,
     step=state.step + 1,
-    params=keep(new_params, state.params),
-    opt_state=keep(new_opt_state, state.opt_state),
     rng=jax.random.key_data(rng),
     nonfinite_consecutive=jnp.where(finite, 0, state.nonfinite_consecutive + 1),
     nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
   )
   metrics = {
     "loss": loss,
-    "grad_norm": optax.tree.norm(grads),
+    "grad_norm": grad_norm,
     "param_norm": optax.tree.norm(state.params),
-    "update_norm": optax.tree.norm(updates),
+    "update_norm": update_norm,  # NaN on a skipped step
     "learning_rate": schedule(state.step),
     "nonfinite": (~finite).astype(jnp.int32),
     "nonfinite_consecutive": new_state.nonfinite_consecutive,

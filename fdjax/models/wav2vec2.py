@@ -489,18 +489,33 @@ class FrozenBatchNorm(nn.Module):
 
 
 def grouped_conv1d(
-  x: Array, kernel: Array, padding: tuple[int, int], groups: int, taps_per_block: int = 16
+  x: Array,
+  kernel: Array,
+  padding: tuple[int, int],
+  groups: int,
+  method: str = "auto",
+  taps_per_block: int = 16,
 ) -> Array:
   """Grouped 1-D convolution `[B, T, C]` x `[K, C / G, C]` -> `[B, T + lo + hi - K + 1, C]`.
 
-  On CPU as block-diagonal einsums over windows of `taps_per_block` shifted copies of the input:
   XLA's CPU backend computes the gradient of a grouped convolution (wav2vec2's positional conv:
-  K=128, 16 groups) far slower than its forward. One einsum per tap would make the kernel's
-  gradient K padded copies of the whole kernel summed; one einsum per block of taps keeps that
-  to K / taps_per_block, and the windows stay small (`[B, T, taps_per_block, C]`). This form
-  equals the convolution to float32 rounding. Elsewhere the native grouped convolution.
+  K=128, 16 groups) far slower than its forward, so on CPU (`method="auto"`) it is computed in
+  one of two other forms, each equal to the convolution to float32 rounding:
+  - `"fft"` (inputs of at least K frames): per group, the product of the input's and the
+    flipped kernel's real FFTs (length >= T + lo + hi, so no wrap-around reaches the output),
+    a block-diagonal einsum over channels in the frequency domain; cost O(T log T), not O(T K).
+  - `"shifted"` (shorter inputs): block-diagonal einsums over windows of `taps_per_block`
+    shifted copies of the input (one einsum per tap would make the kernel's gradient K padded
+    copies of the whole kernel summed).
+  Elsewhere `"auto"` is the native grouped convolution (`"native"`).
   """
-  if jax.default_backend() != "cpu":
+  taps = kernel.shape[0]
+  if method == "auto":
+    if jax.default_backend() != "cpu":
+      method = "native"
+    else:
+      method = "fft" if x.shape[1] >= taps else "shifted"
+  if method == "native":
     return jax.lax.conv_general_dilated(
       x,
       kernel,
@@ -510,12 +525,24 @@ def grouped_conv1d(
       feature_group_count=groups,
     )
   batch, _, channels = x.shape
-  taps, per_group = kernel.shape[0], channels // groups
+  per_group = channels // groups
+  dtype = jnp.result_type(x, kernel)
   padded = jnp.pad(x, ((0, 0), padding, (0, 0)))
-  frames = padded.shape[1] - taps + 1
-  padded = padded.reshape(batch, padded.shape[1], groups, per_group)  # [B, T', G, C/G]
+  length = padded.shape[1]
+  frames = length - taps + 1
+  padded = padded.reshape(batch, length, groups, per_group)  # [B, L, G, C/G]
   weights = kernel.reshape(taps, per_group, groups, per_group)  # [K, C/G in, G, C/G out]
-  y = jnp.zeros((batch, frames, groups, per_group), jnp.result_type(x, kernel))
+  if method == "fft":
+    size = 1 << (length - 1).bit_length()  # >= L: the circular wrap only reaches t < K - 1
+    spectrum = jnp.fft.rfft(padded.astype(jnp.float32), n=size, axis=1)  # [B, F, G, C/G]
+    # y[t] = sum_k x[t + k] w[k] is the linear convolution with the flipped kernel at t + K - 1.
+    kernel_spectrum = jnp.fft.rfft(weights[::-1].astype(jnp.float32), n=size, axis=0)
+    product = jnp.einsum("bfgc,fcgd->bfgd", spectrum, kernel_spectrum)
+    y = jnp.fft.irfft(product, n=size, axis=1)[:, taps - 1 : taps - 1 + frames]
+    return y.reshape(batch, frames, channels).astype(dtype)
+  if method != "shifted":
+    raise ValueError(f"method={method!r}: expected auto, native, fft or shifted")
+  y = jnp.zeros((batch, frames, groups, per_group), dtype)
   for start in range(0, taps, taps_per_block):
     stop = min(start + taps_per_block, taps)
     window = jnp.stack([padded[:, tap : tap + frames] for tap in range(start, stop)], axis=2)

@@ -554,21 +554,36 @@ def test_span_mask_respects_lengths_and_counts():
   assert 0.15 < np.mean(fractions) < 0.3  # overlaps make 0.3 an upper bound
 
 
-@pytest.mark.parametrize("padding", [(8, 8), (15, 0), (0, 0)])
-def test_grouped_conv1d_equals_the_native_grouped_convolution_and_its_gradients(padding):
+@pytest.mark.parametrize(
+  "method, length, padding",
+  [
+    ("auto", 37, (8, 8)),
+    ("fft", 37, (8, 8)),
+    ("fft", 37, (15, 0)),
+    ("fft", 37, (0, 0)),
+    ("shifted", 37, (8, 8)),
+    ("shifted", 37, (15, 0)),
+    ("shifted", 37, (0, 0)),
+    ("shifted", 12, (8, 8)),
+    ("auto", 12, (15, 0)),
+  ],
+)
+def test_grouped_conv1d_equals_the_native_grouped_convolution_and_its_gradients(
+  method, length, padding
+):
   from fdjax.models.wav2vec2 import grouped_conv1d
 
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 37, 32)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, length, 32)), jnp.float32)
   kernel = jnp.asarray(0.1 * rng.normal(size=(16, 8, 32)), jnp.float32)
-  target = jnp.asarray(rng.normal(size=(2, 37 + sum(padding) - 15, 32)), jnp.float32)
+  target = jnp.asarray(rng.normal(size=(2, length + sum(padding) - 15, 32)), jnp.float32)
 
   def native(x, kernel):
     return jax.lax.conv_general_dilated(
       x, kernel, (1,), (padding,), dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=4
     )
 
-  ours = lambda x, kernel: grouped_conv1d(x, kernel, padding, 4)
+  ours = lambda x, kernel: grouped_conv1d(x, kernel, padding, 4, method=method)
   np.testing.assert_allclose(ours(x, kernel), native(x, kernel), atol=1e-5)
   loss = lambda f: lambda x, kernel: jnp.sum((f(x, kernel) - target) ** 2)
   got = jax.grad(loss(ours), argnums=(0, 1))(x, kernel)
