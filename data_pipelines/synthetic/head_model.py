@@ -39,6 +39,7 @@ from data_pipelines.synthetic import talking_mesh
 from data_pipelines.synthetic import vocaset as vocaset_twin
 
 NUM_SHAPE, NUM_EXPRESSION = 300, 100
+# As `fdjax.models.flame.JOINTS`, not imported from there so that `data synth` starts no JAX.
 JOINTS = ("global", "neck", "jaw", "left_eye", "right_eye")
 _PARENTS = (-1, 0, 1, 1, 1)
 _ROOT_PARENT = 4294967295  # how the original kintree_table marks the root (uint32 -1)

@@ -167,9 +167,7 @@ def flame_forward(
   batch = jnp.broadcast_shapes(
     shape.shape[:-1], expression.shape[:-1], pose.shape[:-1], translation.shape[:-1]
   )
-  shape, expression, pose, translation = (
-    jnp.broadcast_to(a, (*batch, a.shape[-1])) for a in (shape, expression, pose, translation)
-  )
+  pose, translation = (jnp.broadcast_to(a, (*batch, a.shape[-1])) for a in (pose, translation))
   # Float32 matmuls at full precision: accelerators otherwise round float32 operands.
   exact = jax.lax.Precision.HIGHEST
 
@@ -182,9 +180,11 @@ def flame_forward(
       preferred_element_type=jnp.float32,
     )
 
+  # Identity and expression blend at their own leading shapes (one identity for many frames).
   shaped = (
     model.template + blend(shape, model.shape_basis) + blend(expression, model.expression_basis)
   )
+  shaped = jnp.broadcast_to(shaped, (*batch, *shaped.shape[-2:]))  # [..., V, 3]
   joints = jnp.einsum("kv,...vc->...kc", model.joint_regressor, shaped, precision=exact)
 
   rotations = rodrigues(pose.reshape(*batch, num_joints, 3))  # [..., K, 3, 3]
