@@ -426,8 +426,11 @@ def _as_dict(path: str, content: Any) -> Mapping[str, Any]:
 def _array(path: str, content: Mapping[str, Any], keys: tuple[str, ...], dtype) -> np.ndarray:
   for key in keys:
     if key in content:
+      value = content[key]
+      if callable(getattr(value, "toarray", None)):  # a scipy sparse matrix built in memory
+        value = value.toarray()
       try:
-        value = np.asarray(content[key], dtype)
+        value = np.asarray(value, dtype)
       except (TypeError, ValueError) as e:
         raise FlameFileError(path, f"{key!r} is not a {np.dtype(dtype).name} array: {e}") from e
       if value.dtype.kind == "f" and not np.isfinite(value).all():
@@ -468,7 +471,7 @@ def flame_model_from_arrays(
 ) -> FlameModel:
   """A `FlameModel` from the model file's dict (`v_template`, `shapedirs`, ...), validated.
 
-  `posedirs` may be [V, 3, P], [3 V, P] or [P, 3 V]; `J_regressor` dense or already densified;
+  `posedirs` may be [V, 3, P], [3 V, P] or [P, 3 V]; `J_regressor` dense or scipy sparse;
   `kintree_table` [2, K] with joints in topological order. `name` stands in for the path in errors.
   """
   template = _array(name, content, ("v_template",), np.float32)
