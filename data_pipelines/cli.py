@@ -27,6 +27,7 @@ from types import ModuleType
 from data_pipelines import builders, synthetic
 
 _NOT_DATASETS = {"common"}  # shared helpers among the builder modules
+_MODEL_TWINS = {"head_model"}  # synthetic stand-ins for model files: `synth` only, no builder
 
 
 def available_datasets() -> list[str]:
@@ -46,7 +47,7 @@ def _dataset_module(package: ModuleType, dataset: str, function: str) -> ModuleT
   datasets = available_datasets()
   if package is synthetic:
     twins = {m.name for m in pkgutil.iter_modules(synthetic.__path__)}
-    datasets = [d for d in datasets if d in twins]
+    datasets = sorted([d for d in datasets if d in twins] + [m for m in _MODEL_TWINS if m in twins])
   if dataset not in datasets:
     kind = "synthetic twin" if package is synthetic else "dataset"
     raise UnknownDataset(f"unknown {kind} {dataset!r}; available: {', '.join(datasets) or 'none'}")

@@ -8,6 +8,7 @@
     fdjax export ...                         (fdjax.export)
     fdjax launch local|slurm|k8s ...         (launch)
     fdjax sweep ... / fdjax sweep report DIR (fdjax.sweep)
+    fdjax fit flame --meshes SEQ --out PARAMS.npz (fdjax.fit)
 
 Subcommands are imported only when used, so `fdjax data ...` does not pay for JAX start-up.
 """
@@ -21,7 +22,8 @@ import os
 import sys
 
 USAGE = (
-  "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep} ...  (fdjax CMD --help)"
+  "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep,fit} ...  "
+  "(fdjax CMD --help)"
 )
 
 # Subcommands implemented elsewhere: name -> (module, function taking argv).
@@ -33,6 +35,7 @@ DELEGATED = {
   "launch": ("launch", "launch_main"),
   "sweep": ("fdjax.sweep", "sweep_main"),
   "explain": ("fdjax.explain", "main"),
+  "fit": ("fdjax.fit", "main"),
 }
 
 

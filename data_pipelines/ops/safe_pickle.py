@@ -9,7 +9,9 @@ strings, numbers, bools and None are built by opcodes and need no callable. Anyt
 refused before it is called, with an error naming the file and the refused global.
 
 Both numpy 1 (`numpy.core...`) and numpy 2 (`numpy._core...`) spellings are admitted, and Python
-2 pickles (the real VOCASET files) load with `encoding="latin1"`.
+2 pickles (the real VOCASET files) load with `encoding="latin1"`. A reader of one file format may
+admit a few more globals of its own (`extra_globals`; e.g. `fdjax/models/flame.py` maps chumpy
+arrays and scipy sparse matrices to inert stand-ins that only collect their pickled state).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import codecs
 import io
 import os
 import pickle
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -71,13 +74,19 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-  def __init__(self, file: io.BufferedIOBase, path: str):
+  def __init__(
+    self,
+    file: io.BufferedIOBase,
+    path: str,
+    extra_globals: Mapping[tuple[str, str], Any] | None = None,
+  ):
     super().__init__(file, encoding="latin1")
     self._path = path
+    self._allowed = {**ALLOWED_GLOBALS, **(extra_globals or {})}
 
   def find_class(self, module: str, name: str) -> Any:
     try:
-      return ALLOWED_GLOBALS[(module, name)]
+      return self._allowed[(module, name)]
     except KeyError:
       raise UnsafePickleError(self._path, module, name) from None
 
@@ -85,8 +94,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
     raise pickle.UnpicklingError(f"{self._path}: refused persistent id {pid!r}")
 
 
-def load_pickle(path: str | os.PathLike) -> Any:
+def load_pickle(
+  path: str | os.PathLike, extra_globals: Mapping[tuple[str, str], Any] | None = None
+) -> Any:
   """Loads a pickle that may hold only plain data and numpy arrays.
+
+  `extra_globals` maps further `(module, name)` pairs to what the pickle gets instead; a file
+  format's reader passes inert stand-ins here, never a real callable of the named module.
 
   Raises:
     UnsafePickleError: the file names any other global (e.g. `os.system`, `builtins.eval`);
@@ -95,9 +109,11 @@ def load_pickle(path: str | os.PathLike) -> Any:
   """
   path = os.fspath(path)
   with open(path, "rb") as f:
-    return _RestrictedUnpickler(f, path).load()
+    return _RestrictedUnpickler(f, path, extra_globals).load()
 
 
-def loads_pickle(data: bytes, name: str = "<bytes>") -> Any:
+def loads_pickle(
+  data: bytes, name: str = "<bytes>", extra_globals: Mapping[tuple[str, str], Any] | None = None
+) -> Any:
   """`load_pickle` for bytes already in memory; `name` stands in for the path in errors."""
-  return _RestrictedUnpickler(io.BytesIO(data), name).load()
+  return _RestrictedUnpickler(io.BytesIO(data), name, extra_globals).load()
