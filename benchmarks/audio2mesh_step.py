@@ -49,6 +49,7 @@ import math
 import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 
@@ -355,44 +356,85 @@ def run_torch(config, args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def run_reference(frames: int, training: str, args) -> dict:
+  """The reference FaceFormer's own step (`reference/faceformer_step.py`) in its virtualenv."""
+  python = args.reference_python
+  if not os.path.isfile(python):
+    raise SystemExit(
+      f"{python}: no reference virtualenv; make it with bash benchmarks/reference/"
+      "setup_faceformer.sh (or pass --reference_python)"
+    )
+  if training not in ("teacher_forcing", "autoregressive"):
+    raise SystemExit(
+      f"--training={training}: the reference trains teacher_forcing or autoregressive"
+    )
+  command = [
+    python,
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "faceformer_step.py"),
+    f"--source={args.reference_source}",
+    f"--frames={frames}",
+    f"--training={training}",
+    f"--steps={args.reference_steps or args.steps}",
+    f"--warmup={args.warmup}",
+  ]
+  out = subprocess.run(command, capture_output=True, text=True)
+  if out.returncode:
+    raise SystemExit(f"the reference step failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run(args: argparse.Namespace) -> list[dict]:
   spec = args.config + (",encoder=tiny" if args.small else "")
-  overrides = [f"--config.batch_size={args.batch_size}"]
-  if config_lib.load_config(spec).model.decoder.get("training") is not None:
-    # The torch side trains teacher-forced: so does the JAX side unless --training says otherwise.
-    overrides.append(f"--config.model.decoder.training={args.training}")
-  config = config_lib.load_config(spec, [*overrides, *args.override])
-  frames = config.data.window_frames
-  common = {
-    "benchmark": "audio2mesh_step",
-    "config": spec,
-    "overrides": list(args.override),
-    "encoder": config.model.encoder.variant,
-    "decoder": f"{config.model.decoder.kind} ({config.model.decoder.variant})",
-    "training": config.model.decoder.get("training", "teacher_forcing"),
-    "batch_size": config.batch_size,
-    "window_frames": frames,
-    "audio_samples": int(math.ceil(frames * config.data.sample_rate / config.data.fps)),
-    "steps": args.steps,
-    "warmup": args.warmup,
-  }
+  frame_counts = [int(f) for f in args.frames.split(",")] if args.frames else [None]
   command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
-  results: dict[str, dict] = {}
-  for framework in args.frameworks:
-    figures = run_jax(config, args) if framework == "jax" else run_torch(config, args)
-    line = {**common, **figures}
-    line["frames_per_s"] = config.batch_size * frames / line["step_time_s"]
-    line["examples_per_s"] = config.batch_size / line["step_time_s"]
-    if framework == "torch" and "jax" in results:
-      line["jax_speedup"] = line["step_time_s"] / results["jax"]["step_time_s"]
-    line.update(
-      machine=machine(),
-      date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-      command=command,
-    )
-    print(json.dumps(line), flush=True)
-    results[framework] = line
-  return list(results.values())
+  lines = []
+  for frames in frame_counts:
+    overrides = [f"--config.batch_size={args.batch_size}"]
+    if frames is not None:
+      # One sequence of `frames` frames per example: whole sentences, as the reference trains.
+      overrides.append(f"--config.data.window_frames={frames}")
+    if config_lib.load_config(spec).model.decoder.get("training") is not None:
+      overrides.append(f"--config.model.decoder.training={args.training}")
+    config = config_lib.load_config(spec, [*overrides, *args.override])
+    frames = config.data.window_frames
+    training = config.model.decoder.get("training", "teacher_forcing")
+    common = {
+      "benchmark": "audio2mesh_step",
+      "config": spec,
+      "overrides": list(args.override),
+      "encoder": config.model.encoder.variant,
+      "decoder": f"{config.model.decoder.kind} ({config.model.decoder.variant})",
+      "training": training,
+      "batch_size": config.batch_size,
+      "window_frames": frames,
+      "audio_samples": int(math.ceil(frames * config.data.sample_rate / config.data.fps)),
+      "steps": args.steps,
+      "warmup": args.warmup,
+    }
+    results: dict[str, dict] = {}
+    for framework in args.frameworks:
+      if framework == "jax":
+        figures = run_jax(config, args)
+      elif framework == "torch":
+        figures = run_torch(config, args)
+      else:
+        if config.batch_size != 1:
+          raise SystemExit("--frameworks reference: the reference trains batch 1 only")
+        figures = run_reference(frames, training, args)
+      line = {**common, **figures}
+      line["frames_per_s"] = config.batch_size * frames / line["step_time_s"]
+      line["examples_per_s"] = config.batch_size / line["step_time_s"]
+      if framework != "jax" and "jax" in results:
+        line["jax_speedup"] = line["step_time_s"] / results["jax"]["step_time_s"]
+      line.update(
+        machine=machine(),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        command=command,
+      )
+      print(json.dumps(line), flush=True)
+      results[framework] = line
+    lines.extend(results.values())
+  return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -402,12 +444,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, default=8, help="global batch (windows)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
-  parser.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
+  parser.add_argument(
+    "--frameworks",
+    nargs="+",
+    choices=("jax", "reference", "torch"),
+    default=["jax", "torch"],
+    help="jax: fdjax's step; reference: EvelynFan/FaceFormer's own step in its virtualenv "
+    "(batch 1); torch: the re-implementation of the reference's path in current transformers",
+  )
+  parser.add_argument(
+    "--frames",
+    default="",
+    help="comma-separated sequence lengths in frames (default: the config's window)",
+  )
+  here = os.path.dirname(os.path.abspath(__file__))
+  parser.add_argument(
+    "--reference_python",
+    default=os.path.join(here, "reference", ".venv-faceformer", "bin", "python"),
+    help="the reference's virtualenv (benchmarks/reference/setup_faceformer.sh makes it)",
+  )
+  parser.add_argument(
+    "--reference_source",
+    default=os.path.join(here, "reference", "FaceFormer"),
+    help="a checkout of EvelynFan/FaceFormer",
+  )
+  parser.add_argument(
+    "--reference_steps", type=int, default=0, help="timed reference steps (default --steps)"
+  )
   parser.add_argument(
     "--training",
     default="teacher_forcing",
     choices=("teacher_forcing", "autoregressive", "scheduled_sampling"),
-    help="the FaceFormer decoder's training mode on the JAX side",
+    help="the FaceFormer decoder's training mode (the reference runs the same one)",
   )
   parser.add_argument("--check_flops", action="store_true", help="also count FLOPs in the HLO")
   parser.add_argument("--override", action="append", default=[], help="--config.x=y overrides")

@@ -37,7 +37,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "dfer", "dfew.py")
 
 
-def benchmark(variant: str, size: str, frames: int, batch: int, steps: int, warmup: int) -> dict:
+def benchmark(
+  variant: str,
+  size: str,
+  frames: int,
+  batch: int,
+  steps: int,
+  warmup: int,
+  compute_dtype: str = "auto",
+) -> dict:
   from fdjax import config as config_lib
   from fdjax import optim as optim_lib
   from fdjax import sharding as sharding_lib
@@ -47,7 +55,11 @@ def benchmark(variant: str, size: str, frames: int, batch: int, steps: int, warm
 
   config = config_lib.load_config(
     f"{CONFIG}:variant={variant},size={size},frames={frames}",
-    [("batch_size", batch), ("compilation_cache_dir", "")],
+    [
+      ("batch_size", batch),
+      ("compilation_cache_dir", ""),
+      ("precision.compute_dtype", compute_dtype),
+    ],
   )
   task = load_task(config.task)
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -110,10 +122,15 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--batch", type=int, default=0, help="clips per step (0: 1 base, 8 tiny)")
   parser.add_argument("--steps", type=int, default=3, help="timed steps")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation)")
+  parser.add_argument(
+    "--compute_dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU/TPU)"
+  )
   args = parser.parse_args(argv)
   for size in args.sizes.split(","):
     batch = args.batch or (1 if size == "base" else 8)
-    result = benchmark(args.variant, size, args.frames, batch, args.steps, args.warmup)
+    result = benchmark(
+      args.variant, size, args.frames, batch, args.steps, args.warmup, args.compute_dtype
+    )
     print(json.dumps(result), flush=True)
   return 0
 
