@@ -3,6 +3,23 @@
     python benchmarks/audio2mesh_step.py                          # wav2vec2-base + FaceFormer
     python benchmarks/audio2mesh_step.py --small --steps 3        # tiny encoder, quick on a CPU
     python benchmarks/audio2mesh_step.py --frameworks jax --check_flops
+    bash benchmarks/reference/setup_faceformer.sh                 # once: the reference's venv
+    python benchmarks/audio2mesh_step.py --batch_size 1 --frames 60,120,300,600 \
+      --frameworks jax reference --training autoregressive       # the reference's configuration
+
+`--frames` times whole sequences of each length (one sequence per example) instead of the
+config's one-second windows; with `--batch_size 1` this is the reference's own configuration.
+`--training` sets the FaceFormer decoder's training mode (teacher_forcing, autoregressive,
+scheduled_sampling) on the JAX side and, for `reference`, the reference's `teacher_forcing`
+argument.
+
+`reference`: EvelynFan/FaceFormer's own `Faceformer` module and training step
+(`reference/faceformer_step.py`, run as a subprocess in the virtualenv that
+`reference/setup_faceformer.sh` makes: transformers 4.6.1 as the reference pins it), with a
+randomly initialised wav2vec2-base in place of the pretrained download; batch 1 only. Its
+differences from the JAX step are the reference's own: MSE on vertices only (no velocity
+term), no gradient clipping, layer drop 0.1 that skips layers (the JAX step computes a
+dropped layer and discards it), constant learning rate.
 
 `jax`: the trainer's own step (`fdjax.step.jit_train_step` on `fdjax.state.create_train_state`,
 a mesh of all devices, the task's loss from `fdjax.tasks.task_loss_fn`, the experiment's
@@ -17,7 +34,8 @@ peak from `fdjax.trainer.PEAK_FLOPS`. On a CPU no peak is defined: `mfu` is null
 FLOPs in the lowered step itself (StableHLO, encoder layers unrolled) as
 `hlo_matmul_flops_per_example`, to check the analytic count against the model.
 
-`torch`: the PyTorch path the reference implementation (FaceFormer) trains: `transformers`'
+`torch`: a re-implementation, in current `transformers`, of the PyTorch path the reference
+implementation (FaceFormer) trains: `transformers`'
 `Wav2Vec2Model` of the same sizes (its conv stack frozen where the config freezes it, as for
 wav2vec2-base), its CNN features linearly interpolated to the mesh frames before the feature
 projection and transformer, then a FaceFormer decoder (`torch.nn.TransformerDecoder`, periodic
