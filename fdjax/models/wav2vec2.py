@@ -495,6 +495,7 @@ def grouped_conv1d(
   groups: int,
   method: str = "auto",
   taps_per_block: int = 16,
+  allow_fft: bool = True,
 ) -> Array:
   """Grouped 1-D convolution `[B, T, C]` x `[K, C / G, C]` -> `[B, T + lo + hi - K + 1, C]`.
 
@@ -504,15 +505,21 @@ def grouped_conv1d(
   - `"fft"` (inputs of at least K frames): per group, the product of the input's and the
     flipped kernel's real FFTs (length >= T + lo + hi, so no wrap-around reaches the output),
     a block-diagonal einsum over channels in the frequency domain; cost O(T log T), not O(T K).
-  - `"shifted"` (shorter inputs): block-diagonal einsums over windows of `taps_per_block`
-    shifted copies of the input (one einsum per tap would make the kernel's gradient K padded
-    copies of the whole kernel summed).
-  Elsewhere `"auto"` is the native grouped convolution (`"native"`).
+  - `"shifted"` (shorter inputs, and symbolic lengths under `jax.export`): block-diagonal
+    einsums over windows of `taps_per_block` shifted copies of the input (one einsum per tap
+    would make the kernel's gradient K padded copies of the whole kernel summed).
+  Elsewhere `"auto"` is the native grouped convolution (`"native"`). The FFT spreads every
+  input frame's rounding over every output frame: where outputs must not depend on some inputs
+  at all (a causal conv, whose stream must equal the offline run bit for bit), pass
+  `allow_fft=False`.
   """
   taps = kernel.shape[0]
   if method == "auto":
     if jax.default_backend() != "cpu":
       method = "native"
+    elif not allow_fft or not isinstance(x.shape[1], int):
+      # A symbolic length (jax.export) also: the FFT size must be concrete.
+      method = "shifted"
     else:
       method = "fft" if x.shape[1] >= taps else "shifted"
   if method == "native":
@@ -622,7 +629,9 @@ class PositionalConvEmbedding(nn.Module):
       padding = ((history, 0),)
     else:
       padding = ((self.kernel_size // 2, self.kernel_size // 2),)
-    y = grouped_conv1d(x, kernel.astype(self.dtype), padding[0], self.groups)
+    y = grouped_conv1d(
+      x, kernel.astype(self.dtype), padding[0], self.groups, allow_fft=not self.causal
+    )
     y = y + bias.astype(self.dtype)
     if not self.causal and self.kernel_size % 2 == 0:
       y = y[:, :-1]  # symmetric padding of an even kernel yields one frame too many
