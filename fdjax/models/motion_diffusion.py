@@ -520,9 +520,9 @@ class DiffusionDecoder(nn.Module):
     Args: audio_features `[B, T * r, D_audio]`; template `[B, V, 3]`; style `[B]` int;
     vertices `[B, T, V, 3]` the truth; frame_mask `[B, T]` bool.
 
-    Returns: `vertices [B, T, V, 3]` of the implied x_0, and aux with "offsets", "prediction"
-    and "target" `[B, T, V*3]` (the denoiser's output and its regression target) and
-    "loss_weight" `[B]`.
+    Returns: `vertices [B, T, V, 3]` of the implied x_0, and aux with "offsets", "prediction",
+    "target" and "noisy_sample" `[B, T, V*3]` (the denoiser's output, its regression target and
+    its input x_t), "timesteps" and "loss_weight" `[B]`.
     """
     if emotion is not None or intensity is not None:
       raise ValueError("the diffusion decoders condition on audio and style only")
@@ -562,6 +562,8 @@ class DiffusionDecoder(nn.Module):
       "offsets": offsets,
       "prediction": prediction,
       "target": noisy.target,
+      "noisy_sample": noisy.noisy_sample,
+      "timesteps": noisy.timesteps,
       "loss_weight": noisy.weight,
     }
     return predicted, aux
