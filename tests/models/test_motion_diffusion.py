@@ -165,6 +165,16 @@ def test_generate_is_a_function_of_the_sample_key(decoder_class):
   np.testing.assert_array_equal(seeded(0), seeded(0))
   assert float(jnp.abs(seeded(0) - seeded(1)).max()) * decoder.sample_scale > 1e-2
 
+  # Guidance scales reach the sampler: (1, 1) is the unguided loop, others are not.
+  def guided(scales):
+    return decoder.apply(
+      {"params": params}, audio, template, style, method="generate", guidance_scales=scales
+    )[0]
+
+  np.testing.assert_allclose(guided((1.0, 1.0)), seeded(0), atol=1e-7)
+  np.testing.assert_allclose(guided(jnp.asarray([1.0, 1.0])), seeded(0), atol=1e-5)
+  assert float(jnp.abs(guided((2.0, 3.0)) - seeded(0)).max()) * decoder.sample_scale > 1e-2
+
 
 def test_training_pass_regresses_the_prediction_types_target():
   decoder = md.DiffSpeakerDecoder.from_variant(
