@@ -1,8 +1,10 @@
 """The config shared by the audio2mesh experiments (VOCASET and BIWI layouts).
 
 Variants (decoder families): `faceformer` (autoregressive, FaceFormer), `nonautoregressive`,
-`codetalker_vq` (CodeTalker stage 1, motion VQ-VAE: the task `motion_vq`) and `codetalker`
-(stage 2; needs `--config.model.prior_workdir=<stage-1 workdir>`). Encoder sizes: `base`
+`codetalker_vq` (CodeTalker stage 1, motion VQ-VAE: the task `motion_vq`), `codetalker`
+(stage 2; needs `--config.model.prior_workdir=<stage-1 workdir>`), and the motion diffusion
+models `diffspeaker` (transformer denoiser, DDIM-50) and `facediffuser` (GRU denoiser, cosine
+schedule, ancestral DDPM), with an EMA of the parameters for evaluation. Encoder sizes: `base`
 (wav2vec2-base shapes; load weights with `--config.model.encoder.checkpoint=DIR`, a local
 Hugging Face directory) and `tiny` (trains from scratch on a CPU). `runlocal=True` shrinks
 data and steps for tests.
@@ -18,9 +20,49 @@ from ml_collections import ConfigDict
 
 from fdjax.config import base_config
 
-VARIANTS = ("faceformer", "nonautoregressive", "codetalker_vq", "codetalker")
+VARIANTS = (
+  "faceformer",
+  "nonautoregressive",
+  "codetalker_vq",
+  "codetalker",
+  "diffspeaker",
+  "facediffuser",
+)
+DIFFUSION_VARIANTS = ("diffspeaker", "facediffuser")
 # wav2vec2's 20 ms hop at 16 kHz.
 _AUDIO_FRAMES_PER_SECOND = 50
+
+
+def _diffusion_config(c: ConfigDict, args: ConfigDict) -> None:
+  """The diffusion decoders' fields (fdjax/models/motion_diffusion.py `DiffusionDecoder`): the
+  forward process, the prediction target, guidance and the sampler, as the references set them."""
+  d = c.model.decoder
+  facediffuser = args.variant == "facediffuser"
+  d.num_train_timesteps = 1000  # Forward-process steps (FaceDiffuser: 500 on BIWI).
+  # Betas: DiffSpeaker scaled_linear 0.00085 -> 0.012; FaceDiffuser cosine (squaredcos_cap_v2).
+  d.beta_schedule = "squaredcos_cap_v2" if facediffuser else "scaled_linear"
+  d.beta_start = 0.00085  # First beta of the linear schedules.
+  d.beta_end = 0.012  # Last beta of the linear schedules.
+  d.prediction_type = "sample"  # The denoiser predicts x_0 (all three references), or epsilon, v.
+  d.min_snr_gamma = 0.0  # Min-SNR-gamma loss weights (0: uniform over timesteps).
+  d.sample_scale = 1000.0  # x_0 = offsets in mm: a spread near the unit noise's.
+  # Classifier-free guidance: per condition, the training chance of its learned null embedding,
+  # and the sampling scale (1: off). DiffPoseTalk drops audio 10% and style 45% and samples at
+  # 1.15 and 3; DiffSpeaker codes guidance but samples unguided; FaceDiffuser has none.
+  d.audio_drop_probability = 0.0 if facediffuser else 0.1
+  d.style_drop_probability = 0.0 if facediffuser else 0.1
+  d.audio_guidance_scale = 1.0
+  d.style_guidance_scale = 1.0
+  # Sampling at evaluation and prediction: DiffSpeaker DDIM over 50 of the training steps;
+  # FaceDiffuser the full ancestral chain (ddpm over all 1000, slow; fewer steps respace it).
+  d.sampling_method = "ddpm" if facediffuser else "ddim"
+  # Denoising steps at prediction (a subset of the training steps).
+  d.sampling_steps = 1000 if facediffuser else 50
+  if args.runlocal:
+    d.sampling_steps = 5
+  d.eta = 0.0  # DDIM's noise (0: deterministic given the initial noise).
+  d.timestep_spacing = "leading"  # How the sampling steps are picked from the training steps.
+  d.sample_seed = 0  # Noise key of evaluation and `predict` (no `sample` rng given).
 
 
 def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
@@ -68,8 +110,10 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
   if args.variant == "codetalker":
     c.model.decoder.prior = ConfigDict()  # Overrides of the stage-1 VQ-VAE's fields.
     c.optim.freeze = ("^decoder/prior/",)
-  if args.variant != "faceformer":
+  if args.variant not in ("faceformer", "facediffuser"):
     c.model.decoder.period = dataset.decoder_period  # Period of positional encoding/bias.
+  if args.variant in DIFFUSION_VARIANTS:
+    _diffusion_config(c, args)
   if args.encoder == "base":
     # Pretrained encoders keep their conv feature extractor frozen, as FaceFormer does; the
     # causal variant's per-frame conv-0 norm replaces the pretrained group norm, so it trains.
@@ -114,6 +158,13 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
   c.loss.velocity_weight = 1.0  # Weight of the velocity (frame difference) MSE.
   c.loss.lip_weight = 1.0  # Weight of lip vertices in both MSEs (1: unweighted).
   c.loss.latent_weight = 1.0  # CodeTalker stage 2: weight of the latent regression.
+  if args.variant in DIFFUSION_VARIANTS:
+    # Distance of the vertex and velocity terms on the implied x_0: l2, l1 or huber
+    # (FaceDiffuser's, on vertex offsets in mm here).
+    c.loss.distance = "huber" if args.variant == "facediffuser" else "l2"
+    # Weight of the loss on the denoiser's own target besides the x_0 terms (0: none; the x_0
+    # models' target is x_0 itself).
+    c.loss.target_weight = 0.0
 
   c.optim.optimizer = "adam"
   c.optim.lr = 1e-4 if args.encoder == "base" else 1e-3
@@ -128,6 +179,10 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
   c.checkpoint.every = 1000
   c.sweep_metric = "lve_squared"
   c.sweep_mode = "min"
+  if args.variant in DIFFUSION_VARIANTS:
+    # Exponential moving average of the parameters, evaluated and exported (as the diffusion
+    # papers sample from): a short horizon for the few steps of runlocal.
+    c.ema.decay = 0.9 if args.runlocal else 0.999
   if args.runlocal:
     c.total_steps = args.steps or 40
     c.batch_size = 8

@@ -17,9 +17,14 @@ The streaming (causal) variant, exported with a `stream_step` beside `predict`:
         --workdir runs/causal
     fdjax export --workdir runs/causal --out artifacts/causal
 
-Arguments: variant (faceformer, nonautoregressive, codetalker_vq, codetalker), encoder (base,
-tiny), runlocal (tiny data and steps, for tests), steps (override total_steps), causal
-(streaming variant, faceformer only).
+Motion diffusion (transformer denoiser sampled by DDIM-50; `variant=facediffuser` the GRU one):
+
+    fdjax train --config experiments/audio2mesh/vocaset.py:variant=diffspeaker,encoder=tiny \\
+        --workdir runs/diffspeaker
+
+Arguments: variant (faceformer, nonautoregressive, codetalker_vq, codetalker, diffspeaker,
+facediffuser), encoder (base, tiny), runlocal (tiny data and steps, for tests), steps
+(override total_steps), causal (streaming variant, faceformer only).
 """
 
 from ml_collections import ConfigDict

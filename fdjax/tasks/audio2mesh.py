@@ -5,10 +5,13 @@ VOCASET- and BIWI-layout data. It follows the task contract of `fdjax/tasks/__in
 the data, losses and evaluation of the speech-mesh family (`fdjax/tasks/_speech_mesh.py`);
 CodeTalker's stage 1 is its own task, `motion_vq`:
 
-- model: `SpeechToMesh` (wav2vec2/HuBERT encoder + FaceFormer, non-autoregressive or CodeTalker
-  decoder, `config.model.decoder.kind`);
+- model: `SpeechToMesh` (wav2vec2/HuBERT encoder + FaceFormer, non-autoregressive, CodeTalker
+  or diffusion (DiffSpeaker, FaceDiffuser) decoder, `config.model.decoder.kind`);
 - loss: vertex MSE + velocity MSE (optionally lip-weighted), in millimetres so the numbers are
   readable and the optimizer's epsilon is negligible; plus the latent regression for CodeTalker;
+  for the diffusion decoders the same two terms on the x_0 the denoiser implies at a random
+  timestep (`fdjax.diffusion.denoising_loss`), plus `loss.target_weight` x the loss on its own
+  target (epsilon or v);
 - evaluation: whole test sequences generated from audio alone, metrics of docs/design.md section 5
   (LVE squared, LVE mm, FDD, MVE; masks named) for the model and for two baselines computed by
   the same code (static template; training-set mean offset);
@@ -16,7 +19,8 @@ CodeTalker's stage 1 is its own task, `motion_vq`:
 
 Config keys read (beyond the base config and those of `_speech_mesh`): `data.eval_style`,
 `model.encoder` (`variant`, `checkpoint`, fields), `model.decoder` (`kind`, `variant`, fields),
-`model.prior_workdir` (CodeTalker stage 2), `loss.latent_weight`.
+`model.prior_workdir` (CodeTalker stage 2), `loss.latent_weight`; diffusion decoders:
+`loss.distance`, `loss.target_weight`.
 """
 
 from __future__ import annotations
@@ -27,17 +31,19 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from data_pipelines import pipeline, prepare
+from fdjax import diffusion, pretrained
 from fdjax import optim as optim_lib
-from fdjax import pretrained
 from fdjax import step as step_lib
 from fdjax.models import losses
 from fdjax.models.audio2mesh import SpeechToMesh
 from fdjax.models.codetalker import CodePredictor
 from fdjax.models.motion_decoders import FaceFormerDecoder, NonAutoregressiveDecoder
+from fdjax.models.motion_diffusion import DiffSpeakerDecoder, FaceDiffuserDecoder
 from fdjax.models.wav2vec2 import Wav2Vec2Encoder
 from fdjax.tasks import BATCH_DIM, ExportDim, _speech_mesh
 
@@ -45,7 +51,11 @@ DECODERS = {
   "faceformer": FaceFormerDecoder,
   "nonautoregressive": NonAutoregressiveDecoder,
   "codetalker": CodePredictor,
+  "diffspeaker": DiffSpeakerDecoder,
+  "facediffuser": FaceDiffuserDecoder,
 }
+# Decoder kinds that are denoisers: trained at random noise levels, sampled at prediction.
+DIFFUSION_KINDS = ("diffspeaker", "facediffuser")
 # Decoder config keys that configure the loss (scheduled sampling), not the decoder module.
 SAMPLING_KEYS = ("sampling_schedule", "sampling_schedule_kwargs")
 # Where CodeTalker stage 2 puts the parameters of a stage-1 (`motion_vq`) run.
@@ -132,6 +142,14 @@ def load_pretrained(config: Any, params: dict) -> dict:
 
 def make_loss_fn(config: Any):
   """The loss for `config`: see the module docstring."""
+  if config.model.decoder.kind in DIFFUSION_KINDS:
+    return functools.partial(
+      _diffusion_loss,
+      velocity_weight=config.loss.velocity_weight,
+      target_weight=config.loss.target_weight,
+      distance=config.loss.distance,
+      lip_weights=_speech_mesh.lip_weights(config, _num_vertices(config)),
+    )
   return functools.partial(
     _loss,
     latent=config.model.decoder.kind == "codetalker",
@@ -196,6 +214,44 @@ def _loss(
     loss = loss + latent_weight * latent_mse
     metrics["latent_mse"] = latent_mse
   return loss, metrics
+
+
+def _diffusion_loss(
+  model, params, batch, rng, train, *, velocity_weight, target_weight, distance, lip_weights
+):
+  """A diffusion decoder's loss: vertex + `velocity_weight` x velocity distance (mm) of the x_0
+  implied at one random timestep per example, each `diffusion.denoising_loss` over the valid
+  frames, plus `target_weight` x the loss on the denoiser's own target; the noise and condition
+  drops are drawn from `rng`, as dropout is."""
+  predicted, aux = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
+  frame_mask = batch["frame_mask"]
+  weight = aux["loss_weight"]
+  scale = 1.0
+  if lip_weights is not None:
+    if distance != "l2":
+      raise ValueError(f"loss.lip_weight needs loss.distance='l2', got {distance!r}")
+    # Squared errors scaled by w_v / mean(w): the frame mean is sum_v w_v e_v / sum_v w_v.
+    scale = jnp.sqrt(lip_weights / lip_weights.mean())[:, None]  # [V, 1]
+  predicted_mm = predicted * _speech_mesh.MM_PER_METRE * scale  # [B, T, V, 3]
+  truth_mm = batch["vertices"] * _speech_mesh.MM_PER_METRE * scale
+  vertex = diffusion.denoising_loss(predicted_mm, truth_mm, frame_mask, weight, distance=distance)
+  velocity = diffusion.denoising_loss(
+    jnp.diff(predicted_mm, axis=1),
+    jnp.diff(truth_mm, axis=1),
+    frame_mask[:, 1:] & frame_mask[:, :-1],
+    weight,
+    distance=distance,
+  )
+  loss = vertex + velocity_weight * velocity  # [B]
+  metrics = {"vertex_mse_mm2": vertex.mean(), "velocity_mse_mm2": velocity.mean()}
+  if target_weight:
+    target = diffusion.denoising_loss(
+      aux["prediction"], aux["target"], frame_mask, weight, distance=distance
+    )
+    loss = loss + target_weight * target
+    metrics["target_loss"] = target.mean()
+  metrics["weight"] = jnp.asarray(frame_mask.shape[0], jnp.float32)
+  return loss.mean(), metrics
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

@@ -1,0 +1,658 @@
+"""Speech-driven motion diffusion: denoisers over vertex offsets, and the decoder that trains and
+samples them (DiffSpeaker, DiffPoseTalk, FaceDiffuser).
+
+Where it sits: a decoder kind of the `audio2mesh` task (`SpeechToMesh`'s `decoder`). The audio
+encoder runs once; the denoiser (`TransformerDenoiser` or `RecurrentDenoiser`) maps noisy
+offsets `x_t [B, T, V*3]`, the timestep `t [B]`, audio features aligned to the mesh frames, a
+style index and the frame mask to the prediction of `config.model.decoder.prediction_type`.
+`DiffusionDecoder` noises the true offsets in training (`fdjax.diffusion.noise_batch`, condition
+dropout by `drop_conditions`) and samples with `fdjax.diffusion.sample` (guided by
+`guided_denoise_fn`) in `generate`. Audio and style have learned null embeddings, parameters of
+the denoiser, chosen per example by the `drop_audio` / `drop_style` [B] bool inputs.
+Design in docs/design.md section 16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fdjax import diffusion
+from fdjax.models.attention import padding_mask
+from fdjax.models.motion_decoders import (
+  ConditionEmbedding,
+  TransformerEncoder,
+  _decode_variant,
+  alibi_slopes,
+  check_template,
+  dense,
+  group_audio_frames,
+  layer_norm,
+  motion_block,
+  periodic_alibi_bias,
+  periodic_positional_encoding,
+)
+
+Array = jax.Array
+
+# The guided conditions, in the order the sequential guidance rule nests them (DiffPoseTalk).
+CONDITIONS = ("audio", "style")
+
+
+def timestep_encoding(timesteps: Array, features: int, max_period: float = 10000.0) -> Array:
+  """Sinusoidal encoding of diffusion timesteps `[B]` -> `[B, features]` (cos then sin, as
+  DDPM's and diffusers' `get_timestep_embedding` with flip_sin_to_cos)."""
+  if features % 2:
+    raise ValueError(f"the timestep encoding needs an even width, got {features}")
+  half = features // 2
+  frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = timesteps.astype(jnp.float32)[:, None] * frequencies[None]  # [B, D/2]
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class DenoiserConditions(nn.Module):
+  """What the denoisers condition on, embedded to the model width: per-frame audio `[B, T, D]`
+  and one global vector `[B, D]` (timestep MLP + style). A dropped audio (style) is the learned
+  `null_audio` (`null_style`) embedding instead, per example."""
+
+  features: int  # D, the denoiser's width
+  num_styles: int  # speaking styles (training subjects); 0 disables the style embedding
+  audio_frames_per_frame: int = 1  # audio features per mesh frame: 1 VOCASET, 2 BIWI
+  dtype: Any = jnp.float32  # compute dtype
+
+  @nn.compact
+  def __call__(
+    self,
+    timesteps: Array,
+    audio_features: Array,
+    style: Array | None,
+    drop_audio: Array,
+    drop_style: Array,
+    num_frames: int,
+  ) -> tuple[Array, Array]:
+    batch_size = timesteps.shape[0]
+    grouped = group_audio_frames(audio_features, num_frames, self.audio_frames_per_frame)
+    grouped = grouped.reshape(batch_size, num_frames, -1).astype(self.dtype)  # [B, T, r*D_a]
+    audio = dense(self.features, ("mlp", "embed"), dtype=self.dtype, name="audio_projection")(
+      grouped
+    )  # [B, T, D]
+    embedding_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",))
+    null_audio = self.param("null_audio", embedding_init, (self.features,))
+    audio = jnp.where(drop_audio[:, None, None], null_audio.astype(audio.dtype), audio)
+
+    style_embedding = ConditionEmbedding(
+      features=self.features, num_styles=self.num_styles, dtype=self.dtype, name="style"
+    )(style, batch_size=batch_size)  # [B, D]
+    null_style = self.param("null_style", embedding_init, (self.features,))
+    style_embedding = jnp.where(drop_style[:, None], null_style.astype(self.dtype), style_embedding)
+
+    time = timestep_encoding(timesteps, self.features).astype(self.dtype)
+    time = dense(self.features, ("embed", "mlp"), dtype=self.dtype, name="timestep_hidden")(time)
+    time = dense(self.features, ("mlp", "embed"), dtype=self.dtype, name="timestep_out")(
+      nn.silu(time)
+    )  # [B, D]
+    return audio, time + style_embedding
+
+
+def _drop_flags(flags: Array | None, batch_size: int) -> Array:
+  return jnp.zeros((batch_size,), bool) if flags is None else flags.astype(bool)
+
+
+def _check_noisy(x_t: Array, num_vertices: int) -> None:
+  if x_t.ndim != 3 or x_t.shape[-1] != num_vertices * 3:
+    raise ValueError(f"x_t must be [B, T, V*3] with V={num_vertices}, got shape {tuple(x_t.shape)}")
+
+
+# Sizes. DiffSpeaker and DiffPoseTalk are transformers of a few layers (DiffSpeaker: one biased
+# layer over all frames); these widths train on a CPU. `tiny` is for tests.
+TRANSFORMER_DENOISER_VARIANTS: dict[str, dict] = {
+  "vocaset": dict(
+    num_vertices=5023,
+    d_model=128,
+    num_heads=4,
+    num_layers=1,
+    mlp_dim=256,
+    period=30,
+    audio_frames_per_frame=1,
+    num_styles=8,
+  ),
+  "biwi": dict(
+    num_vertices=23370,
+    d_model=128,
+    num_heads=4,
+    num_layers=1,
+    mlp_dim=256,
+    period=25,
+    audio_frames_per_frame=2,
+    num_styles=6,
+  ),
+  "tiny": dict(
+    num_vertices=8,
+    d_model=16,
+    num_heads=2,
+    num_layers=1,
+    mlp_dim=32,
+    period=4,
+    audio_frames_per_frame=1,
+    num_styles=3,
+    dropout_rate=0.0,
+  ),
+}
+
+
+class TransformerDenoiser(nn.Module):
+  """DiffSpeaker/DiffPoseTalk-style denoiser: biased self-attention over all frames.
+
+  The noisy offsets are projected to the width, the global condition (timestep + style) and the
+  periodic positional encoding are added, and the audio either is added frame by frame
+  (`audio_conditioning="aligned"`: each frame's own aligned features) or is read by a
+  cross-attention branch in every layer (`"cross_attention"`, over the valid frames). Layers
+  are `motion_block`s with FaceFormer's symmetric periodic ALiBi bias and the padding mask
+  (`TransformerEncoder` when aligned). A zero-initialised Dense gives the prediction.
+  """
+
+  num_vertices: int = 5023  # V, mesh vertices
+  d_model: int = 128  # transformer width
+  num_heads: int = 4  # attention heads (one ALiBi slope each)
+  num_layers: int = 1  # transformer layers
+  mlp_dim: int = 256  # MLP hidden width
+  period: int = 30  # frames per period of the positional encoding and the temporal bias
+  audio_frames_per_frame: int = 1  # audio features per mesh frame: 1 VOCASET, 2 BIWI
+  audio_conditioning: str = "aligned"  # "aligned" (added per frame) or "cross_attention"
+  attention_window: int = 0  # frames each side a frame attends to; 0 = the whole sequence
+  num_styles: int = 8  # speaking styles (training subjects); 0 disables
+  dropout_rate: float = 0.1  # dropout on the encoded input and the residual branches
+  pre_norm: bool = False  # False = post-norm layers
+  attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
+  dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x_t: Array,
+    timesteps: Array,
+    audio_features: Array,
+    style: Array | None,
+    frame_mask: Array,
+    *,
+    drop_audio: Array | None = None,
+    drop_style: Array | None = None,
+    train: bool = False,
+  ) -> Array:
+    """Args: x_t `[B, T, V*3]`; timesteps `[B]` int; audio_features `[B, T * r, D_audio]`;
+    style `[B]` int; frame_mask `[B, T]` bool; drop_audio, drop_style `[B]` bool (True: the
+    null embedding). Returns the prediction `[B, T, V*3]` (float32)."""
+    if self.audio_conditioning not in ("aligned", "cross_attention"):
+      raise ValueError(
+        f"audio_conditioning={self.audio_conditioning!r}: expected aligned or cross_attention"
+      )
+    _check_noisy(x_t, self.num_vertices)
+    batch_size, num_frames = frame_mask.shape
+    audio, condition = DenoiserConditions(
+      features=self.d_model,
+      num_styles=self.num_styles,
+      audio_frames_per_frame=self.audio_frames_per_frame,
+      dtype=self.dtype,
+      name="conditions",
+    )(
+      timesteps,
+      audio_features,
+      style,
+      _drop_flags(drop_audio, batch_size),
+      _drop_flags(drop_style, batch_size),
+      num_frames,
+    )  # [B, T, D], [B, D]
+    x = dense(self.d_model, ("vertices", "embed"), dtype=self.dtype, name="motion_projection")(
+      x_t.astype(self.dtype)
+    )  # [B, T, D]
+    encoding = periodic_positional_encoding(jnp.arange(num_frames), self.d_model, self.period)
+    x = x + condition[:, None] + encoding.astype(x.dtype)[None]
+    if self.audio_conditioning == "aligned":
+      x = nn.Dropout(rate=self.dropout_rate)(x + audio, deterministic=not train)
+      x = TransformerEncoder(
+        d_model=self.d_model,
+        num_heads=self.num_heads,
+        num_layers=self.num_layers,
+        mlp_dim=self.mlp_dim,
+        period=self.period,
+        attention_window=self.attention_window,
+        dropout_rate=self.dropout_rate,
+        pre_norm=self.pre_norm,
+        attention_impl=self.attention_impl,
+        dtype=self.dtype,
+        name="encoder",
+      )(x, frame_mask, train)
+    else:
+      x = self._cross_attention_layers(x, audio, frame_mask, train)
+    prediction = dense(
+      self.num_vertices * 3,
+      ("embed", "vertices"),
+      dtype=self.dtype,
+      zero_init=True,
+      name="prediction_projection",
+    )(x)
+    return prediction.astype(jnp.float32)  # [B, T, V*3]
+
+  def _cross_attention_layers(self, x, audio, frame_mask, train) -> Array:
+    positions = jnp.arange(x.shape[1])
+    bias = periodic_alibi_bias(
+      positions, positions, alibi_slopes(self.num_heads), self.period, causal=False
+    )  # [H, T, T]
+    mask = padding_mask(frame_mask)  # [B, 1, 1, T] keys
+    if self.attention_window > 0:
+      local = jnp.abs(positions[:, None] - positions[None, :]) <= self.attention_window
+      mask = mask & local[None, None]
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+    for index in range(self.num_layers):
+      x, _ = motion_block(
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        dropout_rate=self.dropout_rate,
+        pre_norm=self.pre_norm,
+        attention_impl=self.attention_impl,
+        dtype=self.dtype,
+        cross_attention=True,
+        name=f"layer_{index}",
+      )(x, mask, train, bias=bias[None], memory=audio, memory_mask=mask)
+    if self.pre_norm:
+      x = layer_norm(self.dtype, name="final_norm")(x)
+    return x
+
+
+# FaceDiffuser's shape: a multi-layer GRU over the frames; widths that train on a CPU.
+RECURRENT_DENOISER_VARIANTS: dict[str, dict] = {
+  "vocaset": dict(
+    num_vertices=5023, d_model=128, num_layers=2, audio_frames_per_frame=1, num_styles=8
+  ),
+  "biwi": dict(
+    num_vertices=23370, d_model=128, num_layers=2, audio_frames_per_frame=2, num_styles=6
+  ),
+  "tiny": dict(
+    num_vertices=8,
+    d_model=16,
+    num_layers=1,
+    audio_frames_per_frame=1,
+    num_styles=3,
+    dropout_rate=0.0,
+  ),
+}
+
+
+class RecurrentDenoiser(nn.Module):
+  """FaceDiffuser-style denoiser: the projected noisy offsets, the aligned audio and the global
+  condition (timestep + style) concatenated per frame, through stacked GRUs (`nn.RNN` over
+  `nn.GRUCell`, stopping at each example's last valid frame), then a zero-initialised Dense.
+  Same call as `TransformerDenoiser`."""
+
+  num_vertices: int = 5023  # V, mesh vertices
+  d_model: int = 128  # width of the embeddings and of the GRU state
+  num_layers: int = 2  # stacked GRU layers
+  bidirectional: bool = False  # each layer also reads the frames backwards (FaceDiffuser: no)
+  audio_frames_per_frame: int = 1  # audio features per mesh frame: 1 VOCASET, 2 BIWI
+  num_styles: int = 8  # speaking styles (training subjects); 0 disables
+  dropout_rate: float = 0.1  # dropout between GRU layers (FaceDiffuser: 0.3)
+  dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x_t: Array,
+    timesteps: Array,
+    audio_features: Array,
+    style: Array | None,
+    frame_mask: Array,
+    *,
+    drop_audio: Array | None = None,
+    drop_style: Array | None = None,
+    train: bool = False,
+  ) -> Array:
+    """As `TransformerDenoiser.__call__`."""
+    _check_noisy(x_t, self.num_vertices)
+    batch_size, num_frames = frame_mask.shape
+    audio, condition = DenoiserConditions(
+      features=self.d_model,
+      num_styles=self.num_styles,
+      audio_frames_per_frame=self.audio_frames_per_frame,
+      dtype=self.dtype,
+      name="conditions",
+    )(
+      timesteps,
+      audio_features,
+      style,
+      _drop_flags(drop_audio, batch_size),
+      _drop_flags(drop_style, batch_size),
+      num_frames,
+    )  # [B, T, D], [B, D]
+    motion = dense(self.d_model, ("vertices", "embed"), dtype=self.dtype, name="motion_projection")(
+      x_t.astype(self.dtype)
+    )  # [B, T, D]
+    condition = jnp.broadcast_to(condition[:, None], motion.shape)
+    x = jnp.concatenate([motion, audio, condition], axis=-1)  # [B, T, 3D]
+    lengths = frame_mask.sum(axis=1).astype(jnp.int32)  # [B]
+    for index in range(self.num_layers):
+      if index:
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+      forward = nn.RNN(nn.GRUCell(features=self.d_model, dtype=self.dtype), name=f"gru_{index}")
+      if self.bidirectional:
+        backward = nn.RNN(
+          nn.GRUCell(features=self.d_model, dtype=self.dtype), name=f"gru_{index}_backward"
+        )
+        x = nn.Bidirectional(forward, backward, name=f"bidirectional_{index}")(
+          x, seq_lengths=lengths
+        )  # [B, T, 2D]
+      else:
+        x = forward(x, seq_lengths=lengths)  # [B, T, D]
+    prediction = dense(
+      self.num_vertices * 3,
+      ("embed", "vertices"),
+      dtype=self.dtype,
+      zero_init=True,
+      name="prediction_projection",
+    )(x)
+    return prediction.astype(jnp.float32)  # [B, T, V*3]
+
+
+def guided_denoise_fn(
+  denoiser: nn.Module,
+  params: Any,
+  audio_features: Array,
+  style: Array | None,
+  frame_mask: Array,
+  guidance: diffusion.Guidance | None,
+  scales: Array | tuple[float, ...] | None = None,
+) -> diffusion.DenoiseFn:
+  """`denoise_fn(x_t, t)` of an (unbound) denoiser with `params`, for `diffusion.sample`.
+
+  With `guidance` (its conditions among `CONDITIONS`), classifier-free guidance by
+  `diffusion.guided_denoise_fn`: the guided conditions travel as keep flags `[B]` (null: False)
+  that become the denoiser's `drop_*` inputs, and the audio features, style and mask ride along
+  so that the condition subsets are batched into one call. Without, the conditional prediction.
+  """
+  batch_size = frame_mask.shape[0]
+  inputs = {"audio_features": audio_features, "style_index": style, "frame_mask": frame_mask}
+  inputs = {k: v for k, v in inputs.items() if v is not None}
+
+  def model_fn(x_t: Array, t: Array, conditions: Mapping[str, Array]) -> Array:
+    drops = {f"drop_{name}": ~conditions[name] for name in CONDITIONS if name in conditions}
+    return denoiser.apply(
+      {"params": params},
+      x_t,
+      t,
+      conditions["audio_features"],
+      conditions.get("style_index"),
+      conditions["frame_mask"],
+      **drops,
+    )
+
+  if guidance is None or not guidance.conditions:
+    return lambda x_t, t: model_fn(x_t, t, inputs)
+  unknown = set(guidance.conditions) - set(CONDITIONS)
+  if unknown:
+    raise ValueError(f"guided conditions {sorted(unknown)}: the denoisers know {CONDITIONS}")
+  keep = {name: jnp.ones((batch_size,), bool) for name in guidance.conditions}
+  nulls = {name: jnp.zeros((), bool) for name in guidance.conditions}
+  return diffusion.guided_denoise_fn(guidance, model_fn, {**inputs, **keep}, nulls, scales)
+
+
+class DiffusionDecoder(nn.Module):
+  """A denoiser trained and sampled as a speech-to-motion decoder (the `audio2mesh` decoder
+  kinds `diffspeaker` and `facediffuser`); same inputs and outputs as the other decoders.
+
+  `__call__` (training) diffuses the true offsets `x_0 = (vertices - template) *
+  sample_scale` to a random timestep per example, drops audio and style to their nulls with
+  their probabilities, and returns the vertices of the x_0 the prediction implies (so the task's
+  vertex and velocity losses apply to it) with the prediction, target and loss weight in aux.
+  `generate` samples x_0 from noise drawn from the `sample` rng stream (a fixed key from
+  `sample_seed` when none is given), guided by `guidance_scales`.
+  """
+
+  denoiser: nn.Module  # TransformerDenoiser or RecurrentDenoiser; parameters under "denoiser/"
+  num_train_timesteps: int = 1000  # N, the forward process's steps
+  beta_schedule: str = "scaled_linear"  # linear, scaled_linear or squaredcos_cap_v2 (cosine)
+  beta_start: float = 0.00085  # first beta (linear schedules); Stable Diffusion's, DiffSpeaker's
+  beta_end: float = 0.012  # last beta (linear schedules)
+  prediction_type: str = "sample"  # what the denoiser predicts: sample (x_0), epsilon or v
+  min_snr_gamma: float = 0.0  # min-SNR-gamma loss weights; 0 = uniform
+  # Offsets in metres times this are the diffused x_0: 1000 (millimetres) gives VOCASET-like
+  # offsets a spread near the unit noise's
+  sample_scale: float = 1000.0
+  audio_drop_probability: float = 0.1  # training: chance an example's audio is the null
+  style_drop_probability: float = 0.1  # training: chance an example's style is the null
+  audio_guidance_scale: float = 1.0  # sampling: audio's classifier-free guidance scale
+  style_guidance_scale: float = 1.0  # sampling: style's scale (sequential rule, after audio)
+  sampling_method: str = "ddim"  # ddim or ddpm (ancestral)
+  sampling_steps: int = 50  # denoising steps at prediction (a subset of the N)
+  eta: float = 0.0  # DDIM: 0 deterministic given the initial noise
+  timestep_spacing: str = "leading"  # how the steps are chosen (diffusion.inference_timesteps)
+  sample_seed: int = 0  # the noise key when `generate` gets no `sample` rng
+
+  DENOISER: ClassVar[type[nn.Module]] = TransformerDenoiser
+  VARIANTS: ClassVar[dict[str, dict]] = TRANSFORMER_DENOISER_VARIANTS
+
+  @classmethod
+  def from_variant(cls, variant: str, **overrides: Any) -> DiffusionDecoder:
+    """A named denoiser size (`VARIANTS`) with fields overridden; overrides that name this
+    class's fields configure the diffusion, the rest the denoiser (which drops the numerics,
+    such as `attention_impl`, it does not use)."""
+    own = {f.name for f in dataclasses.fields(cls)} - {"denoiser", "parent", "name"}
+    denoiser_fields = {f.name for f in dataclasses.fields(cls.DENOISER)}
+    fields = {**_decode_variant(cls.__name__, cls.VARIANTS, variant)}
+    decoder = {}
+    for key, value in overrides.items():
+      if key in own:
+        decoder[key] = value
+      elif key in denoiser_fields:
+        fields[key] = value
+      elif key != "attention_impl":
+        raise ValueError(f"{cls.__name__} has no field {key!r} (nor has {cls.DENOISER.__name__})")
+    return cls(denoiser=cls.DENOISER(**fields), **decoder)
+
+  @property
+  def num_vertices(self) -> int:
+    return self.denoiser.num_vertices
+
+  @property
+  def audio_frames_per_frame(self) -> int:
+    return self.denoiser.audio_frames_per_frame
+
+  def schedule(self) -> diffusion.Schedule:
+    return diffusion.make_schedule(
+      self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end
+    )
+
+  def sampler(self) -> diffusion.Sampler:
+    return diffusion.Sampler(
+      method=self.sampling_method,
+      num_steps=self.sampling_steps,
+      eta=self.eta,
+      timestep_spacing=self.timestep_spacing,
+    )
+
+  def guidance(self, scales: tuple[float, float] | None = None) -> diffusion.Guidance:
+    """Audio then style (DiffPoseTalk's order), each with its drop probability and scale."""
+    if scales is None:
+      scales = (self.audio_guidance_scale, self.style_guidance_scale)
+    return diffusion.Guidance(
+      conditions=CONDITIONS,
+      drop_probabilities=(self.audio_drop_probability, self.style_drop_probability),
+      scales=tuple(scales),
+    )
+
+  def _key(self, stream: str) -> Array:
+    return self.make_rng(stream) if self.has_rng(stream) else jax.random.key(self.sample_seed)
+
+  def _mask(self, frame_mask, batch_size, num_frames) -> Array:
+    if frame_mask is None:
+      return jnp.ones((batch_size, num_frames), bool)
+    if frame_mask.shape != (batch_size, num_frames):
+      raise ValueError(
+        f"frame_mask must be [B, T]=({batch_size}, {num_frames}), got {tuple(frame_mask.shape)}"
+      )
+    return frame_mask.astype(bool)
+
+  def _to_vertices(self, sample: Array, template: Array, frame_mask: Array) -> tuple[Array, Array]:
+    batch_size, num_frames = frame_mask.shape
+    offsets = sample.reshape(batch_size, num_frames, self.num_vertices, 3) / self.sample_scale
+    offsets = jnp.where(frame_mask[:, :, None, None], offsets.astype(jnp.float32), 0.0)
+    return template[:, None].astype(jnp.float32) + offsets, offsets
+
+  def __call__(
+    self,
+    audio_features: Array,
+    template: Array,
+    style: Array | None,
+    vertices: Array,
+    *,
+    emotion: Array | None = None,
+    intensity: Array | None = None,
+    frame_mask: Array | None = None,
+    train: bool = False,
+  ) -> tuple[Array, dict[str, Array]]:
+    """One denoising step at a random timestep per example (its noise, timesteps and condition
+    drops from the `dropout` rng stream).
+
+    Args: audio_features `[B, T * r, D_audio]`; template `[B, V, 3]`; style `[B]` int;
+    vertices `[B, T, V, 3]` the truth; frame_mask `[B, T]` bool.
+
+    Returns: `vertices [B, T, V, 3]` of the implied x_0, and aux with "offsets", "prediction",
+    "target" and "noisy_sample" `[B, T, V*3]` (the denoiser's output, its regression target and
+    its input x_t), "timesteps" and "loss_weight" `[B]`.
+    """
+    if emotion is not None or intensity is not None:
+      raise ValueError("the diffusion decoders condition on audio and style only")
+    batch_size, num_frames = vertices.shape[:2]
+    check_template(template, self.num_vertices, batch_size)
+    frame_mask = self._mask(frame_mask, batch_size, num_frames)
+    offsets = vertices.astype(jnp.float32) - template[:, None].astype(jnp.float32)
+    sample = offsets.reshape(batch_size, num_frames, -1) * self.sample_scale  # [B, T, V*3]
+    schedule = self.schedule()
+    noise_key, drop_key = jax.random.split(self._key("dropout"))
+    noisy = diffusion.noise_batch(
+      noise_key,
+      schedule,
+      sample,
+      prediction_type=self.prediction_type,
+      min_snr_gamma=self.min_snr_gamma or None,
+    )
+    keep = {name: jnp.ones((batch_size,), bool) for name in CONDITIONS}
+    if train:
+      nulls = {name: jnp.zeros((), bool) for name in CONDITIONS}
+      keep = diffusion.drop_conditions(self.guidance(), drop_key, keep, nulls)
+    prediction = self.denoiser(
+      noisy.noisy_sample,
+      noisy.timesteps,
+      audio_features,
+      style,
+      frame_mask,
+      drop_audio=~keep["audio"],
+      drop_style=~keep["style"],
+      train=train,
+    )  # [B, T, V*3]
+    estimate = diffusion.to_sample(
+      schedule, prediction, noisy.noisy_sample, noisy.timesteps, self.prediction_type
+    )
+    predicted, offsets = self._to_vertices(estimate, template, frame_mask)
+    aux = {
+      "offsets": offsets,
+      "prediction": prediction,
+      "target": noisy.target,
+      "noisy_sample": noisy.noisy_sample,
+      "timesteps": noisy.timesteps,
+      "loss_weight": noisy.weight,
+    }
+    return predicted, aux
+
+  def generate(
+    self,
+    audio_features: Array,
+    template: Array,
+    style: Array | None,
+    *,
+    emotion: Array | None = None,
+    intensity: Array | None = None,
+    num_frames: int | None = None,
+    frame_mask: Array | None = None,
+    guidance_scales: tuple[float, float] | Array | None = None,
+  ) -> tuple[Array, dict[str, Array]]:
+    """Samples `vertices [B, T, V, 3]` (aux "offsets") with `sampling_method` over
+    `sampling_steps`, from initial noise and step noise drawn from one key (the `sample` rng).
+
+    Guidance scales (audio, style) default to the fields; guidance is skipped when both are 1
+    (the conditional prediction, one denoiser call per step)."""
+    if emotion is not None or intensity is not None:
+      raise ValueError("the diffusion decoders condition on audio and style only")
+    batch_size = audio_features.shape[0]
+    if num_frames is None:
+      num_frames = (
+        frame_mask.shape[1]
+        if frame_mask is not None
+        else audio_features.shape[1] // self.audio_frames_per_frame
+      )
+    check_template(template, self.num_vertices, batch_size)
+    frame_mask = self._mask(frame_mask, batch_size, num_frames)
+    if self.is_initializing():
+      # Parameters are created by a call of the denoiser, never inside the sampling loop.
+      x_t = jnp.zeros((batch_size, num_frames, self.num_vertices * 3), jnp.float32)
+      self.denoiser(x_t, jnp.zeros((batch_size,), jnp.int32), audio_features, style, frame_mask)
+    scales = (self.audio_guidance_scale, self.style_guidance_scale)
+    if guidance_scales is not None:
+      scales = guidance_scales
+    guided = not (isinstance(scales, tuple | list) and all(float(s) == 1.0 for s in scales))
+    denoise_fn = guided_denoise_fn(
+      self.denoiser.clone(parent=None),
+      self.denoiser.variables["params"],
+      audio_features,
+      style,
+      frame_mask,
+      self.guidance() if guided else None,
+      jnp.asarray(scales, jnp.float32) if guided else None,
+    )
+    initial_key, step_key = jax.random.split(self._key("sample"))
+    initial_noise = jax.random.normal(
+      initial_key, (batch_size, num_frames, self.num_vertices * 3), jnp.float32
+    )
+    sample = diffusion.sample(
+      self.sampler(),
+      self.schedule(),
+      denoise_fn,
+      initial_noise,
+      step_key,
+      prediction_type=self.prediction_type,
+    )
+    predicted, offsets = self._to_vertices(sample, template, frame_mask)
+    return predicted, {"offsets": offsets}
+
+
+class DiffSpeakerDecoder(DiffusionDecoder):
+  """`DiffusionDecoder` over a `TransformerDenoiser` (the `diffspeaker` decoder kind)."""
+
+  DENOISER: ClassVar[type[nn.Module]] = TransformerDenoiser
+  VARIANTS: ClassVar[dict[str, dict]] = TRANSFORMER_DENOISER_VARIANTS
+
+
+class FaceDiffuserDecoder(DiffusionDecoder):
+  """`DiffusionDecoder` over a `RecurrentDenoiser` (the `facediffuser` decoder kind)."""
+
+  DENOISER: ClassVar[type[nn.Module]] = RecurrentDenoiser
+  VARIANTS: ClassVar[dict[str, dict]] = RECURRENT_DENOISER_VARIANTS
+
+
+__all__ = (
+  "CONDITIONS",
+  "RECURRENT_DENOISER_VARIANTS",
+  "TRANSFORMER_DENOISER_VARIANTS",
+  "DenoiserConditions",
+  "DiffSpeakerDecoder",
+  "DiffusionDecoder",
+  "FaceDiffuserDecoder",
+  "RecurrentDenoiser",
+  "TransformerDenoiser",
+  "guided_denoise_fn",
+  "timestep_encoding",
+)
