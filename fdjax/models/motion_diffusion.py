@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from fdjax import diffusion
 from fdjax.models.attention import padding_mask
 from fdjax.models.motion_decoders import (
+  FACEFORMER_VARIANTS,
   ConditionEmbedding,
   TransformerEncoder,
   _decode_variant,
@@ -109,40 +110,58 @@ def _check_noisy(x_t: Array, num_vertices: int) -> None:
     raise ValueError(f"x_t must be [B, T, V*3] with V={num_vertices}, got shape {tuple(x_t.shape)}")
 
 
+def _embedded_inputs(
+  denoiser: nn.Module,
+  x_t: Array,
+  timesteps: Array,
+  audio_features: Array,
+  style: Array | None,
+  frame_mask: Array,
+  drop_audio: Array | None,
+  drop_style: Array | None,
+) -> tuple[Array, Array, Array]:
+  """The front both denoisers share, built inside `denoiser`'s compact call: the projected
+  noisy offsets `[B, T, D]`, the audio `[B, T, D]` and the global condition `[B, D]`."""
+  _check_noisy(x_t, denoiser.num_vertices)
+  batch_size, num_frames = frame_mask.shape
+  audio, condition = DenoiserConditions(
+    features=denoiser.d_model,
+    num_styles=denoiser.num_styles,
+    audio_frames_per_frame=denoiser.audio_frames_per_frame,
+    dtype=denoiser.dtype,
+    name="conditions",
+  )(
+    timesteps,
+    audio_features,
+    style,
+    _drop_flags(drop_audio, batch_size),
+    _drop_flags(drop_style, batch_size),
+    num_frames,
+  )
+  motion = dense(
+    denoiser.d_model, ("vertices", "embed"), dtype=denoiser.dtype, name="motion_projection"
+  )(x_t.astype(denoiser.dtype))
+  return motion, audio, condition
+
+
+def _prediction(denoiser: nn.Module, x: Array) -> Array:
+  """The zero-initialised output both denoisers share: `[B, T, *]` -> `[B, T, V*3]` float32."""
+  prediction = dense(
+    denoiser.num_vertices * 3,
+    ("embed", "vertices"),
+    dtype=denoiser.dtype,
+    zero_init=True,
+    name="prediction_projection",
+  )(x)
+  return prediction.astype(jnp.float32)
+
+
 # Sizes. DiffSpeaker and DiffPoseTalk are transformers of a few layers (DiffSpeaker: one biased
-# layer over all frames); these widths train on a CPU. `tiny` is for tests.
+# layer over all frames): FaceFormer's sizes per dataset, twice as wide on VOCASET; these widths
+# train on a CPU. `tiny` is for tests.
 TRANSFORMER_DENOISER_VARIANTS: dict[str, dict] = {
-  "vocaset": dict(
-    num_vertices=5023,
-    d_model=128,
-    num_heads=4,
-    num_layers=1,
-    mlp_dim=256,
-    period=30,
-    audio_frames_per_frame=1,
-    num_styles=8,
-  ),
-  "biwi": dict(
-    num_vertices=23370,
-    d_model=128,
-    num_heads=4,
-    num_layers=1,
-    mlp_dim=256,
-    period=25,
-    audio_frames_per_frame=2,
-    num_styles=6,
-  ),
-  "tiny": dict(
-    num_vertices=8,
-    d_model=16,
-    num_heads=2,
-    num_layers=1,
-    mlp_dim=32,
-    period=4,
-    audio_frames_per_frame=1,
-    num_styles=3,
-    dropout_rate=0.0,
-  ),
+  **FACEFORMER_VARIANTS,
+  "vocaset": {**FACEFORMER_VARIANTS["vocaset"], "d_model": 128, "mlp_dim": 256},
 }
 
 
@@ -192,25 +211,10 @@ class TransformerDenoiser(nn.Module):
       raise ValueError(
         f"audio_conditioning={self.audio_conditioning!r}: expected aligned or cross_attention"
       )
-    _check_noisy(x_t, self.num_vertices)
-    batch_size, num_frames = frame_mask.shape
-    audio, condition = DenoiserConditions(
-      features=self.d_model,
-      num_styles=self.num_styles,
-      audio_frames_per_frame=self.audio_frames_per_frame,
-      dtype=self.dtype,
-      name="conditions",
-    )(
-      timesteps,
-      audio_features,
-      style,
-      _drop_flags(drop_audio, batch_size),
-      _drop_flags(drop_style, batch_size),
-      num_frames,
-    )  # [B, T, D], [B, D]
-    x = dense(self.d_model, ("vertices", "embed"), dtype=self.dtype, name="motion_projection")(
-      x_t.astype(self.dtype)
-    )  # [B, T, D]
+    num_frames = frame_mask.shape[1]
+    x, audio, condition = _embedded_inputs(
+      self, x_t, timesteps, audio_features, style, frame_mask, drop_audio, drop_style
+    )  # [B, T, D] each, condition [B, D]
     encoding = periodic_positional_encoding(jnp.arange(num_frames), self.d_model, self.period)
     x = x + condition[:, None] + encoding.astype(x.dtype)[None]
     if self.audio_conditioning == "aligned":
@@ -230,14 +234,7 @@ class TransformerDenoiser(nn.Module):
       )(x, frame_mask, train)
     else:
       x = self._cross_attention_layers(x, audio, frame_mask, train)
-    prediction = dense(
-      self.num_vertices * 3,
-      ("embed", "vertices"),
-      dtype=self.dtype,
-      zero_init=True,
-      name="prediction_projection",
-    )(x)
-    return prediction.astype(jnp.float32)  # [B, T, V*3]
+    return _prediction(self, x)  # [B, T, V*3]
 
   def _cross_attention_layers(self, x, audio, frame_mask, train) -> Array:
     positions = jnp.arange(x.shape[1])
@@ -313,25 +310,9 @@ class RecurrentDenoiser(nn.Module):
     train: bool = False,
   ) -> Array:
     """As `TransformerDenoiser.__call__`."""
-    _check_noisy(x_t, self.num_vertices)
-    batch_size, num_frames = frame_mask.shape
-    audio, condition = DenoiserConditions(
-      features=self.d_model,
-      num_styles=self.num_styles,
-      audio_frames_per_frame=self.audio_frames_per_frame,
-      dtype=self.dtype,
-      name="conditions",
-    )(
-      timesteps,
-      audio_features,
-      style,
-      _drop_flags(drop_audio, batch_size),
-      _drop_flags(drop_style, batch_size),
-      num_frames,
-    )  # [B, T, D], [B, D]
-    motion = dense(self.d_model, ("vertices", "embed"), dtype=self.dtype, name="motion_projection")(
-      x_t.astype(self.dtype)
-    )  # [B, T, D]
+    motion, audio, condition = _embedded_inputs(
+      self, x_t, timesteps, audio_features, style, frame_mask, drop_audio, drop_style
+    )  # [B, T, D] each, condition [B, D]
     condition = jnp.broadcast_to(condition[:, None], motion.shape)
     x = jnp.concatenate([motion, audio, condition], axis=-1)  # [B, T, 3D]
     lengths = frame_mask.sum(axis=1).astype(jnp.int32)  # [B]
@@ -348,14 +329,7 @@ class RecurrentDenoiser(nn.Module):
         )  # [B, T, 2D]
       else:
         x = forward(x, seq_lengths=lengths)  # [B, T, D]
-    prediction = dense(
-      self.num_vertices * 3,
-      ("embed", "vertices"),
-      dtype=self.dtype,
-      zero_init=True,
-      name="prediction_projection",
-    )(x)
-    return prediction.astype(jnp.float32)  # [B, T, V*3]
+    return _prediction(self, x)  # [B, T, V*3]
 
 
 def guided_denoise_fn(
