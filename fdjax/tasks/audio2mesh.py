@@ -43,7 +43,11 @@ from fdjax.models import losses
 from fdjax.models.audio2mesh import SpeechToMesh
 from fdjax.models.codetalker import CodePredictor
 from fdjax.models.motion_decoders import FaceFormerDecoder, NonAutoregressiveDecoder
-from fdjax.models.motion_diffusion import DiffSpeakerDecoder, FaceDiffuserDecoder
+from fdjax.models.motion_diffusion import (
+  DiffPoseTalkDecoder,
+  DiffSpeakerDecoder,
+  FaceDiffuserDecoder,
+)
 from fdjax.models.wav2vec2 import Wav2Vec2Encoder
 from fdjax.tasks import BATCH_DIM, ExportDim, _speech_mesh
 
@@ -52,10 +56,11 @@ DECODERS = {
   "nonautoregressive": NonAutoregressiveDecoder,
   "codetalker": CodePredictor,
   "diffspeaker": DiffSpeakerDecoder,
+  "diffposetalk": DiffPoseTalkDecoder,
   "facediffuser": FaceDiffuserDecoder,
 }
 # Decoder kinds that are denoisers: trained at random noise levels, sampled at prediction.
-DIFFUSION_KINDS = ("diffspeaker", "facediffuser")
+DIFFUSION_KINDS = ("diffspeaker", "diffposetalk", "facediffuser")
 # Decoder config keys that configure the loss (scheduled sampling), not the decoder module.
 SAMPLING_KEYS = ("sampling_schedule", "sampling_schedule_kwargs")
 # Where CodeTalker stage 2 puts the parameters of a stage-1 (`motion_vq`) run.
@@ -220,11 +225,12 @@ def _diffusion_loss(
   model, params, batch, rng, train, *, velocity_weight, target_weight, distance, lip_weights
 ):
   """A diffusion decoder's loss: vertex + `velocity_weight` x velocity distance (mm) of the x_0
-  implied at one random timestep per example, each `diffusion.denoising_loss` over the valid
-  frames, plus `target_weight` x the loss on the denoiser's own target; the noise and condition
-  drops are drawn from `rng`, as dropout is."""
+  implied at one random timestep per example, each `diffusion.denoising_loss` over the frames
+  the decoder scores (`aux["loss_mask"]`: the valid frames, less any previous-window frames it
+  was given; velocities over `aux["velocity_mask"]`), plus `target_weight` x the loss on the
+  denoiser's own target; the noise and condition drops are drawn from `rng`, as dropout is."""
   predicted, aux = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
-  frame_mask = batch["frame_mask"]
+  frame_mask = aux["loss_mask"]
   weight = aux["loss_weight"]
   scale = 1.0
   if lip_weights is not None:
@@ -238,7 +244,7 @@ def _diffusion_loss(
   velocity = diffusion.denoising_loss(
     jnp.diff(predicted_mm, axis=1),
     jnp.diff(truth_mm, axis=1),
-    frame_mask[:, 1:] & frame_mask[:, :-1],
+    aux["velocity_mask"],
     weight,
     distance=distance,
   )
@@ -255,7 +261,11 @@ def _diffusion_loss(
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _generate(model, params, audio, audio_mask, frame_mask, template, style, emotion, intensity):
+def _generate(
+  model, params, audio, audio_mask, frame_mask, template, style, emotion, intensity, key=None
+):
+  """The model's prediction for a padded batch; `key` is the `sample` rng of a sampled
+  (diffusion) decoder (None: its `sample_seed`)."""
   predicted, _ = model.apply(
     {"params": params},
     audio,
@@ -266,19 +276,27 @@ def _generate(model, params, audio, audio_mask, frame_mask, template, style, emo
     emotion=emotion,
     intensity=intensity,
     method="generate",
+    rngs=None if key is None else {"sample": key},
   )
   return predicted
 
 
 def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> dict[str, float]:
   """Metrics over whole sequences of `config.data.eval_split` generated from their audio, with
-  both baselines (see `_speech_mesh.evaluate_sequences`)."""
+  both baselines (see `_speech_mesh.evaluate_sequences`). A diffusion decoder is sampled
+  `config.data.eval_num_samples` times per sequence, sample n from the key
+  `model.decoder.sample_seed + n` (sample 0 is what `predict` gives): the table then has one
+  sample's metrics, their mean over the samples, and the samples' diversity."""
+  num_samples = 0
+  if config.model.decoder.kind in DIFFUSION_KINDS:
+    num_samples = config.data.eval_num_samples
+    if num_samples < 1:
+      raise ValueError(f"config.data.eval_num_samples must be >= 1, got {num_samples}")
+  seed = config.model.decoder.get("sample_seed", 0)
 
   def predict(batch, put):
     style = np.where(batch["subject"] >= 0, batch["subject"], config.data.eval_style)
-    return _generate(
-      model,
-      params,
+    inputs = (
       put(batch["audio"]),
       put(batch["audio_mask"]),
       put(batch["frame_mask"]),
@@ -287,9 +305,19 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
       put(batch.get("emotion")),
       put(batch.get("intensity")),
     )
+    if not num_samples:
+      return _generate(model, params, *inputs)
+    keys = [jax.random.key(seed + n) for n in range(num_samples)]
+    return jnp.stack([_generate(model, params, *inputs, key) for key in keys])
 
   return _speech_mesh.evaluate_sequences(
-    config, predict, _num_vertices(config), mesh=mesh, workdir=workdir, step=step
+    config,
+    predict,
+    _num_vertices(config),
+    mesh=mesh,
+    workdir=workdir,
+    step=step,
+    num_samples=num_samples,
   )
 
 
