@@ -6,7 +6,7 @@ the data, losses and evaluation of the speech-mesh family (`fdjax/tasks/_speech_
 CodeTalker's stage 1 is its own task, `motion_vq`:
 
 - model: `SpeechToMesh` (wav2vec2/HuBERT encoder + FaceFormer, non-autoregressive, CodeTalker
-  or diffusion (DiffSpeaker, FaceDiffuser) decoder, `config.model.decoder.kind`);
+  or diffusion (DiffSpeaker, DiffPoseTalk, FaceDiffuser) decoder, `config.model.decoder.kind`);
 - loss: vertex MSE + velocity MSE (optionally lip-weighted), in millimetres so the numbers are
   readable and the optimizer's epsilon is negligible; plus the latent regression for CodeTalker;
   for the diffusion decoders the same two terms on the x_0 the denoiser implies at a random
@@ -14,13 +14,15 @@ CodeTalker's stage 1 is its own task, `motion_vq`:
   target (epsilon or v);
 - evaluation: whole test sequences generated from audio alone, metrics of docs/design.md section 5
   (LVE squared, LVE mm, FDD, MVE; masks named) for the model and for two baselines computed by
-  the same code (static template; training-set mean offset);
+  the same code (static template; training-set mean offset); a diffusion decoder is sampled
+  `data.eval_num_samples` times per sequence: one sample's metrics, their mean over the samples,
+  and the samples' diversity;
 - predict: `(params, audio, template, style) -> vertices` for any audio length.
 
 Config keys read (beyond the base config and those of `_speech_mesh`): `data.eval_style`,
 `model.encoder` (`variant`, `checkpoint`, fields), `model.decoder` (`kind`, `variant`, fields),
 `model.prior_workdir` (CodeTalker stage 2), `loss.latent_weight`; diffusion decoders:
-`loss.distance`, `loss.target_weight`.
+`loss.distance`, `loss.target_weight`, `data.eval_num_samples`.
 """
 
 from __future__ import annotations
