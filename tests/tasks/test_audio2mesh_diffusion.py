@@ -83,8 +83,11 @@ def test_diffspeaker_training_lowers_the_denoising_loss(trained):
   assert float(loss) < 0.75 * before, (before, float(loss))  # measured: about 0.5
 
 
-@pytest.mark.parametrize("variant", ["facediffuser", "diffposetalk"])
-def test_experiment_builds_its_denoiser_loss_and_sampler(variant):
+@pytest.mark.parametrize(
+  "dataset, variant",
+  [("vocaset", "facediffuser"), ("vocaset", "diffposetalk"), ("biwi", "diffposetalk")],
+)
+def test_experiment_builds_its_denoiser_loss_and_sampler(dataset, variant):
   overrides = []
   if variant == "diffposetalk":
     # Windows of 8 frames after 2 previous ones: training examples of 10 frames.
@@ -93,7 +96,8 @@ def test_experiment_builds_its_denoiser_loss_and_sampler(variant):
       "--config.model.decoder.previous_frames=2",
       "--config.data.window_frames=10",
     ]
-  config = config_lib.load_config(SPEC + f",variant={variant}", overrides)
+  spec = SPEC.replace("vocaset.py", f"{dataset}.py")
+  config = config_lib.load_config(spec + f",variant={variant}", overrides)
   model = audio2mesh.build_model(config)
   decoder = model.decoder
   assert decoder.sampling_method == "ddpm" and decoder.beta_schedule == "squaredcos_cap_v2"
@@ -117,7 +121,15 @@ def test_experiment_builds_its_denoiser_loss_and_sampler(variant):
   )
   assert loss.shape == () and {"vertex_mse_mm2", "velocity_mse_mm2", "weight"} <= set(metrics)
   predict, _ = audio2mesh.predict_fn(config, model)
-  frames = 20  # diffposetalk: 2.5 windows
+  frames = 20  # diffposetalk: 2.5 windows (on BIWI of 2 audio features per frame)
+  assert decoder.audio_frames_per_frame == (2 if dataset == "biwi" else 1)
   audio = np.zeros((2, _speech_mesh.window_samples(config, frames)), np.float32)
   vertices = jax.eval_shape(predict, params, audio, batch["template"], batch["subject"])
   assert vertices.shape == (2, frames) + batch["vertices"].shape[2:]
+
+
+def test_facediffuser_on_biwi_diffuses_over_500_steps():
+  spec = SPEC.replace("vocaset.py", "biwi.py") + ",variant=facediffuser"
+  decoder = config_lib.load_config(spec.replace(",runlocal=True", "")).model.decoder
+  assert decoder.num_train_timesteps == decoder.sampling_steps == 500
+  assert decoder.sampling_method == "ddpm"
