@@ -499,6 +499,9 @@ class DiffusionDecoder(nn.Module):
   beta_schedule: str = "scaled_linear"  # linear, scaled_linear or squaredcos_cap_v2 (cosine)
   beta_start: float = 0.00085  # first beta (linear schedules); Stable Diffusion's, DiffSpeaker's
   beta_end: float = 0.012  # last beta (linear schedules)
+  # Rescale the betas so x_T is pure noise (Lin et al. 2023): else a denoiser learns to read the
+  # signal left in x_T, which sampling from pure noise does not have. Not with epsilon.
+  zero_terminal_snr: bool = False
   prediction_type: str = "sample"  # what the denoiser predicts: sample (x_0), epsilon or v
   min_snr_gamma: float = 0.0  # min-SNR-gamma loss weights; 0 = uniform
   # Offsets in metres times this are the diffused x_0: 1000 (millimetres) gives VOCASET-like
@@ -554,8 +557,17 @@ class DiffusionDecoder(nn.Module):
     return self.denoiser.previous_frames
 
   def schedule(self) -> diffusion.Schedule:
+    if self.zero_terminal_snr and self.prediction_type == "epsilon":
+      raise ValueError(
+        "zero_terminal_snr=True with prediction_type='epsilon': x_0 cannot be recovered from "
+        "the noise at the last timestep (pure noise); use sample or v_prediction"
+      )
     return diffusion.make_schedule(
-      self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end
+      self.beta_schedule,
+      self.num_train_timesteps,
+      self.beta_start,
+      self.beta_end,
+      zero_terminal_snr=self.zero_terminal_snr,
     )
 
   def sampler(self) -> diffusion.Sampler:
