@@ -66,7 +66,7 @@ def test_diffspeaker_experiment_keeps_an_ema_and_samples_by_ddim(trained):
   assert metrics["mean_of_samples/lve_squared"] < metrics["static_template/lve_squared"]
   assert metrics["mean_of_samples/num_frames"] == metrics["num_frames"]
   # In mm: the samples from two seeds differ (float32 noise would be ~1e-7 mm).
-  assert metrics["diversity_mm"] > 1e-4, metrics  # measured: 3.5e-4
+  assert metrics["diversity_mm"] > 5e-4, metrics  # measured: 1.7e-3
 
 
 def test_diffspeaker_training_lowers_the_denoising_loss(trained):
