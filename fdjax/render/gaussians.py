@@ -105,6 +105,53 @@ def quaternion_to_matrix(quaternions: Array) -> Array:
   return jnp.stack(rows, -1).reshape(*q.shape[:-1], 3, 3)
 
 
+def matrix_to_quaternion(matrices: Array) -> Array:
+  """(w, x, y, z) unit quaternions of rotation matrices: [..., 3, 3] -> [..., 4].
+
+  Of the four standard formulas, each row takes the one whose pivot (4 w^2, 4 x^2, 4 y^2 or
+  4 z^2) is largest, so no division is by a small number; the sign is free (q and -q agree).
+  """
+  m = matrices
+  m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
+  pivots = jnp.stack(
+    [1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1
+  )
+  a = m[..., 2, 1] - m[..., 1, 2]
+  b = m[..., 0, 2] - m[..., 2, 0]
+  c = m[..., 1, 0] - m[..., 0, 1]
+  d = m[..., 0, 1] + m[..., 1, 0]
+  e = m[..., 0, 2] + m[..., 2, 0]
+  f = m[..., 1, 2] + m[..., 2, 1]
+  candidates = jnp.stack(  # [..., 4 formulas, 4 components], each 4 q_pivot * q
+    [
+      jnp.stack([pivots[..., 0], a, b, c], -1),
+      jnp.stack([a, pivots[..., 1], d, e], -1),
+      jnp.stack([b, d, pivots[..., 2], f], -1),
+      jnp.stack([c, e, f, pivots[..., 3]], -1),
+    ],
+    -2,
+  )
+  best = jnp.argmax(pivots, axis=-1)
+  chosen = jnp.take_along_axis(candidates, best[..., None, None], axis=-2)[..., 0, :]
+  scale = 0.5 / jnp.sqrt(jnp.maximum(jnp.take_along_axis(pivots, best[..., None], -1), 1e-12))
+  return chosen * scale
+
+
+def quaternion_multiply(a: Array, b: Array) -> Array:
+  """Hamilton product of (w, x, y, z) quaternions (the rotation b, then a): [..., 4] x2."""
+  aw, ax, ay, az = (a[..., i] for i in range(4))
+  bw, bx, by, bz = (b[..., i] for i in range(4))
+  return jnp.stack(
+    [
+      aw * bw - ax * bx - ay * by - az * bz,
+      aw * bx + ax * bw + ay * bz - az * by,
+      aw * by - ax * bz + ay * bw + az * bx,
+      aw * bz + ax * by - ay * bx + az * bw,
+    ],
+    -1,
+  )
+
+
 def covariances(quaternions: Array, scales: Array) -> Array:
   """3D covariances `R S S^T R^T`: [..., 4], [..., 3] -> [..., 3, 3]."""
   m = quaternion_to_matrix(quaternions) * scales[..., None, :]  # R S
@@ -171,6 +218,7 @@ def project(
   width: int,
   sh_degree: int | None = None,
   near: float = 0.01,
+  screen_offset: Array | None = None,
 ) -> Projected:
   """Projects Gaussians into one view (step 1 of the module docstring).
 
@@ -182,6 +230,9 @@ def project(
   dilation is a low-pass filter: a splat narrower than a pixel would otherwise alias (and fall
   between pixel centres). A Gaussian is visible when z > `near`, its opacity reaches 1/255, and
   its extent `sqrt(2 ln(255 o) * diag(cov2d))` (where alpha falls to 1/255) meets the image.
+
+  `screen_offset` [N, 2] (zeros) is added to the projected centres: the gradient of a loss with
+  respect to it is the screen-space gradient that 3DGS-style densification reads.
   """
   means_cam = gaussians.means @ camera.rotation.T + camera.translation  # [N, 3]
   x, y, z = means_cam[:, 0], means_cam[:, 1], means_cam[:, 2]
@@ -190,6 +241,8 @@ def project(
   fx, fy = camera.focal[0], camera.focal[1]
   cx, cy = camera.principal[0], camera.principal[1]
   means2d = jnp.stack([fx * x / z_safe + cx, fy * y / z_safe + cy], -1)
+  if screen_offset is not None:
+    means2d = means2d + screen_offset
 
   # The Jacobian at the clamped direction (see the docstring).
   half_x, half_y = 0.5 * width / fx, 0.5 * height / fy  # tan of the half fields of view
@@ -213,7 +266,8 @@ def project(
   opacities = gaussians.opacities
   # Mahalanobis radius (squared) at which alpha = o exp(-r2 / 2) falls to 1/255.
   r2 = 2.0 * jnp.log(jnp.maximum(opacities / ALPHA_MIN, 1.0))
-  extents = jnp.sqrt(jnp.stack([r2 * a, r2 * c], -1))  # [N, 2]
+  # Only binning reads the extents: no gradient (sqrt has none at 0, where o < 1/255).
+  extents = jax.lax.stop_gradient(jnp.sqrt(jnp.stack([r2 * a, r2 * c], -1)))  # [N, 2]
   on_image = (
     (means2d[:, 0] + extents[:, 0] > 0)
     & (means2d[:, 0] - extents[:, 0] < width)
@@ -463,6 +517,7 @@ def render(
   chunk: int = 32,
   near: float = 0.01,
   differentiable: bool = True,
+  screen_offset: Array | None = None,
 ) -> Rendered:
   """Renders Gaussians from one camera: `project`, `bin_tiles`, `composite`.
 
@@ -482,13 +537,22 @@ def render(
     chunk: bucket slots composited at once.
     near: Gaussians at camera z <= near are not drawn.
     differentiable: False renders faster, without reverse-mode gradients (`composite`).
+    screen_offset: [N, 2] added to the projected centres (`project`), for screen-space gradients.
 
   Returns:
     `Rendered(colour [H, W, C], alpha [H, W], depth [H, W], aux)`, aux holding the int32
     counts `pair_overflow` and `bucket_overflow` (pairs dropped for lack of room: the result
     is then not the exact rendering; callers report them) and `max_bucket`.
   """
-  projected = project(gaussians, camera, height=height, width=width, sh_degree=sh_degree, near=near)
+  projected = project(
+    gaussians,
+    camera,
+    height=height,
+    width=width,
+    sh_degree=sh_degree,
+    near=near,
+    screen_offset=screen_offset,
+  )
   buckets = bin_tiles(
     projected,
     height=height,
