@@ -202,6 +202,7 @@ def _camera_entry(rotation, translation, focal, size) -> dict:
 
 def write(out_dir: str, size: str = "tiny", seed: int = 0) -> None:
   """Writes the twin of `size` (tiny, demo) to `out_dir` (see the module docstring)."""
+  import jax
   import jax.numpy as jnp
   from PIL import Image
 
@@ -232,22 +233,21 @@ def write(out_dir: str, size: str = "tiny", seed: int = 0) -> None:
   for name in ("images", "fg_masks", "flame_param"):
     os.makedirs(os.path.join(out_dir, name), exist_ok=True)
 
+  trajectories = [_trajectories(rng, frames) for _, frames in sequences]
+  every = {k: np.concatenate([p[k] for p in trajectories]) for k in trajectories[0]}
+  pose = np.concatenate([every[k] for k in ("rotation", "neck_pose", "jaw_pose", "eyes_pose")], -1)
+  # One compiled call for every frame (the model an argument, not a constant to fold).
+  posed = jax.jit(lambda m, *a: flame.flame_forward(m, *a).vertices)(
+    offset_model,
+    jnp.asarray(shape),
+    *(jnp.asarray(a, jnp.float32) for a in (every["expr"], pose, every["translation"])),
+  )
+  posed = np.asarray(posed)  # [all frames, V, 3]
+
   splits: dict[str, list] = {"train": [], "val": [], "test": []}
   timestep = 0
-  for sequence, (role, frames) in enumerate(sequences):
-    params = _trajectories(rng, frames)
-    pose = np.concatenate(
-      [params["rotation"], params["neck_pose"], params["jaw_pose"], params["eyes_pose"]], -1
-    )
-    vertices = np.asarray(
-      flame.flame_forward(
-        offset_model,
-        jnp.asarray(shape),
-        jnp.asarray(params["expr"], jnp.float32),
-        jnp.asarray(pose, jnp.float32),
-        jnp.asarray(params["translation"], jnp.float32),
-      ).vertices
-    )
+  for sequence, ((role, frames), params) in enumerate(zip(sequences, trajectories)):
+    vertices = posed[timestep : timestep + frames]
     for t in range(frames):
       np.savez(
         os.path.join(out_dir, "flame_param", f"{timestep:05d}.npz"),

