@@ -57,7 +57,7 @@ def get_config(arg=None):
 
   c.densify = ConfigDict()
   c.densify.start = 100  # First step that densifies and prunes.
-  c.densify.stop = 450  # Last such step.
+  c.densify.stop = 250  # Last such step.
   c.densify.every = 100  # Steps between them.
   c.densify.grad_threshold = 2e-4  # Mean screen-space gradient (NDC units) that densifies.
   c.densify.split_scale = 1.0  # Local scale above which a Gaussian splits (else it is cloned).
@@ -77,14 +77,14 @@ def get_config(arg=None):
   for name, lr in groups.items():
     c.optim.groups[name] = ConfigDict({"pattern": f"^{name}$", "lr": lr})
 
-  c.total_steps = 600
+  c.total_steps = 300
   c.batch_size = 2  # Views per step.
   c.mesh.data = 1  # Views are batched on one device here; shard them with mesh.data > 1.
   c.mesh.fsdp = 1
   c.mesh.tensor = -1
   c.log_every = 50
   c.eval_every = 0
-  c.checkpoint.every = 200
+  c.checkpoint.every = 100
   c.sweep_metric = "val_psnr"
   c.sweep_mode = "max"
   if args.runlocal:
