@@ -163,27 +163,33 @@ def test_projection_and_sh_equal_gsplat_reference():
   )
   centre = -camera.rotation.T @ camera.translation
   dirs = g.means - centre
+
+  @jax.jit
+  def ours(g, camera, dirs):  # one compiled function for all of our side
+    projected = gs.project(g, camera, height=HEIGHT, width=WIDTH, sh_degree=3)
+    colours = [gs.sh_colours(g.colours, dirs, degree) for degree in range(4)]
+    return projected, gs.covariances(g.quaternions, g.scales), colours
+
   with jax.enable_x64(True):
-    ours = gs.project(
-      _as_jax(g._replace(colours=sh)), _as_jax(camera), height=HEIGHT, width=WIDTH, sh_degree=3
+    projected, covariances, colours = ours(
+      _as_jax(g._replace(colours=sh)), _as_jax(camera), jnp.asarray(dirs)
     )
-    np.testing.assert_allclose(
-      np.asarray(gs.covariances(g.quaternions, g.scales)), covars.numpy(), atol=1e-12
-    )
-    np.testing.assert_allclose(np.asarray(ours.means2d), means2d[0].numpy(), rtol=1e-10)
-    np.testing.assert_allclose(np.asarray(ours.depths), depths[0].numpy(), rtol=1e-10)
-    np.testing.assert_allclose(np.asarray(ours.conics), conics[0].numpy(), rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(covariances), covars.numpy(), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(projected.means2d), means2d[0].numpy(), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(projected.depths), depths[0].numpy(), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(projected.conics), conics[0].numpy(), rtol=1e-8)
     for degree in range(4):
       reference = gsplat_ref._spherical_harmonics(degree, t(dirs), t(sh)).numpy()
-      ours_colour = gs.sh_colours(jnp.asarray(sh), jnp.asarray(dirs), degree)
       np.testing.assert_allclose(
-        np.asarray(ours_colour), np.maximum(reference + 0.5, 0), atol=1e-12
+        np.asarray(colours[degree]), np.maximum(reference + 0.5, 0), atol=1e-12
       )
 
 
 def _directional_check(fn, params, rng, eps=1e-6):
-  """Reverse-mode gradient . v against the central difference along v, for each leaf."""
-  grads = jax.grad(fn)(params)
+  """Reverse-mode gradient . v against the central difference along v, for each leaf (one
+  compiled `value_and_grad` gives both)."""
+  value_and_grad = jax.jit(jax.value_and_grad(fn))
+  _, grads = value_and_grad(params)
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     direction = rng.normal(size=np.shape(leaf))
     direction /= np.linalg.norm(direction)
@@ -193,7 +199,7 @@ def _directional_check(fn, params, rng, eps=1e-6):
         lambda key, x: x + sign * eps * direction if key == path else x, params
       )
 
-    numeric = (fn(shifted(1.0)) - fn(shifted(-1.0))) / (2 * eps)
+    numeric = (value_and_grad(shifted(1.0))[0] - value_and_grad(shifted(-1.0))[0]) / (2 * eps)
     analytic = sum(
       float(jnp.vdot(gr, direction))
       for p, gr in jax.tree_util.tree_leaves_with_path(grads)
@@ -227,57 +233,56 @@ def test_gradients_match_finite_differences_for_every_parameter_and_the_camera()
       return jnp.sum(channels * weights)
 
     params = _as_jax((g._replace(colours=sh), camera))
-    _directional_check(jax.jit(loss), params, rng)
+    _directional_check(loss, params, rng)
 
 
 def test_bucket_and_pair_overflow_are_counted_exactly():
   rng = np.random.default_rng(4)
   g, camera = _scene(rng, 80, spread=0.15, scale=(0.01, 0.02))
+  pair_capacity, capacity = 120, 16
   with jax.enable_x64(True):
     jg, jc = _as_jax(g), _as_jax(camera)
     projected = gs.project(jg, jc, height=HEIGHT, width=WIDTH)
-    # The expected pairs per tile, from the extents, counted in numpy.
+    # The pairs each Gaussian makes, nearest Gaussian first, the first `pair_capacity` kept.
     tiles_y, tiles_x = gs.tile_grid(HEIGHT, WIDTH, 8)
     low = np.asarray(projected.means2d - projected.extents)
     high = np.asarray(projected.means2d + projected.extents)
-    per_tile = np.zeros((tiles_y, tiles_x), int)
-    for n in np.flatnonzero(np.asarray(projected.visible)):
+    visible = np.flatnonzero(np.asarray(projected.visible))
+    kept = np.zeros((tiles_y, tiles_x), int)
+    total = 0
+    for n in visible[np.argsort(np.asarray(projected.depths)[visible], kind="stable")]:
       x0, x1 = np.clip(np.floor([low[n, 0] / 8, high[n, 0] / 8]), 0, tiles_x - 1).astype(int)
       y0, y1 = np.clip(np.floor([low[n, 1] / 8, high[n, 1] / 8]), 0, tiles_y - 1).astype(int)
-      per_tile[y0 : y1 + 1, x0 : x1 + 1] += 1
-    assert per_tile.max() > 16
-    out = _render(jg, jc, capacity=16, chunk=16)
-    assert int(out.aux["bucket_overflow"]) == np.maximum(per_tile - 16, 0).sum() > 0
-    assert int(out.aux["max_bucket"]) == per_tile.max()
-    assert int(out.aux["pair_overflow"]) == 0
-    short = _render(jg, jc, pair_capacity=50, capacity=128)
-    assert int(short.aux["pair_overflow"]) == per_tile.sum() - 50 > 0
-    roomy = _render(jg, jc, capacity=128)
-    assert int(roomy.aux["bucket_overflow"]) == 0 and int(roomy.aux["pair_overflow"]) == 0
-    colour, *_ = _oracle_render(g, camera, HEIGHT, WIDTH, np.zeros(3))
-    np.testing.assert_allclose(np.asarray(roomy.colour), colour, atol=1e-5)
+      for y in range(y0, y1 + 1):
+        for x in range(x0, x1 + 1):
+          kept[y, x] += total < pair_capacity
+          total += 1
+    out = _render(jg, jc, capacity=capacity, chunk=16, pair_capacity=pair_capacity)
+  assert total > pair_capacity and kept.max() > capacity
+  assert int(out.aux["pair_overflow"]) == total - pair_capacity
+  assert int(out.aux["bucket_overflow"]) == np.maximum(kept - capacity, 0).sum()
+  assert int(out.aux["max_bucket"]) == kept.max()
 
 
 def test_views_batch_with_vmap_and_shard_over_devices():
   rng = np.random.default_rng(5)
-  g, camera = _scene(rng, 30)
+  g, camera = _scene(rng, 40)
   views = 8
   angles = np.linspace(-0.3, 0.3, views)
   rotations = np.stack([Rotation.from_euler("y", a).as_matrix() @ camera.rotation for a in angles])
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
   cameras = gs.Camera(
-    jnp.asarray(rotations, jnp.float32),
-    jnp.tile(jnp.asarray(camera.translation, jnp.float32), (views, 1)),
-    jnp.tile(jnp.asarray(camera.focal, jnp.float32), (views, 1)),
-    jnp.tile(jnp.asarray(camera.principal, jnp.float32), (views, 1)),
+    f32(rotations),
+    jnp.tile(f32(camera.translation), (views, 1)),
+    jnp.tile(f32(camera.focal), (views, 1)),
+    jnp.tile(f32(camera.principal), (views, 1)),
   )
-  jg = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
-  render = lambda c: gs.render(
-    jg, c, height=HEIGHT, width=WIDTH, tile_size=8, capacity=64, chunk=16
-  )
+  jg = jax.tree.map(f32, g)
   mesh = jax.make_mesh((jax.device_count(),), ("views",), axis_types=(AxisType.Auto,))
   sharded = jax.device_put(cameras, NamedSharding(mesh, PartitionSpec("views")))
-  batched = jax.jit(jax.vmap(render))(sharded)
+  batched = jax.jit(jax.vmap(lambda c: _render(jg, c)))(sharded)
   assert batched.colour.shape == (views, HEIGHT, WIDTH, 3)
+  assert batched.colour.sharding.spec[0] == "views"
   for i in (0, views - 1):
-    single = jax.jit(render)(jax.tree.map(lambda x, i=i: x[i], cameras))
+    single = _render(jg, jax.tree.map(lambda x, i=i: x[i], cameras))
     np.testing.assert_allclose(np.asarray(batched.colour[i]), np.asarray(single.colour), atol=1e-6)
