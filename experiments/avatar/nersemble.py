@@ -56,9 +56,9 @@ def get_config(arg=None):
   c.loss.scale_threshold = 0.6  # Local scale (triangle units) before it costs.
 
   c.densify = ConfigDict()
-  c.densify.start = 100  # First step that densifies and prunes.
-  c.densify.stop = 250  # Last such step.
-  c.densify.every = 100  # Steps between them.
+  c.densify.start = 100  # First update that densifies and prunes (1-based, as logged).
+  c.densify.stop = 250  # Last such update.
+  c.densify.every = 100  # Updates between them.
   c.densify.grad_threshold = 2e-4  # Mean screen-space gradient (NDC units) that densifies.
   c.densify.split_scale = 1.0  # Local scale above which a Gaussian splits (else it is cloned).
   c.densify.prune_opacity = 0.005  # Opacity below which a Gaussian is freed.

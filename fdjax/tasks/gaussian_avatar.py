@@ -328,12 +328,13 @@ def _loss(
   norms = jnp.linalg.norm(screen_gradient * size, axis=-1) * num_views  # [B, N]
   state = avatar_lib.accumulate_statistics(state, norms, norms > 0)
   start, stop, every, reset_every = schedule
-  step = jnp.asarray(0 if step is None else step)
-  grow = (every > 0) & (step >= start) & (step <= stop) & (step % max(every, 1) == 0)
+  # This update's number (1-based), so update k densifies and its log line (step k) shows it.
+  update = jnp.asarray(0 if step is None else step) + 1
+  grow = (every > 0) & (update >= start) & (update <= stop) & (update % max(every, 1) == 0)
   grown, counts = avatar_lib.densify_and_prune(params, state, rng, settings)
   state = jax.tree.map(lambda new, old: jnp.where(grow, new, old), grown, state)
   if reset_every:
-    reset = (step > 0) & (step % reset_every == 0) & (step <= stop)
+    reset = (update % reset_every == 0) & (update <= stop)
     state = jax.tree.map(
       lambda new, old: jnp.where(reset, new, old), avatar_lib.reset_opacity(params, state), state
     )
