@@ -200,7 +200,6 @@ def render_sequence(
   state = collections[task.COLLECTION]
   effective = avatar_lib.effective_params(params, state)
   settings = {**task.render_settings(config), "height": height, "width": width}
-  settings["differentiable"] = False
   draw = jax.jit(
     lambda b: task.render_views(
       model, effective, state, b, render=settings, background=float(config.data.background)

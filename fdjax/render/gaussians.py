@@ -436,9 +436,11 @@ def composite(
   The bucket (K slots, nearest first) is walked in chunks of `chunk` slots. With
   `differentiable=True` the walk is a `lax.scan` over all K / chunk chunks: early termination is
   a mask (pixels that stopped take nothing more) rather than an exit, because reverse-mode
-  differentiation needs a fixed trip count. With `differentiable=False` it is a
-  `lax.while_loop` that exits when every pixel of every tile has stopped or the fullest bucket
-  is used up: the same result, faster, but not reverse-differentiable (rendering for viewing).
+  differentiation needs a fixed trip count; a chunk no tile fills is skipped. With
+  `differentiable=False` it is a `lax.while_loop` that exits when every pixel of every tile has
+  stopped or the fullest bucket is used up: the same result, not reverse-differentiable. On CPU
+  the scan measured faster even so (256 px, 10k Gaussians: 1.22 against 0.79 frames/s), so the
+  avatar task renders with the scan; the loop is there for backends where exiting pays.
 
   Returns:
     colour [H, W, C] (composited splats plus `background` [C] (default black) times the
@@ -545,7 +547,8 @@ def render(
     pair_capacity: (Gaussian, tile) pairs binned at most (default 4 N).
     chunk: bucket slots composited at once.
     near: Gaussians at camera z <= near are not drawn.
-    differentiable: False renders faster, without reverse-mode gradients (`composite`).
+    differentiable: False walks buckets with an early-exit loop, without reverse-mode gradients
+      (`composite`).
     screen_offset: [N, 2] added to the projected centres (`project`), for screen-space gradients.
 
   Returns:

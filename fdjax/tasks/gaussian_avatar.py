@@ -356,7 +356,7 @@ def evaluate(
   """PSNR and SSIM on the held-out camera (`val_*`) and held-out sequence (`test_*`)."""
   state = collections[COLLECTION]
   effective = avatar_lib.effective_params(params, state)
-  render = {**render_settings(config), "differentiable": False}
+  render = render_settings(config)
   draw = jax.jit(
     lambda batch: render_views(
       model, effective, state, batch, render=render, background=float(config.data.background)
