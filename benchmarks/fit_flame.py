@@ -17,6 +17,7 @@ import json
 import time
 
 from fdjax import fit
+from fdjax.models import flame
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])
   parser.add_argument("--num_devices", type=int, default=None, help="shard over (default: all)")
   args = parser.parse_args()
-  model = fit.default_head_model()
+  model = flame.synthetic_head_model()
   for num_frames in args.frames:
     for seed in args.seeds:
       vertices, _ = fit.random_sequence(model, num_frames, seed)

@@ -338,16 +338,6 @@ def random_sequence(
   return np.asarray(vertices), coefficients
 
 
-def default_head_model() -> flame.FlameModel:
-  """The synthetic head model (seed 0), built in memory."""
-  from data_pipelines.synthetic import head_model
-
-  arrays, landmarks = head_model.make_head_model(0)
-  return flame.flame_model_from_arrays(
-    arrays, landmarks["lmk_face_idx"], landmarks["lmk_b_coords"], name="synthetic head model"
-  )
-
-
 def main(argv: list[str]) -> int:
   """`fdjax fit flame ...`; returns the exit status."""
   parser = argparse.ArgumentParser(prog="fdjax fit", description=__doc__.split("\n")[0])
@@ -364,7 +354,7 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   start = time.monotonic()
   try:
-    model = default_head_model() if args.model is None else flame.load_flame(args.model)
+    model = flame.synthetic_head_model() if args.model is None else flame.load_flame(args.model)
     vertices = read_mesh_sequence(args.meshes, model.num_vertices)
   except (MeshSequenceError, flame.FlameFileError, safe_pickle.UnsafePickleError) as e:
     if args.verbose:

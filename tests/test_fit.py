@@ -12,7 +12,7 @@ from fdjax.models import flame
 
 @pytest.fixture(scope="module")
 def model():
-  return fit.default_head_model()
+  return flame.synthetic_head_model()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ their pickled state; neither chumpy nor scipy code runs, and any other global is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pickle
 from collections.abc import Mapping
@@ -121,7 +122,7 @@ def landmarks_from_vertices(
   return jnp.einsum("...lcx,lc->...lx", corners, landmark_barycentric.astype(vertices.dtype))
 
 
-def _blend(coefficients: Array, basis: Array, dtype) -> Array:
+def blend(coefficients: Array, basis: Array, dtype: jnp.dtype = jnp.float32) -> Array:
   """[..., N] x [V, 3, >= N] -> [..., V, 3], in `dtype` with float32 accumulation; float32
   matmuls at full precision (accelerators otherwise round float32 operands)."""
   return jnp.einsum(
@@ -148,8 +149,8 @@ def blend_shapes(
   # Identity and expression blend at their own leading shapes (one identity for many frames).
   return (
     model.template
-    + _blend(shape, model.shape_basis, dtype)
-    + _blend(expression, model.expression_basis, dtype)
+    + blend(shape, model.shape_basis, dtype)
+    + blend(expression, model.expression_basis, dtype)
   )
 
 
@@ -213,7 +214,7 @@ def articulate(
 
   rotations = rodrigues(pose.reshape(*batch, num_joints, 3))  # [..., K, 3, 3]
   pose_feature = (rotations[..., 1:, :, :] - jnp.eye(3)).reshape(*batch, 9 * (num_joints - 1))
-  posed = shaped + _blend(pose_feature, model.pose_basis, dtype)  # [..., V, 3]
+  posed = shaped + blend(pose_feature, model.pose_basis, dtype)  # [..., V, 3]
   # World transform of each joint: its parent's, then its own rotation about its rest location.
   world_rotations = [rotations[..., 0, :, :]]
   world_joints = [joints[..., 0, :]]
@@ -575,3 +576,28 @@ def load_flame(
   return flame_model_from_arrays(
     _read_arrays(model_path), *landmarks, num_shape=num_shape, name=model_path
   )
+
+
+@functools.cache
+def synthetic_head_model(seed: int = 0) -> FlameModel:
+  """The synthetic stand-in (`data_pipelines/synthetic/head_model.py`), built in memory once:
+  what fdjax uses wherever a head model is needed and none is given."""
+  from data_pipelines.synthetic import head_model
+
+  arrays, landmarks = head_model.make_head_model(seed)
+  with jax.ensure_compile_time_eval():  # concrete arrays even when first asked inside a trace
+    return flame_model_from_arrays(
+      arrays, landmarks["lmk_face_idx"], landmarks["lmk_b_coords"], name="synthetic head model"
+    )
+
+
+def head_model(path: str = "") -> FlameModel:
+  """The head model a config names: `path` to a `generic_model.pkl` (or .npz), or "" for the
+  synthetic stand-in."""
+  return synthetic_head_model() if not path else _load_cached(os.path.abspath(path))
+
+
+@functools.cache
+def _load_cached(path: str) -> FlameModel:
+  with jax.ensure_compile_time_eval():
+    return load_flame(path)
