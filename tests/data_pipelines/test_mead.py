@@ -2,51 +2,30 @@
 through the head model, emotion in the upper face and mouth corners, and the bad-input rules
 (docs/design.md section 6).
 
-One reduced twin (two actors, clips of 0.4-0.5 s) with two corrupted parameter files serves
-every test: it is built once with `skip_invalid`."""
+One small twin (`tests/mead_data.py`, shared with the experiment's test) with two corrupted
+parameter files serves every test: it is built once with `skip_invalid`."""
 
 import os
-import shutil
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from mead_data import CORRUPTED
 
 from data_pipelines import audio_mesh
 from data_pipelines.builders import common, mead
-from data_pipelines.synthetic import mead as mead_twin
 from fdjax.models import flame
 
-CORRUPTED = ("M003/flame/happy/level_2/001.npz", "M037/flame/sad/level_1/001.npz")
+
+@pytest.fixture(scope="module")
+def raw_dir(small_mead):
+  return small_mead[0]
 
 
 @pytest.fixture(scope="module")
-def raw_dir(tmp_path_factory):
-  """The twin (a training and a test actor), with two parameter files spoiled."""
-  path = str(tmp_path_factory.mktemp("mead_raw"))
-  sizes = dict(mead_twin._SIZES)
-  mead_twin._SIZES["test"] = ({"M003": 1, "M037": 1}, (0.4, 0.5))
-  try:
-    mead_twin.write(path, size="test", seed=0)
-  finally:
-    mead_twin._SIZES.clear()
-    mead_twin._SIZES.update(sizes)
-  for relative in CORRUPTED:
-    shutil.copy(os.path.join(path, relative), os.path.join(path, relative + ".orig"))
-  truncated = open(os.path.join(path, CORRUPTED[0]), "rb").read()
-  with open(os.path.join(path, CORRUPTED[0]), "wb") as f:
-    f.write(truncated[: len(truncated) // 2])
-  with np.load(os.path.join(path, CORRUPTED[1])) as archive:
-    content = dict(archive)
-  np.savez(os.path.join(path, CORRUPTED[1]), shape=content["shape"], jaw_pose=content["jaw_pose"])
-  return path
-
-
-@pytest.fixture(scope="module")
-def built(raw_dir, tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("mead_data"))
-  return data_dir, mead.build(raw_dir, data_dir, skip_invalid=True)
+def built(small_mead):
+  return small_mead[1], small_mead[2]
 
 
 def test_twin_writes_mead_layout_with_parameters_per_clip(raw_dir):
