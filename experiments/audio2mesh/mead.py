@@ -11,6 +11,14 @@ generated expression (`fdjax/tasks/_emotion.py`). On the synthetic twin, from sc
 
     fdjax train --config experiments/audio2mesh/mead.py --workdir runs/mead
 
+On MEAD with reconstructed parameters (`data_pipelines/builders/mead.py` describes the layout),
+decoding through the FLAME model they belong to:
+
+    fdjax train --config experiments/audio2mesh/mead.py \\
+        --config.data.raw_dir=/path/to/MEAD --config.data.data_dir=/path/to/tfds \\
+        --config.model.decoder.head_model=/path/to/MEAD/head_model/generic_model.pkl \\
+        --workdir runs/mead_real
+
 Rig controls instead of FLAME coefficients (EmoFace's 174 MetaHuman controls through a linear
 rig; `model.decoder.rig` names a `[174, V, 3]` .npy/.npz, "" the synthetic rig):
 

@@ -15,12 +15,19 @@ CodeTalker's stage 1 is its own task, `motion_vq`:
 - evaluation: whole test sequences generated from audio alone, metrics of docs/design.md section 5
   (LVE squared, LVE mm, FDD, MVE; masks named) for the model and for two baselines computed by
   the same code (static template; training-set mean offset);
-- predict: `(params, audio, template, style) -> vertices` for any audio length.
+- predict: `(params, audio, template, style) -> vertices` for any audio length;
+- emotional speech in FLAME space (the `mead` experiment, docs/design.md section 18): the
+  non-autoregressive decoder may predict head-model coefficients or rig controls
+  (`model.decoder.output`), the loss may be EMOTE's content/emotion split
+  (`loss.emotion_weight > 0`), and with `data.emotions` the evaluation adds LVE per emotion, the
+  emotion accuracy of the generated expression and what another emotion changes
+  (`fdjax/tasks/_emotion.py`).
 
 Config keys read (beyond the base config and those of `_speech_mesh`): `data.eval_style`,
 `model.encoder` (`variant`, `checkpoint`, fields), `model.decoder` (`kind`, `variant`, fields),
 `model.prior_workdir` (CodeTalker stage 2), `loss.latent_weight`; diffusion decoders:
-`loss.distance`, `loss.target_weight`.
+`loss.distance`, `loss.target_weight`; where the config has them: `loss.emotion_weight`,
+`loss.content_weight`, `data.emotions`.
 """
 
 from __future__ import annotations
