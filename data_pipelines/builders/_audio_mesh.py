@@ -335,7 +335,7 @@ def inspect_dataset(name: str, data_dir: str, out_png: str | None, max_examples:
     "sample_rate": sample_rate,
     "num_vertices": int(metadata["num_vertices"]),
     "skipped": dict(metadata.get("skipped", {})),
-    "features": {k: f"{v.shape} {np.dtype(v.np_dtype).name}" for k, v in info.features.items()},
+    "features": _describe(info.features),
     "splits": {},
   }
   plotted = None
@@ -374,6 +374,16 @@ def inspect_dataset(name: str, data_dir: str, out_png: str | None, max_examples:
     _plot_motion(plotted, fps, sample_rate, out_png, title=f"{name}: {_text(plotted['key'])}")
     report["plot"] = out_png
   return report
+
+
+def _describe(features) -> dict:
+  """`{name: "shape dtype"}` of a FeaturesDict, nested dicts (MEAD's `flame`) as dicts."""
+  return {
+    k: _describe(v)
+    if isinstance(v, tfds.features.FeaturesDict)
+    else f"{v.shape} {np.dtype(v.np_dtype).name}"
+    for k, v in features.items()
+  }
 
 
 def _text(value) -> str:

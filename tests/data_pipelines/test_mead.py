@@ -124,3 +124,10 @@ def test_bad_parameter_files_are_one_line_errors_naming_the_file(tmp_path, conte
     mead.read_parameters(path)
   message = str(raised.value)
   assert path in message and reason in message and "\n" not in message, message
+
+
+def test_inspect_describes_the_nested_parameters(built):
+  data_dir, _ = built
+  report = mead.inspect(data_dir)
+  assert report["features"]["flame"]["pose"].startswith("(None, 15) float32")
+  assert report["splits"]["test"]["num_examples"] == 21
