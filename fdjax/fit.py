@@ -338,6 +338,11 @@ def random_sequence(
   return np.asarray(vertices), coefficients
 
 
+def default_head_model() -> flame.FlameModel:
+  """The synthetic head model: `flame.synthetic_head_model()` under the name callers first used."""
+  return flame.synthetic_head_model()
+
+
 def main(argv: list[str]) -> int:
   """`fdjax fit flame ...`; returns the exit status."""
   parser = argparse.ArgumentParser(prog="fdjax fit", description=__doc__.split("\n")[0])
