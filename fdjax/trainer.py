@@ -103,7 +103,9 @@ class _SigtermFlag:
 
 def _to_global(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
   """This process's numpy batch -> global arrays sharded over the batch mesh axes."""
-  arrays = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind not in "OSUV"}
+  arrays = {
+    k: v for k, v in batch.items() if isinstance(v, dict) or np.asarray(v).dtype.kind not in "OSUV"
+  }  # nested dicts of arrays (e.g. `flame`) go too
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), arrays)
 
 

@@ -15,12 +15,19 @@ CodeTalker's stage 1 is its own task, `motion_vq`:
 - evaluation: whole test sequences generated from audio alone, metrics of docs/design.md section 5
   (LVE squared, LVE mm, FDD, MVE; masks named) for the model and for two baselines computed by
   the same code (static template; training-set mean offset);
-- predict: `(params, audio, template, style) -> vertices` for any audio length.
+- predict: `(params, audio, template, style) -> vertices` for any audio length;
+- emotional speech in FLAME space (the `mead` experiment, docs/design.md section 18): the
+  non-autoregressive decoder may predict head-model coefficients or rig controls
+  (`model.decoder.output`), the loss may be EMOTE's content/emotion split
+  (`loss.emotion_weight > 0`), and with `data.emotions` the evaluation adds LVE per emotion, the
+  emotion accuracy of the generated expression and what another emotion changes
+  (`fdjax/tasks/_emotion.py`).
 
 Config keys read (beyond the base config and those of `_speech_mesh`): `data.eval_style`,
 `model.encoder` (`variant`, `checkpoint`, fields), `model.decoder` (`kind`, `variant`, fields),
 `model.prior_workdir` (CodeTalker stage 2), `loss.latent_weight`; diffusion decoders:
-`loss.distance`, `loss.target_weight`.
+`loss.distance`, `loss.target_weight`; where the config has them: `loss.emotion_weight`,
+`loss.content_weight`, `data.emotions`.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from fdjax.models.codetalker import CodePredictor
 from fdjax.models.motion_decoders import FaceFormerDecoder, NonAutoregressiveDecoder
 from fdjax.models.motion_diffusion import DiffSpeakerDecoder, FaceDiffuserDecoder
 from fdjax.models.wav2vec2 import Wav2Vec2Encoder
-from fdjax.tasks import BATCH_DIM, ExportDim, _speech_mesh
+from fdjax.tasks import BATCH_DIM, ExportDim, _emotion, _speech_mesh
 
 DECODERS = {
   "faceformer": FaceFormerDecoder,
@@ -84,6 +91,11 @@ def build_model(config: Any) -> nn.Module:
     raise ValueError(
       f"config.model.decoder.kind={dec.kind!r}: expected one of {sorted(DECODERS)} "
       "(CodeTalker stage 1, codetalker_vq, is the task motion_vq)"
+    )
+  if dec.get("output", "vertices") != "vertices" and dec.kind != "nonautoregressive":
+    raise ValueError(
+      f"config.model.decoder.output={dec.output!r} (head-model coefficients or rig controls) "
+      f"needs kind='nonautoregressive', got {dec.kind!r}"
     )
   numerics = {"dtype": dtype, "attention_impl": config.precision.attention_impl}
   fields = {
@@ -142,6 +154,14 @@ def load_pretrained(config: Any, params: dict) -> dict:
 
 def make_loss_fn(config: Any):
   """The loss for `config`: see the module docstring."""
+  if config.loss.get("emotion_weight", 0.0) > 0:
+    return functools.partial(
+      _content_emotion_loss,
+      velocity_weight=config.loss.velocity_weight,
+      content_weight=config.loss.content_weight,
+      emotion_weight=config.loss.emotion_weight,
+      lips=_speech_mesh.region_weights(config, "lip_mask", _num_vertices(config), 1.0, 0.0),
+    )
   if config.model.decoder.kind in DIFFUSION_KINDS:
     return functools.partial(
       _diffusion_loss,
@@ -216,6 +236,30 @@ def _loss(
   return loss, metrics
 
 
+def _content_emotion_loss(
+  model, params, batch, rng, train, *, velocity_weight, content_weight, emotion_weight, lips
+):
+  """EMOTE's split of the loss: `content_weight` x (lip-region vertex + `velocity_weight` x lip
+  velocity MSE, per frame) + `emotion_weight` x the whole face's per-sequence error
+  (`losses.sequence_mean_mse` of the time-averaged meshes), all in mm^2."""
+  predicted, _ = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
+  content, metrics = _speech_mesh.vertex_losses(
+    predicted, batch, velocity_weight=velocity_weight, lip_weights=lips
+  )
+  emotion = losses.sequence_mean_mse(
+    predicted * _speech_mesh.MM_PER_METRE,
+    batch["vertices"] * _speech_mesh.MM_PER_METRE,
+    batch["frame_mask"],
+  )
+  metrics = {
+    "lip_vertex_mse_mm2": metrics["vertex_mse_mm2"],
+    "lip_velocity_mse_mm2": metrics["velocity_mse_mm2"],
+    "sequence_mean_mse_mm2": emotion,
+    "weight": metrics["weight"],
+  }
+  return content_weight * content + emotion_weight * emotion, metrics
+
+
 def _diffusion_loss(
   model, params, batch, rng, train, *, velocity_weight, target_weight, distance, lip_weights
 ):
@@ -256,7 +300,8 @@ def _diffusion_loss(
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _generate(model, params, audio, audio_mask, frame_mask, template, style, emotion, intensity):
-  predicted, _ = model.apply(
+  """`(vertices [B, T, V, 3], aux)`: the decoder's prediction and its named outputs."""
+  return model.apply(
     {"params": params},
     audio,
     template,
@@ -267,14 +312,13 @@ def _generate(model, params, audio, audio_mask, frame_mask, template, style, emo
     intensity=intensity,
     method="generate",
   )
-  return predicted
 
 
 def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> dict[str, float]:
   """Metrics over whole sequences of `config.data.eval_split` generated from their audio, with
   both baselines (see `_speech_mesh.evaluate_sequences`)."""
 
-  def predict(batch, put):
+  def generate(batch, put):
     style = np.where(batch["subject"] >= 0, batch["subject"], config.data.eval_style)
     return _generate(
       model,
@@ -288,9 +332,24 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
       put(batch.get("intensity")),
     )
 
-  return _speech_mesh.evaluate_sequences(
-    config, predict, _num_vertices(config), mesh=mesh, workdir=workdir, step=step
+  num_vertices = _num_vertices(config)
+  generated = []  # with emotions: each batch and what was generated for it, kept on the host
+
+  def predict(batch, put):
+    vertices, aux = generate(batch, put)
+    if config.data.get("emotions"):
+      # The same audio with another emotion, to see what the emotion input changes.
+      swapped = {**batch, "emotion": _emotion.swapped_emotions(batch["emotion"], config)}
+      outputs = (vertices, _emotion.trajectories(aux), generate(swapped, put)[0])
+      generated.append((batch, *jax.device_get(outputs)))
+    return vertices
+
+  metrics = _speech_mesh.evaluate_sequences(
+    config, predict, num_vertices, mesh=mesh, workdir=workdir, step=step
   )
+  if config.data.get("emotions"):  # per-emotion LVE and emotion accuracy (MEAD)
+    metrics.update(_emotion.evaluate_emotions(config, generated, num_vertices, step=step))
+  return metrics
 
 
 def predict_fn(config: Any, model: nn.Module):
@@ -473,7 +532,11 @@ def flops_per_example(config: Any) -> float:
       needs = inner or memory
       add(2 * frames * dm * dm, weights, needs)  # cross-attention output
       add(4 * frames * dm * dec.mlp_dim, weights, needs)  # MLP in and out
-  add(2 * frames * dm * v3, trainable("decoder/offset_projection/"), needs)
+  if isinstance(dec, NonAutoregressiveDecoder) and dec.output != "vertices":
+    # Coefficients or controls (the head model's or rig's decoding is not counted).
+    add(2 * frames * dm * dec.output_head().size, trainable("decoder/output_projection/"), needs)
+  else:
+    add(2 * frames * dm * v3, trainable("decoder/offset_projection/"), needs)
   return total
 
 
