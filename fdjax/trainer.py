@@ -248,6 +248,8 @@ def build_train_step(config: Any, task: Any, mesh, rules) -> tuple[Any, Any, Any
     compute_dtype=step_lib.resolve_compute_dtype(config.precision.compute_dtype),
     ema_decay=config.ema.decay,
     ema_start_step=config.ema.start_step,
+    norms_every=config.log_every,
+    last_step=config.total_steps,
   )
   return model, state, shardings, train_step
 
