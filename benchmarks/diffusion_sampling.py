@@ -16,7 +16,8 @@ as `compile_s`), by the median of `--iters` calls taken in turn:
 
 - `encoder_s`: the audio encoder alone (it runs once per sequence, outside the sampling loop);
 - `loop_s`: the denoising loop alone (`DiffusionDecoder.generate` on the encoded features), and
-  `loop_rtf` = loop_s / audio seconds (the target for DDIM-50: <= 0.1);
+  `loop_rtf` = loop_s / audio seconds (the target for DDIM-50: <= 0.1); with `--x_t_loop` also
+  `loop_x_t_s`, the loop with the chain on x_t (`projected_sampling=False`);
 - `jit_s`: the task's whole `predict` (encoder, then the loop) jitted in-process;
 - `artifact_s`: the same function exported as `fdjax export` writes it (symbolic batch and audio
   length, weights embedded), deserialized and called with jax alone; `artifact_over_jit`.
@@ -28,8 +29,10 @@ HuBERT encoder inside every step. `--reference_steps K` < 1000 times K steps and
 `ddpm_s` = 1000 x the seconds per step (`extrapolated`: true); its line carries `jax_speedup`,
 its ddpm_s over fdjax's facediffuser `jit_s` (both include the encoder), when both ran.
 
-Every line has the machine (`hostinfo.machine`), the load averages before and after, the date and
-the command.
+Each `NAME_s` has a `NAME_cpu_s` beside it: the CPU seconds of this process during the call
+(all threads), a figure that load from other processes inflates less than the wall time; and
+`loop_cpu_rtf` = loop_cpu_s / audio seconds. Every line has the machine (`hostinfo.machine`),
+the load averages before and after, the date and the command.
 """
 
 from __future__ import annotations
@@ -77,15 +80,21 @@ def _load() -> list[float]:
 
 
 def _timed(calls: dict, iters: int) -> dict[str, float]:
-  """Median seconds per call of each compiled call, taken in turn so that load from other
+  """Median seconds per call of each compiled call (`NAME_s`), and the median CPU seconds of
+  this process during it (`NAME_cpu_s`, all threads: on a loaded machine the wall time of a
+  quiet one is about this over the cores used), taken in turn so that load from other
   processes falls on all of them alike."""
   times = {name: [] for name in calls}
+  cpu = {name: [] for name in calls}
   for _ in range(iters):
     for name, call in calls.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       jax.block_until_ready(call())
       times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
+      cpu[name].append(time.process_time() - start_cpu)
+  seconds = {f"{name}_s": float(np.median(t)) for name, t in times.items()}
+  seconds.update({f"{name}_cpu_s": float(np.median(t)) for name, t in cpu.items()})
+  return seconds
 
 
 def run_jax(model_name: str, args) -> dict:
@@ -114,8 +123,8 @@ def run_jax(model_name: str, args) -> dict:
       {"params": params}, audio, None, False, frames, None, method=lambda m, *a: m._encode(*a)
     )
 
-  def loop(params, features, template, style, seed, scales):
-    return model.apply(
+  def loop(params, features, template, style, seed, scales, module=model):
+    return module.apply(
       {"params": params},
       features,
       template,
@@ -138,6 +147,21 @@ def run_jax(model_name: str, args) -> dict:
   features = jax.block_until_ready(encoder(device_params, inputs["audio"]))
   loop_args = (inputs["template"], inputs["style"], inputs["seed"], scales)
   sampler = compiled("loop", loop, device_params, features, *loop_args)
+  calls = {
+    "encoder": lambda: encoder(device_params, inputs["audio"]),
+    "loop": lambda: sampler(device_params, features, *loop_args),
+  }
+  if args.x_t_loop:
+    # The same loop with the chain on x_t (two V*3-wide projections per step).
+    on_x_t = model.clone(decoder=model.decoder.clone(projected_sampling=False))
+    direct = compiled(
+      "loop_x_t",
+      lambda *a: loop(*a, module=on_x_t),
+      device_params,
+      features,
+      *loop_args,
+    )
+    calls["loop_x_t"] = lambda: direct(device_params, features, *loop_args)
   whole = compiled("jit", predict, device_params, **inputs)
   with tempfile.TemporaryDirectory() as directory:
     constraints = list(task.symbolic_constraints(config))
@@ -148,15 +172,9 @@ def run_jax(model_name: str, args) -> dict:
       deserialized = jax.export.deserialize(bytearray(f.read()))
   artifact = compiled("artifact", deserialized.call, **inputs)
   load_before = _load()
-  seconds = _timed(
-    {
-      "encoder_s": lambda: encoder(device_params, inputs["audio"]),
-      "loop_s": lambda: sampler(device_params, features, *loop_args),
-      "jit_s": lambda: whole(device_params, **inputs),
-      "artifact_s": lambda: artifact(**inputs),
-    },
-    args.iters if dec.sampling_steps <= 100 else args.long_iters,
-  )
+  calls["jit"] = lambda: whole(device_params, **inputs)
+  calls["artifact"] = lambda: artifact(**inputs)
+  seconds = _timed(calls, args.iters if dec.sampling_steps <= 100 else args.long_iters)
   np.testing.assert_allclose(
     np.asarray(artifact(**inputs)), np.asarray(whole(device_params, **inputs)), atol=1e-4
   )
@@ -176,6 +194,7 @@ def run_jax(model_name: str, args) -> dict:
     "denoiser_params": int(sum(np.size(p) for p in jax.tree.leaves(params["decoder"]["denoiser"]))),
     **{k: round(v, 4) for k, v in seconds.items()},
     "loop_rtf": round(seconds["loop_s"] / args.seconds, 4),
+    "loop_cpu_rtf": round(seconds["loop_cpu_s"] / args.seconds, 4),
     "rtf": round(seconds["jit_s"] / args.seconds, 4),
     "artifact_over_jit": round(seconds["artifact_s"] / seconds["jit_s"], 3),
     "artifact_mb": round(artifact_bytes / 1e6, 2),
@@ -258,6 +277,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--iters", type=int, default=3, help="timed calls per variant")
   parser.add_argument(
     "--long_iters", type=int, default=1, help="timed calls per variant above 100 sampling steps"
+  )
+  parser.add_argument(
+    "--x_t_loop",
+    action="store_true",
+    help="also time the loop with the chain on x_t (projected_sampling=False) as loop_x_t_s",
   )
   parser.add_argument(
     "--reference_python",

@@ -546,7 +546,6 @@ def test_drop_conditions_replaces_each_condition_independently_with_its_own_rate
     ("ddim", 0.0, "sample", False),
     ("ddim", 0.7, "epsilon", True),
     ("ddpm", 0.0, "v_prediction", False),
-    ("ddpm", 0.0, "sample", True),
   ],
 )
 def test_sampling_in_the_projection_equals_sampling_x_t(

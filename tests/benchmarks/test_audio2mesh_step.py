@@ -57,7 +57,6 @@ def test_hlo_counter_counts_matmuls_and_strided_conv_gradients():
     # Diffusion decoders: one denoiser call per example. Loop bodies count once in the HLO, so
     # the GRU's scan over the frames is unrolled.
     ("variant=diffspeaker,encoder=tiny", [], {}),
-    ("variant=diffspeaker,encoder=tiny", [], {"audio_conditioning": "cross_attention"}),
     ("variant=facediffuser,encoder=tiny", [], {"unroll": True}),
   ],
 )

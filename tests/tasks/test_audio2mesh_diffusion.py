@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_export import CASES_JAX_ONLY, run_jax_only
+from test_export import JAX_ONLY_EPILOGUE, JAX_ONLY_PROLOGUE, run_jax_only
 
 from fdjax import config as config_lib
 from fdjax import diffusion, export, serve, trainer
@@ -128,6 +128,22 @@ def test_facediffuser_experiment_builds_the_recurrent_denoiser_and_its_loss_and_
   assert vertices.shape == batch["vertices"].shape
 
 
+# Calls the artifact with jax alone (fdjax and flax blocked) through the copied loader, once per
+# saved input set `<case>_in.npz`, writing `<case>_loader.npz` (test_export.py's CASES_JAX_ONLY
+# without the second, equivalent `exported.call`: each call of a sampler is a compile).
+LOADER_JAX_ONLY = (
+  JAX_ONLY_PROLOGUE
+  + """
+import artifact_loader
+
+directory, cases = sys.argv[1], sys.argv[2:]
+model = artifact_loader.load(directory)
+for case in cases:
+  outputs = model(**dict(np.load(f"{case}_in.npz")))
+  np.savez(f"{case}_loader.npz", output=np.asarray(outputs))
+"""
+  + JAX_ONLY_EPILOGUE
+)
 STEPS = 3  # sampling steps fixed at export (the runlocal config samples 5)
 STEPS_FLAG = f"--config.model.decoder.sampling_steps={STEPS}"
 VERTICES = 5023
@@ -199,7 +215,7 @@ def test_sampler_in_a_jax_only_process_equals_in_process_sampling(sampler, tmp_p
     case = str(tmp_path / f"case{batch}")
     cases[case] = _inputs(batch, samples, seed, scales, rng_seed=batch)
     np.savez(f"{case}_in.npz", **cases[case])
-  proc = run_jax_only(tmp_path, CASES_JAX_ONLY, [sampler["out"], *cases])
+  proc = run_jax_only(tmp_path, LOADER_JAX_ONLY, [sampler["out"], *cases])
   assert proc.returncode == 0, proc.stderr
   for case, inputs in cases.items():
     expected = sampler["predict"](**inputs)
@@ -207,9 +223,8 @@ def test_sampler_in_a_jax_only_process_equals_in_process_sampling(sampler, tmp_p
     assert expected.shape == (batch, samples * 30 // 16000, VERTICES, 3)
     # The motion is large next to the tolerance, so the comparison is not vacuous.
     assert np.abs(expected - inputs["template"][:, None]).max() > 1e-3
-    for how in ("loader", "snippet"):
-      outputs = np.load(f"{case}_{how}.npz")
-      np.testing.assert_allclose(outputs["output"], expected, atol=1e-5, rtol=0)
+    outputs = np.load(f"{case}_loader.npz")
+    np.testing.assert_allclose(outputs["output"], expected, atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
