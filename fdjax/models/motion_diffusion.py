@@ -426,7 +426,8 @@ class DiffusionDecoder(nn.Module):
   their probabilities, and returns the vertices of the x_0 the prediction implies (so the task's
   vertex and velocity losses apply to it) with the prediction, target and loss weight in aux.
   `generate` samples x_0 from noise drawn from the `sample` rng stream (a fixed key from
-  `sample_seed` when none is given), guided by `guidance_scales`.
+  `sample_seed` when none is given) or from one `seed` per example, guided by
+  `guidance_scales`; with `projected_sampling` the chain runs on the denoiser's projected input.
   """
 
   denoiser: nn.Module  # TransformerDenoiser or RecurrentDenoiser; parameters under "denoiser/"
