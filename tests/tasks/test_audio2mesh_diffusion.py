@@ -151,10 +151,13 @@ VERTICES = 5023
 
 @pytest.fixture(scope="module")
 def sampler(trained, workdir, tmp_path_factory):
-  """The trained run exported by `fdjax export` with its EMA (symbolic b and s) and STEPS
-  sampling steps, and the in-process predict of the same parameters and steps."""
+  """The trained run exported by `fdjax export` with its EMA (symbolic b and s, external
+  weights) and STEPS sampling steps, and the in-process predict of the same parameters and
+  steps."""
   out = str(tmp_path_factory.mktemp("artifact"))
-  assert export.main(["--workdir", workdir, "--out", out, STEPS_FLAG]) == 0
+  # External weights: a sampler with its weights as arguments compiles much faster than one
+  # with them as embedded constants.
+  assert export.main(["--workdir", workdir, "--out", out, "--external-weights", STEPS_FLAG]) == 0
   config = config_lib.load_config(DIFFSPEAKER, [*DIFFSPEAKER_OVERRIDES, STEPS_FLAG])
   task, model, params, _ = trainer.restore_params(config, workdir)
   predict, _ = task.predict_fn(config, model)
