@@ -50,7 +50,12 @@ from fdjax.models import losses
 from fdjax.models.audio2mesh import SpeechToMesh
 from fdjax.models.codetalker import CodePredictor
 from fdjax.models.motion_decoders import FaceFormerDecoder, NonAutoregressiveDecoder
-from fdjax.models.motion_diffusion import DiffSpeakerDecoder, FaceDiffuserDecoder
+from fdjax.models.motion_diffusion import (
+  DiffSpeakerDecoder,
+  DiffusionDecoder,
+  FaceDiffuserDecoder,
+  RecurrentDenoiser,
+)
 from fdjax.models.wav2vec2 import Wav2Vec2Encoder
 from fdjax.tasks import BATCH_DIM, ExportDim, _emotion, _speech_mesh
 
@@ -353,17 +358,61 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
 
 
 def predict_fn(config: Any, model: nn.Module):
-  """`predict(params, audio [b, s], template [b, V, 3], style [b]) -> vertices [b, t, V, 3]`."""
+  """`predict(params, audio [b, s], template [b, V, 3], style [b]) -> vertices [b, t, V, 3]`.
+
+  A diffusion decoder's predict is its whole sampler (the audio encoded once, then the
+  `model.decoder.sampling_steps` steps of `sampling_method` in one scan, fixed at export) and
+  also takes, per example, the noise `seed [b]` int32 (example i's sample is a function of
+  `seed[i]` alone, so one batch may hold independent requests) and the guidance scales
+  `audio_guidance_scale`, `style_guidance_scale` `[b]` float32 (all 1: the unguided loop);
+  left out, they are `export_defaults`' (the config's `sample_seed` and scales)."""
   num_vertices = _num_vertices(config)
-
-  def predict(params, audio, template, style):
-    return model.apply({"params": params}, audio, template, style, method="generate")[0]
-
-  return predict, {
+  specs = {
     "audio": ("b, s", "float32"),
     "template": (f"b, {num_vertices}, 3", "float32"),
     "style": ("b", "int32"),
   }
+  if config.model.decoder.kind in DIFFUSION_KINDS:
+    dec = config.model.decoder
+
+    def sample(
+      params,
+      audio,
+      template,
+      style,
+      seed=None,
+      audio_guidance_scale=None,
+      style_guidance_scale=None,
+    ):
+      batch = audio.shape[0]
+      if seed is None:
+        seed = jnp.full((batch,), dec.sample_seed, jnp.int32)
+      if audio_guidance_scale is None:
+        audio_guidance_scale = jnp.full((batch,), dec.audio_guidance_scale, jnp.float32)
+      if style_guidance_scale is None:
+        style_guidance_scale = jnp.full((batch,), dec.style_guidance_scale, jnp.float32)
+      scales = jnp.stack([audio_guidance_scale, style_guidance_scale], axis=-1)  # [b, 2]
+      return model.apply(
+        {"params": params},
+        audio,
+        template,
+        style,
+        method="generate",
+        seed=seed,
+        guidance_scales=scales,
+      )[0]
+
+    specs.update(
+      seed=("b", "int32"),
+      audio_guidance_scale=("b", "float32"),
+      style_guidance_scale=("b", "float32"),
+    )
+    return sample, specs
+
+  def predict(params, audio, template, style):
+    return model.apply({"params": params}, audio, template, style, method="generate")[0]
+
+  return predict, specs
 
 
 def export_dims(config: Any) -> list[ExportDim]:
@@ -387,15 +436,38 @@ def export_metadata(config: Any) -> dict:
   metadata = _speech_mesh.export_metadata(config, _num_vertices(config))
   metadata["audio_input"] = "audio"
   metadata["audio"] = "mono waveform at sample_rate, zero mean and unit variance over the clip"
+  dec = config.model.decoder
+  if dec.kind in DIFFUSION_KINDS:
+    # What the exported sampler does (fixed at export; `--config.model.decoder.sampling_steps`
+    # and `sampling_method` change it).
+    metadata["sampler"] = {
+      "method": dec.sampling_method,
+      "steps": dec.sampling_steps,
+      "eta": dec.eta,
+      "timestep_spacing": dec.timestep_spacing,
+      "num_train_timesteps": dec.num_train_timesteps,
+      "beta_schedule": dec.beta_schedule,
+      "prediction_type": dec.prediction_type,
+      "seed": "per example: the sample of example i is a function of seed[i]",
+    }
   return metadata
 
 
 def export_defaults(config: Any) -> dict[str, np.ndarray]:
-  """What the server fills in when a request sends audio only: style 0 and its template."""
+  """What the server fills in when a request sends audio only: style 0 and its template; for
+  a diffusion decoder also the config's `sample_seed` and guidance scales."""
   _, data_dir = prepare.ensure_dataset(config.data)
   source = pipeline.tfds_source(config.data.name, data_dir, "train")
   first = next(e for e in source if int(e["subject"]) == 0)
-  return {"template": np.asarray(first["template"], np.float32), "style": np.int32(0)}
+  defaults = {"template": np.asarray(first["template"], np.float32), "style": np.int32(0)}
+  dec = config.model.decoder
+  if dec.kind in DIFFUSION_KINDS:
+    defaults.update(
+      seed=np.int32(dec.sample_seed),
+      audio_guidance_scale=np.float32(dec.audio_guidance_scale),
+      style_guidance_scale=np.float32(dec.style_guidance_scale),
+    )
+  return defaults
 
 
 def symbolic_constraints(config: Any) -> list[str]:
@@ -415,8 +487,12 @@ def flops_per_example(config: Any) -> float:
   projection of r features per frame, style/emotion embeddings, motion embedding of the T - 1
   previous frames (FaceFormer), per layer the attention projections, the dense [T, T] scores
   and weighted sums, FaceFormer's aligned cross-attention over r keys per frame, the MLP, and
-  the offset projection to V * 3). Norms, activations, softmax and the loss are left out, as
-  is usual for MFU.
+  the offset projection to V * 3). A diffusion decoder's step is one denoiser call per example
+  (`_denoiser_flops`): the audio projection, style embedding and timestep MLP, the projection of
+  the noisy offsets x_t (data) from V * 3, the transformer layers (aligned audio, or a dense
+  [T, T] cross-attention to it) or the GRU layers (input and hidden gates per frame), and the
+  prediction projection to V * 3. Norms, activations, softmax, the noising and the loss are left
+  out, as is usual for MFU.
 
   Training cost follows what the step computes: each matmul costs its forward once, plus once
   more for the gradient of its weights when they are trainable, plus once more for the
@@ -431,7 +507,7 @@ def flops_per_example(config: Any) -> float:
 
   model = build_model(config)
   if not isinstance(model, SpeechToMesh) or not isinstance(
-    model.decoder, FaceFormerDecoder | NonAutoregressiveDecoder
+    model.decoder, FaceFormerDecoder | NonAutoregressiveDecoder | DiffusionDecoder
   ):
     return 0.0
   shapes = jax.eval_shape(
@@ -494,6 +570,9 @@ def flops_per_example(config: Any) -> float:
     prefix = "encoder/encoder/layers/" if enc.scan_layers else f"encoder/encoder/layers_{i}/"
     needs = transformer_layer(prefix, steps, d, enc.intermediate_size, needs)
 
+  if isinstance(dec, DiffusionDecoder):
+    return total + _denoiser_flops(dec.denoiser, frames, ratio * d, needs, trainable)
+
   dm, v3 = dec.d_model, 3 * dec.num_vertices
   weights = trainable("decoder/audio_projection/")
   add(2 * frames * ratio * d * dm, weights, needs)
@@ -537,6 +616,77 @@ def flops_per_example(config: Any) -> float:
     add(2 * frames * dm * dec.output_head().size, trainable("decoder/output_projection/"), needs)
   else:
     add(2 * frames * dm * v3, trainable("decoder/offset_projection/"), needs)
+  return total
+
+
+def _denoiser_flops(
+  denoiser: nn.Module, frames: int, audio_width: int, needs: bool, trainable: Callable
+) -> float:
+  """Training FLOPs of one call of a diffusion denoiser over `frames` frames whose audio
+  features are `audio_width` wide per frame, by `flops_per_example`'s rules (`needs`: the audio
+  features depend on a trainable parameter; `trainable(prefix)`: whether weights under the
+  prefix train)."""
+  total = 0.0
+
+  def add(flops: float, *gradients: bool) -> None:
+    nonlocal total
+    total += flops * (1 + sum(bool(g) for g in gradients))
+
+  prefix = "decoder/denoiser/"
+  dm, v3, t = denoiser.d_model, 3 * denoiser.num_vertices, frames
+  weights = trainable(f"{prefix}conditions/audio_projection/")
+  add(2 * t * audio_width * dm, weights, needs)
+  audio_needs = needs or weights
+  condition = False
+  if denoiser.num_styles > 0:
+    condition = trainable(f"{prefix}conditions/style/")
+    add(2 * denoiser.num_styles * dm, condition)  # one-hot input: data
+  hidden = trainable(f"{prefix}conditions/timestep_hidden/")
+  add(2 * dm * dm, hidden)  # the sinusoidal timestep encoding: data
+  weights = trainable(f"{prefix}conditions/timestep_out/")
+  add(2 * dm * dm, weights, hidden)
+  condition = condition or hidden or weights
+  weights = trainable(f"{prefix}motion_projection/")
+  add(2 * t * v3 * dm, weights)  # the noisy offsets x_t: data
+  needs = weights or condition
+  width = dm
+  if isinstance(denoiser, RecurrentDenoiser):
+    needs = needs or audio_needs  # motion, audio and condition concatenated: 3 * d_model wide
+    directions = 2 if denoiser.bidirectional else 1
+    weights = trainable(f"{prefix}GRUCell_")
+    width = 3 * dm
+    for _ in range(denoiser.num_layers):
+      add(directions * 2 * t * width * 3 * dm, weights, needs)  # input gates r, z, n
+      needs = needs or weights
+      add(directions * 2 * t * dm * 3 * dm, weights, needs)  # hidden gates: the state trains
+      width = directions * dm
+  elif denoiser.audio_conditioning == "aligned":
+    needs = needs or audio_needs  # the audio added frame by frame
+    for i in range(denoiser.num_layers):
+      layer = f"{prefix}encoder/layer_{i}/"
+      weights = trainable(layer)
+      inner = needs or weights
+      add(2 * t * 3 * dm * dm, weights, needs)  # query, key, value
+      add(4 * t * t * dm, inner, inner)  # scores and weighted sum, both operands
+      add(2 * t * dm * dm, weights, inner)  # output projection
+      add(4 * t * dm * denoiser.mlp_dim, weights, inner)  # MLP in and out
+      needs = inner
+  else:  # cross-attention to the audio in every layer
+    for i in range(denoiser.num_layers):
+      weights = trainable(f"{prefix}layer_{i}/")
+      inner = needs or weights
+      add(2 * t * 3 * dm * dm, weights, needs)  # self-attention query, key, value
+      add(4 * t * t * dm, inner, inner)  # scores and weighted sum
+      add(2 * t * dm * dm, weights, inner)  # self-attention output
+      add(2 * t * dm * dm, weights, inner)  # cross-attention query
+      add(2 * 2 * t * dm * dm, weights, audio_needs)  # keys and values of the audio
+      memory = audio_needs or weights
+      add(2 * t * t * dm, inner, memory)  # cross scores over all frames
+      add(2 * t * t * dm, inner or memory, memory)  # weighted sum
+      needs = inner or memory
+      add(2 * t * dm * dm, weights, needs)  # cross-attention output
+      add(4 * t * dm * denoiser.mlp_dim, weights, needs)  # MLP in and out
+  add(2 * t * width * v3, trainable(f"{prefix}prediction_projection/"), needs)
   return total
 
 
