@@ -357,8 +357,20 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
   return metrics
 
 
+def _conditions(config: Any) -> dict[str, tuple[str, str]]:
+  """The conditioning inputs the decoder takes besides style: `emotion [b]` and `intensity [b]`
+  int32 where it embeds them (EMOTE / EmoFace style, `decoder.num_emotions`/`num_intensities`)."""
+  dec = config.model.decoder
+  return {
+    key: ("b", "int32")
+    for key, count in (("emotion", "num_emotions"), ("intensity", "num_intensities"))
+    if dec.get(count, 0)
+  }
+
+
 def predict_fn(config: Any, model: nn.Module):
-  """`predict(params, audio [b, s], template [b, V, 3], style [b]) -> vertices [b, t, V, 3]`.
+  """`predict(params, audio [b, s], template [b, V, 3], style [b]) -> vertices [b, t, V, 3]`,
+  plus `emotion [b]` and `intensity [b]` (int32) for a decoder conditioned on them.
 
   A diffusion decoder's predict is its whole sampler (the audio encoded once, then the
   `model.decoder.sampling_steps` steps of `sampling_method` in one scan, fixed at export) and
@@ -371,6 +383,7 @@ def predict_fn(config: Any, model: nn.Module):
     "audio": ("b, s", "float32"),
     "template": (f"b, {num_vertices}, 3", "float32"),
     "style": ("b", "int32"),
+    **_conditions(config),
   }
   if config.model.decoder.kind in DIFFUSION_KINDS:
     dec = config.model.decoder
@@ -380,6 +393,8 @@ def predict_fn(config: Any, model: nn.Module):
       audio,
       template,
       style,
+      emotion=None,
+      intensity=None,
       seed=None,
       audio_guidance_scale=None,
       style_guidance_scale=None,
@@ -398,6 +413,8 @@ def predict_fn(config: Any, model: nn.Module):
         template,
         style,
         method="generate",
+        emotion=emotion,
+        intensity=intensity,
         seed=seed,
         guidance_scales=scales,
       )[0]
@@ -409,8 +426,16 @@ def predict_fn(config: Any, model: nn.Module):
     )
     return sample, specs
 
-  def predict(params, audio, template, style):
-    return model.apply({"params": params}, audio, template, style, method="generate")[0]
+  def predict(params, audio, template, style, emotion=None, intensity=None):
+    return model.apply(
+      {"params": params},
+      audio,
+      template,
+      style,
+      method="generate",
+      emotion=emotion,
+      intensity=intensity,
+    )[0]
 
   return predict, specs
 
@@ -454,12 +479,15 @@ def export_metadata(config: Any) -> dict:
 
 
 def export_defaults(config: Any) -> dict[str, np.ndarray]:
-  """What the server fills in when a request sends audio only: style 0 and its template; for
-  a diffusion decoder also the config's `sample_seed` and guidance scales."""
+  """What the server fills in when a request sends audio only: style 0 and its template,
+  emotion and intensity 0 where the decoder takes them; for a diffusion decoder also the
+  config's `sample_seed` and guidance scales."""
   _, data_dir = prepare.ensure_dataset(config.data)
   source = pipeline.tfds_source(config.data.name, data_dir, "train")
   first = next(e for e in source if int(e["subject"]) == 0)
   defaults = {"template": np.asarray(first["template"], np.float32), "style": np.int32(0)}
+  # Emotion 0 at level 0: neutral in MEAD's order (docs/design.md section 18).
+  defaults.update({key: np.int32(0) for key in _conditions(config)})
   dec = config.model.decoder
   if dec.kind in DIFFUSION_KINDS:
     defaults.update(
