@@ -9,7 +9,7 @@ roots, 0 elsewhere. The head model's localised expression fields fade there (rea
 barely move skin that lies on the skull), and the rigid region is where the weight is at least
 one half, so it is the same vertex set for every identity of the model. It is the stabilisation
 task's named mask: Procrustes on it is the strong classical baseline, and the skull vertex
-error is measured over it (docs/design.md section 18). A real FLAME model comes with its own
+error is measured over it (docs/design.md section 19). A real FLAME model comes with its own
 region file (`config.data.rigid_region`).
 """
 

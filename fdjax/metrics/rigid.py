@@ -3,7 +3,7 @@
 A rigid transform is a `[..., 4, 4]` homogeneous matrix acting on column vectors, `x -> R x + t`
 (`R = T[..., :3, :3]`, `t = T[..., :3, 3]`, last row `0 0 0 1`); points are `[..., N, 3]` in
 metres. The stabilize task's target `transform [B, 4, 4]` takes mesh A's skull onto mesh B's
-(docs/design.md section 18).
+(docs/design.md section 19).
 
 Metrics (docs/design.md section 5), each per pair `[...]`, to be averaged by the caller:
 
