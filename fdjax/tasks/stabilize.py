@@ -132,7 +132,16 @@ def init_fn(model: Stabilizer, rngs: dict, batch: dict) -> dict:
 
 
 def train_data(config: Any, *, process_index: int, process_count: int):
-  """The endless stream of training pairs (every index a fresh draw: no shuffling needed)."""
+  """The endless stream of training pairs (every index a fresh draw: no shuffling needed).
+
+  The source renders blocks of pairs with JAX in the reading process (one call per block is
+  the bulk of the work), so it runs without Grain worker processes.
+  """
+  if config.data.num_workers:
+    raise ValueError(
+      f"data.num_workers={config.data.num_workers}: the stabilize pairs are rendered with JAX "
+      "in the training process; set it to 0"
+    )
   return pipeline.train_dataset(
     pair_source(config, seed=config.seed, stream=head_pairs.TRAIN_STREAM),
     None,
@@ -140,7 +149,6 @@ def train_data(config: Any, *, process_index: int, process_count: int):
     seed=config.seed,
     process_index=process_index,
     process_count=process_count,
-    num_workers=config.data.num_workers,
     shuffle=False,
   )
 
