@@ -53,18 +53,9 @@ SYSTEMS = ("model", "procrustes_all", "procrustes_rigid")
 METRICS = ("rotation_error_deg", "translation_error_mm", "skull_vertex_error_mm")
 
 
-@functools.lru_cache(maxsize=2)
-def load_head_model(path: str) -> flame.FlameModel:
-  """The head model at `path` (a `generic_model.pkl`), or the synthetic one for ""."""
-  if not path:
-    from fdjax import fit
-
-    return fit.default_head_model()
-  return flame.load_flame(path)
-
-
 def head_model(config: Any) -> flame.FlameModel:
-  return load_head_model(config.data.head_model)
+  """The head model `config.data.head_model` names ("" for the synthetic one)."""
+  return flame.head_model(config.data.head_model)
 
 
 def rigid_region(config: Any) -> mesh_metrics.RegionMask:
