@@ -15,6 +15,7 @@ evaluation), the machine and the date.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
   workdir = args.workdir or tempfile.mkdtemp(prefix="stabilize_benchmark_")
   config = config_lib.load_config(args.config)
   start = time.monotonic()
-  trainer.train_and_evaluate(config, workdir)
+  with contextlib.redirect_stdout(sys.stderr):  # the run's log and table: stdout is the JSON line
+    trainer.train_and_evaluate(config, workdir)
   seconds = time.monotonic() - start
   with open(os.path.join(workdir, "final_metrics.json")) as f:
     metrics = json.load(f)
