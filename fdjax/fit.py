@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from scipy.spatial.transform import Rotation
 
 from data_pipelines.ops import safe_pickle
+from fdjax.metrics import rigid
 from fdjax.models import flame
 
 MM_PER_METRE = 1000.0
@@ -75,16 +76,10 @@ def rigid_start(model: flame.FlameModel, vertices: np.ndarray) -> tuple[np.ndarr
   the template, rotated about the root joint as the model rotates it, to `vertices [T, V, 3]`."""
   template = np.asarray(model.template, np.float64)  # [V, 3]
   root = np.asarray(model.joint_regressor, np.float64)[0] @ template  # [3]
-  source = template - template.mean(0)
-  target = vertices.astype(np.float64)
-  centres = target.mean(1)  # [T, 3]
-  cross = np.einsum("vi,tvj->tij", source, target - centres[:, None])  # [T, 3, 3]
-  u, _, vt = np.linalg.svd(cross)
-  flip = np.sign(np.linalg.det(np.einsum("tij,tjk->tik", u, vt)))  # no reflections
-  u[:, :, -1] *= flip[:, None]
-  rotations = np.einsum("tij,tjk->tik", u, vt).transpose(0, 2, 1)  # R = V U^T: [T, 3, 3]
-  # y = R (x - root) + root + t best matches y = R x + (centre - R mean(x)).
-  offsets = centres - np.einsum("tij,j->ti", rotations, template.mean(0))
+  # y = R x + t_k (Kabsch) is y = R (x - root) + root + t with t = t_k + R root - root.
+  source = np.broadcast_to(template, vertices.shape)
+  transform = np.asarray(rigid.kabsch(source, vertices), np.float64)  # [T, 4, 4]
+  rotations, offsets = transform[:, :3, :3], transform[:, :3, 3]
   translation = offsets + np.einsum("tij,j->ti", rotations, root) - root
   return Rotation.from_matrix(rotations).as_rotvec(), translation
 
