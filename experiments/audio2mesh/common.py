@@ -63,6 +63,9 @@ def _diffusion_config(c: ConfigDict, args: ConfigDict) -> None:
   d.eta = 0.0  # DDIM's noise (0: deterministic given the initial noise).
   d.timestep_spacing = "leading"  # How the sampling steps are picked from the training steps.
   d.sample_seed = 0  # Noise key of evaluation and `predict` (no `sample` rng given).
+  # Sample on the denoiser's projected input (the same samples up to float rounding, without
+  # the V*3-wide projections in the loop); False: on x_t itself.
+  d.projected_sampling = True
 
 
 def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:

@@ -99,11 +99,14 @@ class SpeechToMesh(nn.Module):
     emotion: Array | None = None,
     intensity: Array | None = None,
     num_frames: int | None = None,
+    **sampling: Any,
   ) -> tuple[Array, dict]:
     """Predicts `vertices [B, T, V, 3]` from `audio [B, S]`; T defaults to the audio's span.
 
     For padded batches pass both masks: `audio_mask [B, S]` and `frame_mask [B, T]`, so each
     example's valid audio is aligned to its own valid frames, not stretched over the padding.
+    `sampling` goes to a diffusion decoder's `generate` (`seed`, `guidance_scales`); the audio
+    is encoded once, before its sampling loop.
     """
     if frame_mask is not None:
       num_frames = frame_mask.shape[1]
@@ -117,6 +120,7 @@ class SpeechToMesh(nn.Module):
       emotion=emotion,
       intensity=intensity,
       num_frames=num_frames,
+      **sampling,
     )
 
   def _encode(self, audio, audio_mask, train, num_frames, frame_mask) -> Array:

@@ -11,7 +11,7 @@ densification and pruning fill and free slots (`densify_and_prune`). The trainab
 (`params`) are per slot; the avatar's state (`binding`, `active`, the densification statistics
 and `offset`) is a mutable collection. A slot's effective parameters are `params + offset`:
 densification writes a new Gaussian by setting its slot's offset (the optimizer keeps updating
-`params`, so nothing outside the loss has to edit them); see docs/design.md section 18.
+`params`, so nothing outside the loss has to edit them); see docs/design.md section 20.
 """
 
 from __future__ import annotations

@@ -294,6 +294,7 @@ class RecurrentDenoiser(nn.Module):
   audio_frames_per_frame: int = 1  # audio features per mesh frame: 1 VOCASET, 2 BIWI
   num_styles: int = 8  # speaking styles (training subjects); 0 disables
   dropout_rate: float = 0.1  # dropout between GRU layers (FaceDiffuser: 0.3)
+  unroll: int | bool = 1  # frames per iteration of the GRU's scan; True: fully unrolled
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
   @nn.compact
@@ -319,10 +320,16 @@ class RecurrentDenoiser(nn.Module):
     for index in range(self.num_layers):
       if index:
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-      forward = nn.RNN(nn.GRUCell(features=self.d_model, dtype=self.dtype), name=f"gru_{index}")
+      forward = nn.RNN(
+        nn.GRUCell(features=self.d_model, dtype=self.dtype),
+        unroll=self.unroll,
+        name=f"gru_{index}",
+      )
       if self.bidirectional:
         backward = nn.RNN(
-          nn.GRUCell(features=self.d_model, dtype=self.dtype), name=f"gru_{index}_backward"
+          nn.GRUCell(features=self.d_model, dtype=self.dtype),
+          unroll=self.unroll,
+          name=f"gru_{index}_backward",
         )
         x = nn.Bidirectional(forward, backward, name=f"bidirectional_{index}")(
           x, seq_lengths=lengths
@@ -330,6 +337,26 @@ class RecurrentDenoiser(nn.Module):
       else:
         x = forward(x, seq_lengths=lengths)  # [B, T, D]
     return _prediction(self, x)  # [B, T, V*3]
+
+
+# The denoisers' linear input (of the noisy offsets) and output layers (`_embedded_inputs`,
+# `_prediction`), which sampling in their projection (`diffusion.sample_projected`) steps over.
+PROJECTIONS = ("motion_projection", "prediction_projection")
+
+
+def _projection_interceptor(projected: Array):
+  """Flax method interceptor: `motion_projection` returns `projected` plus its bias (its input
+  unread), `prediction_projection` returns its input (the hidden state) unprojected."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and module.name == PROJECTIONS[0]:
+      return (projected + module.variables["params"]["bias"]).astype(module.dtype)
+    if context.method_name == "__call__" and module.name == PROJECTIONS[1]:
+      return args[0]
+    return next_fun(*args, **kwargs)
+
+  return interceptor
 
 
 def guided_denoise_fn(
@@ -340,6 +367,8 @@ def guided_denoise_fn(
   frame_mask: Array,
   guidance: diffusion.Guidance | None,
   scales: Array | tuple[float, ...] | None = None,
+  *,
+  projected: bool = False,
 ) -> diffusion.DenoiseFn:
   """`denoise_fn(x_t, t)` of an (unbound) denoiser with `params`, for `diffusion.sample`.
 
@@ -347,6 +376,12 @@ def guided_denoise_fn(
   `diffusion.guided_denoise_fn`: the guided conditions travel as keep flags `[B]` (null: False)
   that become the denoiser's `drop_*` inputs, and the audio features, style and mask ride along
   so that the condition subsets are batched into one call. Without, the conditional prediction.
+
+  `projected`: the function of `diffusion.sample_projected` instead, `(z_t [B, T, D], t) ->
+  hidden [B, T, D']`: z_t (the noisy offsets times the `motion_projection` kernel) replaces what
+  that layer computes, and the function returns what the `prediction_projection` layer would
+  project (both layers intercepted, `_projection_interceptor`). The guidance combination is the
+  same on hidden states, its weights summing to one.
   """
   batch_size = frame_mask.shape[0]
   inputs = {"audio_features": audio_features, "style_index": style, "frame_mask": frame_mask}
@@ -354,15 +389,23 @@ def guided_denoise_fn(
 
   def model_fn(x_t: Array, t: Array, conditions: Mapping[str, Array]) -> Array:
     drops = {f"drop_{name}": ~conditions[name] for name in CONDITIONS if name in conditions}
-    return denoiser.apply(
-      {"params": params},
-      x_t,
-      t,
-      conditions["audio_features"],
-      conditions.get("style_index"),
-      conditions["frame_mask"],
-      **drops,
-    )
+
+    def call(x_t: Array) -> Array:
+      return denoiser.apply(
+        {"params": params},
+        x_t,
+        t,
+        conditions["audio_features"],
+        conditions.get("style_index"),
+        conditions["frame_mask"],
+        **drops,
+      )
+
+    if not projected:
+      return call(x_t)
+    with nn.intercept_methods(_projection_interceptor(x_t)):
+      # The noisy offsets themselves are never read: a placeholder of their shape.
+      return call(jnp.zeros(x_t.shape[:-1] + (denoiser.num_vertices * 3,), x_t.dtype))
 
   if guidance is None or not guidance.conditions:
     return lambda x_t, t: model_fn(x_t, t, inputs)
@@ -383,7 +426,8 @@ class DiffusionDecoder(nn.Module):
   their probabilities, and returns the vertices of the x_0 the prediction implies (so the task's
   vertex and velocity losses apply to it) with the prediction, target and loss weight in aux.
   `generate` samples x_0 from noise drawn from the `sample` rng stream (a fixed key from
-  `sample_seed` when none is given), guided by `guidance_scales`.
+  `sample_seed` when none is given) or from one `seed` per example, guided by
+  `guidance_scales`; with `projected_sampling` the chain runs on the denoiser's projected input.
   """
 
   denoiser: nn.Module  # TransformerDenoiser or RecurrentDenoiser; parameters under "denoiser/"
@@ -401,6 +445,9 @@ class DiffusionDecoder(nn.Module):
   audio_guidance_scale: float = 1.0  # sampling: audio's classifier-free guidance scale
   style_guidance_scale: float = 1.0  # sampling: style's scale (sequential rule, after audio)
   sampling_method: str = "ddim"  # ddim or ddpm (ancestral)
+  # The chain runs on the denoiser's projected input (`diffusion.sample_projected`: no V*3-wide
+  # projection inside the loop; equal up to float rounding); False: on x_t itself
+  projected_sampling: bool = True
   sampling_steps: int = 50  # denoising steps at prediction (a subset of the N)
   eta: float = 0.0  # DDIM: 0 deterministic given the initial noise
   timestep_spacing: str = "leading"  # how the steps are chosen (diffusion.inference_timesteps)
@@ -553,12 +600,16 @@ class DiffusionDecoder(nn.Module):
     num_frames: int | None = None,
     frame_mask: Array | None = None,
     guidance_scales: tuple[float, float] | Array | None = None,
+    seed: Array | None = None,
   ) -> tuple[Array, dict[str, Array]]:
     """Samples `vertices [B, T, V, 3]` (aux "offsets") with `sampling_method` over
-    `sampling_steps`, from initial noise and step noise drawn from one key (the `sample` rng).
+    `sampling_steps`, from initial noise and step noise drawn from one key (the `sample` rng),
+    or with `seed [B]` int from one key per example (`jax.random.key(seed[b])`: an example's
+    sample is then the same whatever else is in the batch).
 
-    Guidance scales (audio, style) default to the fields; guidance is skipped when both are 1
-    (the conditional prediction, one denoiser call per step)."""
+    Guidance scales (audio, style), a tuple, an array `[2]` or one pair per example `[B, 2]`,
+    default to the fields; guidance is skipped when all are 1 (the conditional prediction, one
+    denoiser call per step): decided when tracing for a tuple, at run time for an array."""
     if emotion is not None or intensity is not None:
       raise ValueError("the diffusion decoders condition on audio and style only")
     batch_size = audio_features.shape[0]
@@ -577,29 +628,48 @@ class DiffusionDecoder(nn.Module):
     scales = (self.audio_guidance_scale, self.style_guidance_scale)
     if guidance_scales is not None:
       scales = guidance_scales
-    guided = not (isinstance(scales, tuple | list) and all(float(s) == 1.0 for s in scales))
-    denoise_fn = guided_denoise_fn(
-      self.denoiser.clone(parent=None),
-      self.denoiser.variables["params"],
-      audio_features,
-      style,
-      frame_mask,
-      self.guidance() if guided else None,
-      jnp.asarray(scales, jnp.float32) if guided else None,
-    )
-    initial_key, step_key = jax.random.split(self._key("sample"))
-    initial_noise = jax.random.normal(
-      initial_key, (batch_size, num_frames, self.num_vertices * 3), jnp.float32
-    )
-    sample = diffusion.sample(
-      self.sampler(),
-      self.schedule(),
-      denoise_fn,
-      initial_noise,
-      step_key,
-      prediction_type=self.prediction_type,
-    )
-    predicted, offsets = self._to_vertices(sample, template, frame_mask)
+    shape = (batch_size, num_frames, self.num_vertices * 3)
+    if seed is None:
+      initial_key, step_key = jax.random.split(self._key("sample"))
+      initial_noise = jax.random.normal(initial_key, shape, jnp.float32)
+    else:  # one key per example: [B] key arrays
+      keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(seed)  # [B, 2]
+      initial_key, step_key = keys[:, 0], keys[:, 1]
+      initial_noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(initial_key)
+    denoiser, params = self.denoiser.clone(parent=None), self.denoiser.variables["params"]
+
+    def sample(guided_scales: Array | None) -> Array:  # None: unguided
+      denoise_fn = guided_denoise_fn(
+        denoiser,
+        params,
+        audio_features,
+        style,
+        frame_mask,
+        None if guided_scales is None else self.guidance(),
+        guided_scales,
+        projected=self.projected_sampling,
+      )
+      common = dict(prediction_type=self.prediction_type)
+      if self.projected_sampling:
+        project_in, project_out = (nn.meta.unbox(params[name]) for name in PROJECTIONS)
+        common.update(
+          project_in=project_in["kernel"],
+          project_out=project_out["kernel"],
+          out_bias=project_out["bias"],
+        )
+      sample_fn = diffusion.sample_projected if self.projected_sampling else diffusion.sample
+      return sample_fn(
+        self.sampler(), self.schedule(), denoise_fn, initial_noise, step_key, **common
+      )
+
+    if isinstance(scales, tuple | list):
+      unguided = all(float(s) == 1.0 for s in scales)
+      x_0 = sample(None if unguided else jnp.asarray(scales, jnp.float32))
+    else:
+      scales = jnp.asarray(scales, jnp.float32)
+      scales = scales.T if scales.ndim == 2 else scales  # per example: [B, 2] -> [2, B]
+      x_0 = jax.lax.cond(jnp.all(scales == 1.0), lambda: sample(None), lambda: sample(scales))
+    predicted, offsets = self._to_vertices(x_0, template, frame_mask)
     return predicted, {"offsets": offsets}
 
 

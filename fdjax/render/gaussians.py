@@ -5,7 +5,7 @@ A differentiable rasteriser of 3D Gaussians (Kerbl et al. 2023) written with `ja
 and differentiates by `jax.grad` (parameters and camera). The Gaussian avatar task
 (`fdjax/tasks/gaussian_avatar.py`) trains through it; `fdjax render avatar` renders with it.
 The steps, and the rules they share with the published CUDA rasterisers, are in
-docs/design.md section 18; in short:
+docs/design.md section 20; in short:
 
 1. `project`: camera-space means, EWA-projected 2D covariances `J W S W^T J^T` plus a 0.3 px^2
    low-pass dilation, their inverses (conics), depths, colours (from SH for a view direction),

@@ -1,6 +1,6 @@
 """Gaussian head avatars (GaussianAvatars style) trained on multi-view video of one subject.
 
-The task contract of `fdjax/tasks/__init__.py` (docs/design.md sections 8 and 18):
+The task contract of `fdjax/tasks/__init__.py` (docs/design.md sections 8 and 20):
 
 - model: `fdjax.models.gaussian_avatar.GaussianAvatar`, Gaussians bound to the triangles of the
   subject's FLAME mesh, `config.model.capacity` slots with an active mask; initialised by

@@ -175,6 +175,24 @@ def test_generate_is_a_function_of_the_sample_key(decoder_class):
   np.testing.assert_allclose(guided(jnp.asarray([1.0, 1.0])), seeded(0), atol=1e-5)
   assert float(jnp.abs(guided((2.0, 3.0)) - seeded(0)).max()) * decoder.sample_scale > 1e-2
 
+  # The chain in the denoiser's projection (the default) samples what the chain on x_t does,
+  # guided too, with per-example seeds and scales.
+  def sample(decoder, scales):
+    return decoder.apply(
+      {"params": params},
+      audio,
+      template,
+      style,
+      method="generate",
+      guidance_scales=scales,
+      seed=jnp.asarray([4, 5, 6]),
+    )[0]
+
+  on_x_t = decoder.clone(projected_sampling=False)
+  per_example = jnp.asarray([[1.0, 1.0], [2.0, 3.0], [0.5, 1.0]])
+  for scales in ((1.0, 1.0), per_example):
+    np.testing.assert_allclose(sample(decoder, scales), sample(on_x_t, scales), atol=1e-6)
+
 
 def test_training_pass_regresses_the_prediction_types_target():
   decoder = md.DiffSpeakerDecoder.from_variant(
