@@ -205,15 +205,13 @@ def render_sequence(
       model, effective, state, b, render=settings, background=float(config.data.background)
     )
   )
+  views = {
+    "vertices": vertices,
+    "world_to_camera": np.repeat(world_to_camera[None], len(vertices), 0),
+    "intrinsics": np.repeat(intrinsics[None], len(vertices), 0),
+  }
   images, overflow = [], 0
-  for first in range(0, len(vertices), batch):
-    count = len(vertices[first : first + batch])
-    chunk = {
-      "vertices": vertices[first : first + batch],
-      "world_to_camera": np.repeat(world_to_camera[None], count, 0),
-      "intrinsics": np.repeat(intrinsics[None], count, 0),
-    }
-    out = draw(chunk)
+  for out, _, _ in task.rendered_batches(draw, views, batch):
     images.append(np.asarray(jnp.clip(out.colour * 255 + 0.5, 0, 255)).astype(np.uint8))
     overflow += int(jnp.sum(out.aux["bucket_overflow"]) + jnp.sum(out.aux["pair_overflow"]))
   return np.concatenate(images), overflow

@@ -343,6 +343,23 @@ def _loss(
   return total, aux
 
 
+_VIEW_KEYS = ("world_to_camera", "intrinsics", "vertices")  # what rendering a view reads
+
+
+def rendered_batches(draw, views: dict[str, np.ndarray], size: int):
+  """`(rendered, first, count)` for consecutive batches of `size` views drawn by `draw`.
+
+  The last batch is padded by repeating its final view, so `draw` compiles once; `rendered`
+  is cut back to the `count` real views.
+  """
+  total = len(views["vertices"])
+  for first in range(0, total, size):
+    index = np.minimum(np.arange(first, first + size), total - 1)
+    out = draw({k: v[index] for k, v in views.items()})
+    count = min(size, total - first)
+    yield jax.tree.map(lambda x, count=count: x[:count], out), first, count
+
+
 def _norm(x: Array) -> Array:
   """Euclidean norm over the last axis with a zero (not NaN) gradient at 0."""
   squared = jnp.sum(x * x, -1)
@@ -368,10 +385,9 @@ def evaluate(
     examples = split_examples(config, split)
     psnrs, ssims = [], []
     size = config.data.eval_batch_size
-    for first in range(0, len(examples["image"]), size):
-      batch = {k: examples[k][first : first + size] for k in _EXAMPLE_KEYS}
-      out = draw(batch)
-      truth = jnp.asarray(batch["image"], jnp.float32) / 255.0
+    views = {k: examples[k] for k in _VIEW_KEYS}
+    for out, first, count in rendered_batches(draw, views, size):
+      truth = jnp.asarray(examples["image"][first : first + count], jnp.float32) / 255.0
       psnrs.append(np.asarray(image_metrics.psnr(out.colour, truth)))
       ssims.append(np.asarray(image_metrics.ssim(out.colour, truth)))
       overflow += int(jnp.sum(out.aux["bucket_overflow"]) + jnp.sum(out.aux["pair_overflow"]))
