@@ -4,7 +4,7 @@
         --config.optim.lr=3e-4 --workdir runs/x
     fdjax eval --config ... --workdir runs/x [--step N] [--params raw|ema]
     fdjax data synth|build|inspect ...       (data_pipelines.cli)
-    fdjax render ...                         (fdjax.render)
+    fdjax render ... / fdjax render avatar ... (fdjax.render)
     fdjax export ...                         (fdjax.export)
     fdjax launch local|slurm|k8s ...         (launch)
     fdjax sweep ... / fdjax sweep report DIR (fdjax.sweep)
