@@ -15,6 +15,9 @@ Outputs follow docs/design.md section 3 (per example, before batching):
     template    float32 [V, 3]
     frame_mask  bool    [T]        real frames
     subject     int32   []         training-speaker index, -1 for unseen speakers
+    emotion, intensity  int32 []   where the dataset has them (MEAD)
+    flame       dict               where the dataset has them: shape [S], expression [T, E],
+                                   pose [T, 15], translation [T, 3] (zero on padded frames)
 
 Frame `t` is aligned with samples `[ceil(t * sr / fps), ceil((t + 1) * sr / fps))`; a window of
 `W` frames always carries `ceil(W * sr / fps)` samples, so cropped examples stack into batches.
@@ -32,6 +35,22 @@ import numpy as np
 
 from data_pipelines import pipeline
 from data_pipelines.ops import audio as audio_ops
+
+# The per-frame arrays of a `flame` feature (docs/design.md section 3).
+PER_FRAME_FLAME = ("expression", "pose", "translation")
+
+
+def _labels(example: Mapping[str, Any], start: int, frames: int) -> dict[str, Any]:
+  """What a dataset carries beyond the speech-mesh keys: `emotion`, `intensity` (scalars) and
+  the head-model parameters `flame` (MEAD), its per-frame arrays cut to frames `[start, start +
+  frames)` and zero-padded to `frames`."""
+  out = {k: np.int32(example[k]) for k in ("emotion", "intensity") if k in example}
+  if "flame" in example:
+    out["flame"] = {"shape": np.asarray(example["flame"]["shape"], np.float32)}
+    for key in PER_FRAME_FLAME:
+      value = np.asarray(example["flame"][key], np.float32)[start : start + frames]
+      out["flame"][key] = np.pad(value, ((0, frames - len(value)), (0, 0)))
+  return out
 
 
 def _audio(example: Mapping[str, Any], normalize_audio: bool) -> np.ndarray:
@@ -81,6 +100,7 @@ def train_window(
     "template": template,
     "frame_mask": frame_mask,
     "subject": np.int32(example["subject"]),
+    **_labels(example, start, window_frames),
   }
 
 
@@ -139,6 +159,7 @@ def whole_sequence(
     "template": np.asarray(example["template"], np.float32),
     "frame_mask": np.ones((num_frames,), bool),
     "subject": np.int32(example["subject"]),
+    **_labels(example, 0, num_frames),
   }
 
 
@@ -154,9 +175,15 @@ def eval_batch(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.nda
   """
   masks = ("audio_mask", "frame_mask")
   batch = pipeline.pad_to_longest(
-    [{k: v for k, v in e.items() if k not in masks} for e in examples],
+    [{k: v for k, v in e.items() if k not in (*masks, "flame")} for e in examples],
     {"audio": "audio_mask", "vertices": "frame_mask"},
   )
+  if "flame" in examples[0]:
+    frames = batch["vertices"].shape[1]
+    batch["flame"] = {"shape": np.stack([e["flame"]["shape"] for e in examples])}
+    for key in PER_FRAME_FLAME:
+      values = [e["flame"][key] for e in examples]
+      batch["flame"][key] = np.stack([np.pad(v, ((0, frames - len(v)), (0, 0))) for v in values])
   for key in masks:
     for i, example in enumerate(examples):
       own = np.asarray(example[key], bool)

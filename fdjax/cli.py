@@ -4,11 +4,12 @@
         --config.optim.lr=3e-4 --workdir runs/x
     fdjax eval --config ... --workdir runs/x [--step N] [--params raw|ema]
     fdjax data synth|build|inspect ...       (data_pipelines.cli)
-    fdjax render ...                         (fdjax.render)
+    fdjax render ... / fdjax render avatar ... (fdjax.render)
     fdjax export ...                         (fdjax.export)
     fdjax launch local|slurm|k8s ...         (launch)
     fdjax sweep ... / fdjax sweep report DIR (fdjax.sweep)
     fdjax fit flame --meshes SEQ --out PARAMS.npz (fdjax.fit)
+    fdjax stabilize --mesh_seq SEQ --out OUT --workdir W (fdjax.stabilize)
 
 Subcommands are imported only when used, so `fdjax data ...` does not pay for JAX start-up.
 """
@@ -22,7 +23,7 @@ import os
 import sys
 
 USAGE = (
-  "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep,fit} ...  "
+  "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep,fit,stabilize} ...  "
   "(fdjax CMD --help)"
 )
 
@@ -36,6 +37,7 @@ DELEGATED = {
   "sweep": ("fdjax.sweep", "sweep_main"),
   "explain": ("fdjax.explain", "main"),
   "fit": ("fdjax.fit", "main"),
+  "stabilize": ("fdjax.stabilize", "main"),
 }
 
 

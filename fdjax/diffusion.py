@@ -430,6 +430,15 @@ def step_noise(key: jax.Array, step: jax.Array, shape: Sequence[int], dtype) -> 
   return jax.random.normal(jax.random.fold_in(key, step), shape, jnp.float32).astype(dtype)
 
 
+def batch_noise(key: jax.Array, step: jax.Array, shape: Sequence[int], dtype) -> jax.Array:
+  """`step_noise` for a batch [B, ...]: from one key, or from one key per example (a key array
+  [B]: example b's noise is `step_noise(key[b], step, shape[1:])`, whatever else is in the
+  batch, so a batch may hold independent requests)."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:
+    return jax.vmap(lambda k: step_noise(k, step, shape[1:], dtype))(key)
+  return step_noise(key, step, shape, dtype)
+
+
 def sample(
   sampler: Sampler,
   schedule: Schedule,
@@ -442,7 +451,8 @@ def sample(
   """Denoise x_T = initial_noise [B, ...] to x_0 over `sampler.timesteps(...)` in one `lax.scan`.
 
   denoise_fn(x_t, t) gets t as [B] i32 (the training timestep, the same for every example);
-  step i draws its noise with `step_noise(key, i, ...)`, so a run is a function of the key.
+  step i draws its noise with `batch_noise(key, i, ...)` (`key` one key, or a key array [B] of
+  one key per example), so a run is a function of the key(s).
   """
   timesteps = sampler.timesteps(schedule.num_train_timesteps)  # [S]
   previous = np.append(timesteps[1:], -1)  # [S]
@@ -453,7 +463,7 @@ def sample(
   def body(x_t, inputs):
     index, t, t_prev = inputs
     prediction = denoise_fn(x_t, jnp.full((batch,), t, jnp.int32))
-    noise = step_noise(key, index, x_t.shape, x_t.dtype) if needs_noise else None
+    noise = batch_noise(key, index, x_t.shape, x_t.dtype) if needs_noise else None
     x_prev, _ = step_fn(
       sampler, schedule, prediction, x_t, t, t_prev, noise, prediction_type=prediction_type
     )
@@ -466,6 +476,102 @@ def sample(
   )
   x_0, _ = jax.lax.scan(body, initial_noise, inputs)
   return x_0
+
+
+def step_coefficients(
+  sampler: Sampler,
+  schedule: Schedule,
+  t: jax.Array,
+  t_prev: jax.Array,
+  *,
+  prediction_type: PredictionType,
+  dtype=jnp.float32,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(a, c, s): one step is x_prev = a x_t + c prediction + s noise, when it processes no x_0
+  estimate (no clipping, no thresholding): the step function evaluated on unit inputs."""
+  if sampler.thresholding or sampler.clip_sample_range is not None:
+    raise ValueError("a step that clips or thresholds its x_0 estimate is not linear")
+  step_fn = {"ddpm": ddpm_step, "ddim": ddim_step}[sampler.method]
+  one, zero = jnp.ones((1,), dtype), jnp.zeros((1,), dtype)
+
+  def x_prev(prediction, x_t, noise):
+    out, _ = step_fn(
+      sampler, schedule, prediction, x_t, t, t_prev, noise, prediction_type=prediction_type
+    )
+    return out[0]
+
+  needs_noise = sampler.method == "ddpm" or sampler.eta > 0
+  return (
+    x_prev(zero, one, zero),
+    x_prev(one, zero, zero),
+    x_prev(zero, zero, one) if needs_noise else jnp.zeros((), dtype),
+  )
+
+
+def sample_projected(
+  sampler: Sampler,
+  schedule: Schedule,
+  hidden_fn: Callable[[jax.Array, jax.Array], jax.Array],
+  initial_noise: jax.Array,
+  key: jax.Array,
+  *,
+  prediction_type: PredictionType,
+  project_in: jax.Array,
+  project_out: jax.Array,
+  out_bias: jax.Array,
+) -> jax.Array:
+  """`sample` for a denoiser that reads x_t only through a linear map and writes its prediction
+  through another: prediction = hidden_fn(x_t @ project_in, t) @ project_out + out_bias, with
+  x_t [B, ..., F], project_in [F, D], hidden [B, ..., H], project_out [H, F], out_bias [F].
+
+  Every step without x_0 processing is linear (`step_coefficients`), so the chain runs on
+  z = x_t @ project_in: z_prev = a z + c (h @ (project_out @ project_in) + out_bias @ project_in)
+  + s noise @ project_in, and x_0 is assembled once at the end from the initial noise, the
+  running sum of the hidden states and the noise (when the sampler draws any). Equal to
+  `sample(...)` of the same model up to float rounding; for F much wider than D and H (vertex
+  offsets) it skips the two F-wide projections of every step. Noise is drawn as `sample` draws
+  it (`batch_noise`, one key or one per example).
+  """
+  timesteps = sampler.timesteps(schedule.num_train_timesteps)  # [S]
+  previous = np.append(timesteps[1:], -1)  # [S]
+  needs_noise = sampler.method == "ddpm" or sampler.eta > 0
+  batch = initial_noise.shape[0]
+  dtype = initial_noise.dtype
+  chain = (project_out @ project_in).astype(dtype)  # [H, D]
+  bias_in = (out_bias @ project_in).astype(dtype)  # [D]
+
+  def body(state, inputs):
+    z, hidden_sum, noise_sum, coefficient, bias_sum = state
+    index, t, t_prev = inputs
+    a, c, s = step_coefficients(
+      sampler, schedule, t, t_prev, prediction_type=prediction_type, dtype=dtype
+    )
+    hidden = hidden_fn(z, jnp.full((batch,), t, jnp.int32)).astype(dtype)
+    z = a * z + c * (hidden @ chain + bias_in)
+    hidden_sum = a * hidden_sum + c * hidden
+    if needs_noise:
+      noise = batch_noise(key, index, initial_noise.shape, dtype)
+      z = z + s * (noise @ project_in.astype(dtype))
+      noise_sum = a * noise_sum + s * noise
+    return (z, hidden_sum, noise_sum, a * coefficient, a * bias_sum + c), None
+
+  z = initial_noise @ project_in.astype(dtype)
+  hidden_shape = z.shape[:-1] + (project_out.shape[0],)
+  state = (
+    z,
+    jnp.zeros(hidden_shape, dtype),
+    jnp.zeros_like(initial_noise) if needs_noise else jnp.zeros((), dtype),
+    jnp.ones((), dtype),
+    jnp.zeros((), dtype),
+  )
+  inputs = (
+    jnp.arange(len(timesteps), dtype=jnp.int32),
+    jnp.asarray(timesteps, jnp.int32),
+    jnp.asarray(previous, jnp.int32),
+  )
+  (_, hidden_sum, noise_sum, coefficient, bias_sum), _ = jax.lax.scan(body, state, inputs)
+  x_0 = coefficient * initial_noise + hidden_sum @ project_out.astype(dtype)
+  return x_0 + bias_sum * out_bias.astype(dtype) + noise_sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,12 +621,15 @@ def combine_guided_predictions(
   guidance: Guidance, predictions: jax.Array, scales: jax.Array | Sequence[float] | None = None
 ) -> jax.Array:
   """The guided prediction [B, ...] from predictions [1 + K, B, ...] over `guidance_subsets`;
-  scales [K] (arrays allowed, e.g. inputs of an exported sampler) default to guidance.scales."""
+  scales [K], or [K, B] per example (arrays allowed, e.g. inputs of an exported sampler),
+  default to guidance.scales."""
   k = len(guidance.conditions)
   scales = guidance.scales if scales is None else scales
   if len(scales) != k:
     raise ValueError(f"guidance needs {k} scales (one per condition), got {len(scales)}")
   scales = jnp.asarray(scales, predictions.dtype)
+  if scales.ndim == 2:  # [K, B] -> [K, B, 1, ...] against each prediction [B, ...]
+    scales = scales.reshape(scales.shape + (1,) * (predictions.ndim - 2))
   guided = predictions[0]
   for i in range(1, k + 1):
     reference = predictions[i - 1] if guidance.rule == "sequential" else predictions[0]

@@ -141,11 +141,17 @@ def train_step(
   batch_axes: tuple[str, ...] = (),
   ema_decay: float = 0.0,
   ema_start_step: int = 0,
+  norms_every: int = 1,
+  last_step: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update from one global batch. Returns the new state and scalar metrics.
 
   `ema_decay`, `ema_start_step`: the EMA of the parameters (`update_ema`), for a state that
   has one (`state.ema`); skipped non-finite steps leave it, like the collections, untouched.
+  `norms_every`, `last_step`: the parameter and update norms (diagnostics only, a pass over
+  the parameters each) are computed on the steps the trainer logs, those that make a multiple
+  of `norms_every` updates or the `last_step`-th, and are NaN on the others. The gradient norm
+  is computed on every step: the non-finite guard and clipping need it.
   """
   rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
   grad = functools.partial(
@@ -183,6 +189,11 @@ def train_step(
   # not finite too): one reduction, shared with the metric and with norm clipping.
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  logged = ((state.step + 1) % norms_every == 0) | (state.step + 1 == last_step)
+  nan = jnp.full((), jnp.nan, jnp.float32)
+
+  def logged_norm(tree):
+    return jax.lax.cond(logged, optax.tree.norm, lambda _: nan, tree)
 
   def apply(_):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -192,7 +203,7 @@ def train_step(
       applied["ema"] = update_ema(state.ema, params, state.step + 1, ema_decay, ema_start_step)
     if state.collections is not None:
       applied["collections"] = collections
-    return applied, optax.tree.norm(updates)
+    return applied, logged_norm(updates)
 
   def skip(_):
     kept = {"params": state.params, "opt_state": state.opt_state}
@@ -200,7 +211,7 @@ def train_step(
       kept["ema"] = state.ema
     if state.collections is not None:
       kept["collections"] = state.collections
-    return kept, jnp.full((), jnp.nan, jnp.float32)
+    return kept, nan
 
   # A branch, not a select over every leaf: the update is computed (in place, the state being
   # donated) only when the step is applied, and a skipped step costs no pass over the state.
@@ -215,8 +226,8 @@ def train_step(
   metrics = {
     "loss": loss,
     "grad_norm": grad_norm,
-    "param_norm": optax.tree.norm(state.params),
-    "update_norm": update_norm,  # NaN on a skipped step
+    "param_norm": logged_norm(state.params),  # NaN on steps the trainer does not log
+    "update_norm": update_norm,  # NaN on a skipped step and on steps not logged
     "learning_rate": schedule(state.step),
     "nonfinite": (~finite).astype(jnp.int32),
     "nonfinite_consecutive": new_state.nonfinite_consecutive,

@@ -103,7 +103,9 @@ class _SigtermFlag:
 
 def _to_global(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
   """This process's numpy batch -> global arrays sharded over the batch mesh axes."""
-  arrays = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind not in "OSUV"}
+  arrays = {
+    k: v for k, v in batch.items() if isinstance(v, dict) or np.asarray(v).dtype.kind not in "OSUV"
+  }  # nested dicts of arrays (e.g. `flame`) go too
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), arrays)
 
 
@@ -246,6 +248,8 @@ def build_train_step(config: Any, task: Any, mesh, rules) -> tuple[Any, Any, Any
     compute_dtype=step_lib.resolve_compute_dtype(config.precision.compute_dtype),
     ema_decay=config.ema.decay,
     ema_start_step=config.ema.start_step,
+    norms_every=config.log_every,
+    last_step=config.total_steps,
   )
   return model, state, shardings, train_step
 

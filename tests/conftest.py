@@ -24,3 +24,15 @@ import tempfile  # noqa: E402
 # Synthetic twins that experiments build on first use go to a fresh directory per test session
 # (shared by the subprocesses tests start), never to the user's cache.
 os.environ.setdefault("FDJAX_DATA_ROOT", tempfile.mkdtemp(prefix="fdjax-test-data-"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_mead(tmp_path_factory):
+  """`(raw_dir, data_dir, split sizes)` of the small MEAD twin of `tests/mead_data.py`."""
+  from mead_data import write_and_build
+
+  raw_dir = str(tmp_path_factory.mktemp("small_mead_raw"))
+  data_dir = str(tmp_path_factory.mktemp("small_mead_data"))
+  return raw_dir, data_dir, write_and_build(raw_dir, data_dir)

@@ -558,3 +558,57 @@ def test_drop_conditions_replaces_each_condition_independently_with_its_own_rate
   dropped = diffusion.drop_conditions(never, jax.random.key(1), conditions, NULLS)
   np.testing.assert_array_equal(dropped["audio"], conditions["audio"])
   np.testing.assert_array_equal(dropped["style"], jnp.broadcast_to(NULLS["style"], (batch, 3)))
+
+
+@pytest.mark.parametrize(
+  "method,eta,prediction_type,per_example_keys",
+  [
+    ("ddim", 0.0, "sample", False),
+    ("ddim", 0.7, "epsilon", True),  # noise in the chain (as DDPM's), one key per example
+  ],
+)
+def test_sampling_in_the_projection_equals_sampling_x_t(
+  x64, method, eta, prediction_type, per_example_keys
+):
+  """A denoiser that reads x_t [.., F] through a linear map to D and predicts through another
+  from H: the chain on the projection gives the same x_0 as the chain on x_t (float64)."""
+  rng = np.random.default_rng(0)
+  features, width, hidden = 12, 3, 4
+  project_in = jnp.asarray(rng.normal(size=(features, width)) / 3)
+  project_out = jnp.asarray(rng.normal(size=(hidden, features)) / 2)
+  out_bias = jnp.asarray(rng.normal(size=(features,)))
+  mixing = jnp.asarray(rng.normal(size=(width, hidden)))
+
+  def hidden_fn(z, t):
+    return jnp.tanh(z @ mixing + t[:, None, None] / 1000.0)
+
+  def denoise_fn(x_t, t):
+    return hidden_fn(x_t @ project_in, t) @ project_out + out_bias
+
+  sampler = diffusion.Sampler(method=method, num_steps=20, eta=eta)
+  schedule = _schedule("squaredcos_cap_v2")
+  initial = jnp.asarray(rng.normal(size=(2, 5, features)))
+  key = jax.random.key(3)
+  if per_example_keys:
+    key = jax.vmap(jax.random.key)(jnp.asarray([3, 4]))
+  direct = diffusion.sample(
+    sampler, schedule, denoise_fn, initial, key, prediction_type=prediction_type
+  )
+  projected = diffusion.sample_projected(
+    sampler,
+    schedule,
+    hidden_fn,
+    initial,
+    key,
+    prediction_type=prediction_type,
+    project_in=project_in,
+    project_out=project_out,
+    out_bias=out_bias,
+  )
+  assert float(jnp.abs(direct - initial).max()) > 0.1  # the chain moved
+  np.testing.assert_allclose(projected, direct, rtol=0, atol=1e-9)
+  if per_example_keys:  # example 1 alone, with its own key, is example 1 of the batch
+    alone = diffusion.sample(
+      sampler, schedule, denoise_fn, initial[1:], key[1:], prediction_type=prediction_type
+    )
+    np.testing.assert_allclose(alone[0], direct[1], rtol=0, atol=1e-12)

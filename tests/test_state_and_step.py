@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tinytask
 from helpers import TESTS, TINY
@@ -125,6 +126,33 @@ def test_nan_batch_skips_the_update_and_counts_it():
   with jax.set_mesh(mesh):
     state, metrics = step(state, batch)
   assert int(metrics["nonfinite"]) == 0 and int(state.nonfinite_consecutive) == 0
+
+
+def test_parameter_and_update_norms_are_computed_on_logged_steps_only():
+  # Steps 3 and 6 (multiples of norms_every) and the last, 7th, are logged; the others skip the
+  # two diagnostic passes over the parameters and report NaN.
+  config, mesh, rules, model, tx, schedule, state, shardings = _setup(
+    ["--config.model.dropout=0.0"]
+  )
+  step = _step_fn(
+    config, mesh, rules, model, tx, schedule, shardings, state, norms_every=3, last_step=7
+  )
+  batch = _batch(config, 16)
+  logged = []
+  with jax.set_mesh(mesh):
+    for _ in range(7):
+      before = jax.device_get(state.params)
+      state, metrics = step(state, batch)
+      after = jax.device_get(state.params)
+      if np.isfinite(metrics["param_norm"]):
+        logged.append(int(state.step))
+        updates = jax.tree.map(np.subtract, after, before)
+        np.testing.assert_allclose(metrics["param_norm"], optax.tree.norm(before), rtol=1e-6)
+        np.testing.assert_allclose(metrics["update_norm"], optax.tree.norm(updates), rtol=1e-4)
+      else:
+        assert np.isnan(metrics["update_norm"])
+      assert np.isfinite(metrics["grad_norm"]) and float(metrics["grad_norm"]) > 0
+  assert logged == [3, 6, 7]
 
 
 def test_frozen_subtree_has_no_optimizer_state_and_no_updates():

@@ -53,6 +53,11 @@ class RawSequence:
   vertices_path: str  # the file (or file#entry) errors about the vertices name
   read_audio: Callable[[], tuple[np.ndarray, int]]  # -> ([S] float32, sample rate)
   read_vertices: Callable[[], np.ndarray]  # -> [T, V, 3] at the capture rate
+  # The sequence's own neutral face [V, 3], for datasets without a templates.pkl (MEAD: from
+  # the clip's head-model identity); None = templates.pkl[subject].
+  read_template: Callable[[], np.ndarray] | None = None
+  # Further features of the dataset (`AudioMeshBuilder._extra_features`), checked by the reader.
+  read_extra: Callable[[], dict] | None = None
 
 
 def _read(path: str, what: str, reader: Callable):
@@ -121,6 +126,7 @@ class AudioMeshBuilder(tfds.core.GeneratorBasedBuilder):
       homepage=self.HOMEPAGE,
       features=tfds.features.FeaturesDict(
         {
+          **self._extra_features(),
           "audio": tfds.features.Tensor(shape=(None,), dtype=np.float32, encoding=bytes_encoding),
           "vertices": tfds.features.Tensor(
             shape=(None, self.NUM_VERTICES, 3), dtype=np.float32, encoding=bytes_encoding
@@ -152,15 +158,20 @@ class AudioMeshBuilder(tfds.core.GeneratorBasedBuilder):
     """The raw sequences of each split."""
 
   @abc.abstractmethod
-  def _templates_path(self, raw_dir: str) -> str:
-    """Path of the pickle `{subject: [V, 3]}` of neutral faces."""
+  def _templates_path(self, raw_dir: str) -> str | None:
+    """Path of the pickle `{subject: [V, 3]}` of neutral faces; None when every sequence reads
+    its own (`RawSequence.read_template`)."""
+
+  def _extra_features(self) -> dict:
+    """TFDS features beyond the shared ones, filled by each sequence's `read_extra`."""
+    return {}
 
   def _split_generators(self, dl_manager) -> dict[str, Iterator]:
     raw_dir = self._raw_dir or os.fspath(dl_manager.manual_dir)
     if not os.path.isdir(raw_dir):
       raise FileNotFoundError(f"raw dataset directory {raw_dir!r} does not exist")
     templates_path = self._templates_path(raw_dir)
-    templates = mesh_ops.load_templates(templates_path)
+    templates = {} if templates_path is None else mesh_ops.load_templates(templates_path)
     generators = {}
     for split, sequences in self._splits(raw_dir).items():
       if sequences:
@@ -214,17 +225,23 @@ class AudioMeshBuilder(tfds.core.GeneratorBasedBuilder):
     common.check_lengths_agree(
       sequence.audio_path, audio.shape[0], audio_rate, vertices.shape[0], self.CAPTURE_FPS
     )
-    if sequence.subject not in templates:
+    if sequence.read_template is not None:
+      template_path, name = sequence.vertices_path, "template"
+      template = _read(template_path, name, sequence.read_template)
+    elif sequence.subject not in templates:
       raise common.InvalidExample(templates_path, f"has no template for subject {sequence.subject}")
-    template = templates[sequence.subject]
-    name = f"template of {sequence.subject}"
-    common.check_shape(templates_path, name, template, (self.NUM_VERTICES, 3))
-    common.check_finite(templates_path, name, template)
+    else:
+      template_path, name = templates_path, f"template of {sequence.subject}"
+      template = templates[sequence.subject]
+    common.check_shape(template_path, name, template, (self.NUM_VERTICES, 3))
+    common.check_finite(template_path, name, template)
+    extra = {} if sequence.read_extra is None else sequence.read_extra()
 
     subject = (
       self.TRAIN_SUBJECTS.index(sequence.subject) if sequence.subject in self.TRAIN_SUBJECTS else -1
     )
     return {
+      **extra,
       "audio": audio_ops.resample(audio, audio_rate, SAMPLE_RATE),  # [S]
       "vertices": mesh_ops.downsample_fps(vertices, self.CAPTURE_FPS, self.FPS),  # [T, V, 3]
       "template": template,  # [V, 3]
@@ -318,7 +335,7 @@ def inspect_dataset(name: str, data_dir: str, out_png: str | None, max_examples:
     "sample_rate": sample_rate,
     "num_vertices": int(metadata["num_vertices"]),
     "skipped": dict(metadata.get("skipped", {})),
-    "features": {k: f"{v.shape} {np.dtype(v.np_dtype).name}" for k, v in info.features.items()},
+    "features": _describe(info.features),
     "splits": {},
   }
   plotted = None
@@ -357,6 +374,16 @@ def inspect_dataset(name: str, data_dir: str, out_png: str | None, max_examples:
     _plot_motion(plotted, fps, sample_rate, out_png, title=f"{name}: {_text(plotted['key'])}")
     report["plot"] = out_png
   return report
+
+
+def _describe(features) -> dict:
+  """`{name: "shape dtype"}` of a FeaturesDict, nested dicts (MEAD's `flame`) as dicts."""
+  return {
+    k: _describe(v)
+    if isinstance(v, tfds.features.FeaturesDict)
+    else f"{v.shape} {np.dtype(v.np_dtype).name}"
+    for k, v in features.items()
+  }
 
 
 def _text(value) -> str:

@@ -8,8 +8,9 @@ templates. Metrics and configs load vertex region masks (lips, upper face) with
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -84,31 +85,64 @@ def read_obj(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
   Returns:
     `(vertices, faces)`: float32 [V, 3] and int32 [F, 3] (0-based).
+
+  Raises:
+    ValueError: one line naming the file (and the line) for anything unreadable.
   """
   path = os.fspath(path)
   vertices: list[list[float]] = []
   faces: list[list[int]] = []
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with _named_errors(path, "OBJ"), open(path, encoding="utf-8", errors="replace") as f:
     for line_number, line in enumerate(f, 1):
       parts = line.split()
       if not parts:
         continue
-      if parts[0] == "v":
-        if len(parts) < 4:
-          raise ValueError(f"{path}:{line_number}: vertex line needs x y z: {line.strip()!r}")
-        vertices.append([float(x) for x in parts[1:4]])
-      elif parts[0] == "f":
-        # Face entries are `v`, `v/vt`, `v//vn` or `v/vt/vn`; 1-based, negative counts back.
-        corners = []
-        for entry in parts[1:]:
-          index = int(entry.split("/")[0])
-          corners.append(index - 1 if index > 0 else len(vertices) + index)
-        faces.extend([corners[0], corners[i], corners[i + 1]] for i in range(1, len(corners) - 1))
-  vertex_array = np.asarray(vertices, np.float32).reshape(-1, 3)
-  face_array = np.asarray(faces, np.int32).reshape(-1, 3)
-  if face_array.size and (face_array.min() < 0 or face_array.max() >= len(vertex_array)):
-    raise ValueError(f"{path}: a face refers to a vertex outside 1..{len(vertex_array)}")
-  return vertex_array, face_array
+      try:
+        if parts[0] == "v":
+          if len(parts) < 4:
+            raise ValueError("vertex line needs x y z")
+          vertices.append([float(x) for x in parts[1:4]])
+        elif parts[0] == "f":
+          # Face entries are `v`, `v/vt`, `v//vn` or `v/vt/vn`; 1-based, negative counts back.
+          corners = []
+          for entry in parts[1:]:
+            index = int(entry.split("/")[0])
+            corners.append(index - 1 if index > 0 else len(vertices) + index)
+          faces.extend([corners[0], corners[i], corners[i + 1]] for i in range(1, len(corners) - 1))
+      except ValueError as e:
+        raise ValueError(f"line {line_number}: {e}: {line.strip()[:80]!r}") from e
+  return _checked_mesh(path, np.asarray(vertices, np.float32), faces)
+
+
+@contextlib.contextmanager
+def _named_errors(path: str, kind: str) -> Iterator[None]:
+  """Turns any failure to parse a stranger's mesh file into a one-line ValueError naming it."""
+  try:
+    yield
+  except ValueError as e:
+    if str(e).startswith(path):
+      raise
+    raise ValueError(f"{path}: not a readable {kind} file ({_one_line(e)})") from e
+  except Exception as e:  # noqa: BLE001  parsers fail in many ways; all mean "unreadable"
+    raise ValueError(f"{path}: not a readable {kind} file ({_one_line(e)})") from e
+
+
+def _one_line(error: Exception) -> str:
+  return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+
+
+def _checked_mesh(path: str, vertices: np.ndarray, faces) -> tuple[np.ndarray, np.ndarray]:
+  """float32 vertices [V, 3] and int32 triangles [F, 3], checked: finite, indices in range (a
+  file of faces only, without vertices, is left to its reader to check against its mesh)."""
+  vertices = vertices.reshape(-1, 3)
+  face_array = np.asarray(faces, np.int64).reshape(-1, 3)
+  if not np.isfinite(vertices).all():
+    raise ValueError(f"{path}: non-finite vertex coordinates")
+  if face_array.size and (
+    face_array.min() < 0 or len(vertices) and face_array.max() >= len(vertices)
+  ):
+    raise ValueError(f"{path}: a face refers to a vertex outside 0..{len(vertices) - 1}")
+  return vertices, face_array.astype(np.int32)
 
 
 _PLY_TYPES = {
@@ -124,9 +158,13 @@ def read_ply(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
   Returns:
     `(vertices, faces)`: float32 [V, 3] (the x, y, z properties) and int32 [F, 3] (0-based).
+
+  Raises:
+    ValueError: one line naming the file for a missing, truncated or malformed file, faces
+      that index past the vertices, or non-finite coordinates.
   """
   path = os.fspath(path)
-  with open(path, "rb") as f:
+  with _named_errors(path, "PLY"), open(path, "rb") as f:
     if f.readline().strip() != b"ply":
       raise ValueError(f"{path}: not a PLY file (no 'ply' magic line)")
     fmt, elements = "", []  # elements: [name, count, [(prop, type) | (prop, (count_t, item_t))]]
@@ -142,6 +180,8 @@ def read_ply(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
       if parts[0] == "format":
         fmt = parts[1]
       elif parts[0] == "element":
+        if int(parts[2]) < 0:
+          raise ValueError(f"{path}: PLY element {parts[1]} has a negative count")
         elements.append([parts[1], int(parts[2]), []])
       elif parts[0] == "property":
         if parts[1] == "list":
@@ -156,14 +196,14 @@ def read_ply(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
       data = {name: _ply_element_binary(f, count, props, order) for name, count, props in elements}
     else:
       raise ValueError(f"{path}: unknown PLY format {fmt!r}")
-  if "vertex" not in data:
-    raise ValueError(f"{path}: PLY has no vertex element")
-  vertex = data["vertex"]
-  vertices = np.stack([np.asarray(vertex[a], np.float32) for a in "xyz"], axis=-1)
-  faces = _fans(
-    data.get("face", {}).get("vertex_indices", data.get("face", {}).get("vertex_index"))
-  )
-  return vertices, faces
+    if "vertex" not in data or not all(a in data["vertex"] for a in "xyz"):
+      raise ValueError(f"{path}: PLY has no vertex element with x, y and z")
+    vertex = data["vertex"]
+    vertices = np.stack([np.asarray(vertex[a], np.float32) for a in "xyz"], axis=-1)
+    faces = _fans(
+      data.get("face", {}).get("vertex_indices", data.get("face", {}).get("vertex_index"))
+    )
+    return _checked_mesh(path, vertices, faces)
 
 
 def _ply_element_ascii(tokens, count: int, props: list) -> dict[str, list]:
@@ -181,19 +221,27 @@ def _ply_element_ascii(tokens, count: int, props: list) -> dict[str, list]:
 def _ply_element_binary(f, count: int, props: list, order: str) -> dict[str, list | np.ndarray]:
   if not any(isinstance(kind, tuple) for _, kind in props):
     dtype = np.dtype([(name, order + kind) for name, kind in props])
-    records = np.frombuffer(f.read(dtype.itemsize * count), dtype=dtype, count=count)
+    records = np.frombuffer(_read_exactly(f, dtype.itemsize * count), dtype=dtype, count=count)
     return {name: records[name] for name, _ in props}
   columns: dict[str, list] = {name: [] for name, _ in props}
   for _ in range(count):
     for name, kind in props:
       if isinstance(kind, tuple):
         count_type, item_type = (np.dtype(order + k) for k in kind)
-        n = int(np.frombuffer(f.read(count_type.itemsize), count_type)[0])
-        columns[name].append(np.frombuffer(f.read(item_type.itemsize * n), item_type).tolist())
+        n = int(np.frombuffer(_read_exactly(f, count_type.itemsize), count_type)[0])
+        items = _read_exactly(f, item_type.itemsize * n)
+        columns[name].append(np.frombuffer(items, item_type).tolist())
       else:
         item = np.dtype(order + kind)
-        columns[name].append(np.frombuffer(f.read(item.itemsize), item)[0])
+        columns[name].append(np.frombuffer(_read_exactly(f, item.itemsize), item)[0])
   return columns
+
+
+def _read_exactly(f, size: int) -> bytes:
+  data = f.read(size)
+  if len(data) != size:
+    raise ValueError(f"truncated: {size} bytes expected, {len(data)} left")
+  return data
 
 
 def _fans(polygons) -> np.ndarray:
@@ -204,16 +252,23 @@ def _fans(polygons) -> np.ndarray:
 
 
 def load_template(path: str | os.PathLike) -> np.ndarray:
-  """A neutral mesh's vertices from `.obj`, `.ply` or `.npy` -> float32 [V, 3]."""
+  """A neutral mesh's vertices from `.obj`, `.ply` or `.npy` ([V, 3] or [V*3]) -> float32
+  [V, 3]; an unreadable or empty file raises a one-line ValueError naming it."""
   path = os.fspath(path)
   suffix = os.path.splitext(path)[1].lower()
-  if suffix == ".obj":
-    return read_obj(path)[0]
-  if suffix == ".ply":
-    return read_ply(path)[0]
-  if suffix == ".npy":
-    return np.load(path, allow_pickle=False).astype(np.float32).reshape(-1, 3)
-  raise ValueError(f"{path}: unknown template format {suffix!r} (expected .obj, .ply or .npy)")
+  if suffix in (".obj", ".ply"):
+    vertices = (read_obj if suffix == ".obj" else read_ply)(path)[0]
+  elif suffix == ".npy":
+    with _named_errors(path, ".npy"):
+      vertices = np.load(path, allow_pickle=False)
+    if vertices.size % 3 or vertices.dtype.kind not in "fiu" or vertices.ndim > 2:
+      raise ValueError(f"{path}: expected [V, 3] or [V*3] numbers, got {vertices.shape}")
+    vertices = vertices.astype(np.float32).reshape(-1, 3)
+  else:
+    raise ValueError(f"{path}: unknown template format {suffix!r} (expected .obj, .ply or .npy)")
+  if not len(vertices) or not np.isfinite(vertices).all():
+    raise ValueError(f"{path}: no vertices, or non-finite ones")
+  return vertices
 
 
 def downsample_fps(vertices: np.ndarray, source_fps: float, target_fps: float) -> np.ndarray:

@@ -10,6 +10,8 @@ the same keys, types and shapes, read by `fdjax/models/flame.py` and by the `smp
                                 where the original has chumpy arrays)
     flame_static_embedding.pkl  {lmk_face_idx [51], lmk_b_coords [51, 3]} (smplx's name and keys)
     landmark_embedding.npy      {static_lmk_faces_idx, static_lmk_bary_coords} (FLAME's layout)
+    regions/rigid.txt           the rigid (skull) region: forehead, nose bridge, ear roots
+                                (`head_regions.py`)
 
 The mesh is the VOCASET twin's: the same rig (vertex positions in the canonical face square and
 the Delaunay triangles of `FLAME_sample.ply`) and, as `v_template`, the neutral face that twin
@@ -18,7 +20,8 @@ writes there, for the same seed. On it:
 - identity blend shapes: low-frequency cosine fields over the face square, each along a random
   direction, with amplitudes falling with frequency (as PCA variances do): a few mm per unit;
 - expression blend shapes: the twin rig's lip spread/round, blink and brow fields first, then
-  low-frequency fields localised on the mouth or on the eyes and brows;
+  low-frequency fields localised on the mouth or on the eyes and brows, faded to a tenth over
+  the skin that lies on bone (forehead, nose bridge, ear roots: `head_regions.bone_weight`);
 - joints (global, neck, jaw, eyes) regressed sparsely from vertex neighbourhoods: the rim of
   the face (global), its lower rim (neck), the two jaw hinges, a ring around each eye;
 - smooth skinning weights: the jaw below the mouth line, the neck along the lower rim, each eye
@@ -35,7 +38,7 @@ import pickle
 import numpy as np
 import scipy.sparse
 
-from data_pipelines.synthetic import talking_mesh
+from data_pipelines.synthetic import head_regions, talking_mesh
 from data_pipelines.synthetic import vocaset as vocaset_twin
 
 NUM_SHAPE, NUM_EXPRESSION = 300, 100
@@ -91,12 +94,15 @@ def _expression_basis(rig: talking_mesh.FaceRig, rng: np.random.Generator) -> np
   components = [rig.fields[k].astype(np.float64) for k in named]  # each [V, 3]
   mouth = np.exp(-(((uv[:, 0] - _MOUTH[0]) / 0.5) ** 2 + ((uv[:, 1] - _MOUTH[1]) / 0.35) ** 2))
   upper = 1.0 / (1.0 + np.exp(-(uv[:, 1] - 0.1) / 0.08))
+  # Skin on bone barely moves with expression (only the rig's brow field still drags the
+  # forehead).
+  mobility = 1.0 - 0.9 * head_regions.bone_weight(uv)
   fields, frequency = _cosine_fields(uv, NUM_EXPRESSION)
   for n in range(NUM_EXPRESSION - len(components)):
     region = mouth if n % 2 == 0 else upper
     direction = rng.normal(size=3)
     direction[2] *= 0.5  # expressions move mostly across the face, less in depth
-    field = (fields[n // 2] * region)[:, None] * direction
+    field = (fields[n // 2] * region * mobility)[:, None] * direction
     components.append(field / (1.0 + frequency[n // 2]))
   basis = np.stack(components, -1)  # [V, 3, 100]
   return basis * (_EXPRESSION_SCALE / np.abs(basis).max(axis=(0, 1)))
@@ -215,7 +221,7 @@ def make_head_model(seed: int = 0) -> tuple[dict, dict]:
 
 
 def write(out_dir: str, size: str = "tiny", seed: int = 0) -> None:
-  """Writes `generic_model.pkl` and the landmark embeddings to `out_dir`."""
+  """Writes `generic_model.pkl`, the landmark embeddings and the named regions to `out_dir`."""
   del size  # one model whatever the size
   os.makedirs(out_dir, exist_ok=True)
   model, landmarks = make_head_model(seed)
@@ -228,3 +234,4 @@ def write(out_dir: str, size: str = "tiny", seed: int = 0) -> None:
     "static_lmk_bary_coords": landmarks["lmk_b_coords"],
   }
   np.save(os.path.join(out_dir, "landmark_embedding.npy"), np.array(embedding, dtype=object))
+  head_regions.write(out_dir, seed)

@@ -91,6 +91,9 @@ def _diffusion_config(c: ConfigDict, dataset: ConfigDict, args: ConfigDict) -> N
   # timestep, where x_T is pure noise (Lin et al. 2023; leading starts at 980 of 1000).
   d.timestep_spacing = "trailing"
   d.sample_seed = 0  # Noise key of evaluation and `predict` (no `sample` rng given).
+  # Sample on the denoiser's projected input (the same samples up to float rounding, without
+  # the V*3-wide projections in the loop); False: on x_t itself.
+  d.projected_sampling = True
   # Samples per test sequence at evaluation (seeds sample_seed + n): the table reports the first
   # sample's metrics, their mean over the samples, and the samples' diversity (2 or more).
   c.data.eval_num_samples = 2 if args.runlocal else 3

@@ -390,6 +390,18 @@ def sample_diversity(
   return float(np.mean(per_sequence[valid])) * mm_per_unit
 
 
+def mouth_opening(vertices: ArrayLike, template: ArrayLike, lips: RegionMask) -> np.ndarray:
+  """The mouth's opening per frame: the mean height (y) of the lip vertices that sit above the
+  lips' median height in the template minus that of those below. `vertices [T, V, 3]`,
+  `template [V, 3]` -> `[T]` in the vertices' units; it grows as the jaw drops and the lips
+  part, and is what lip sync times."""
+  vertices, template = np.asarray(vertices), np.asarray(template)
+  height = template[lips.indices, 1]
+  upper = lips.indices[height > np.median(height)]
+  lower = lips.indices[height <= np.median(height)]
+  return vertices[:, upper, 1].mean(1) - vertices[:, lower, 1].mean(1)
+
+
 def static_template_prediction(template: ArrayLike, num_frames: int) -> np.ndarray:
   """The *static template* baseline: the neutral face, not moving. Returns [T, V, 3]."""
   template = np.asarray(template)

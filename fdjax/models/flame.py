@@ -19,6 +19,7 @@ their pickled state; neither chumpy nor scipy code runs, and any other global is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pickle
 from collections.abc import Mapping
@@ -121,6 +122,38 @@ def landmarks_from_vertices(
   return jnp.einsum("...lcx,lc->...lx", corners, landmark_barycentric.astype(vertices.dtype))
 
 
+def blend(coefficients: Array, basis: Array, dtype: jnp.dtype = jnp.float32) -> Array:
+  """[..., N] x [V, 3, >= N] -> [..., V, 3], in `dtype` with float32 accumulation; float32
+  matmuls at full precision (accelerators otherwise round float32 operands)."""
+  return jnp.einsum(
+    "...n,vcn->...vc",
+    coefficients.astype(dtype),
+    basis[..., : coefficients.shape[-1]].astype(dtype),
+    precision=jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None,
+    preferred_element_type=jnp.float32,
+  )
+
+
+def blend_shapes(
+  model: FlameModel, shape: Array, expression: Array, *, dtype: jnp.dtype = jnp.float32
+) -> Array:
+  """The shaped template `T + S beta + E psi`: [..., V, 3] at the broadcast of the leading dims
+  of `shape [..., S']` and `expression [..., E']` (the first S', E' components are used)."""
+  shape, expression = (jnp.asarray(a, jnp.float32) for a in (shape, expression))
+  for name, value, size in (
+    ("shape", shape, model.shape_basis.shape[-1]),
+    ("expression", expression, model.expression_basis.shape[-1]),
+  ):
+    if value.shape[-1] > size:
+      raise ValueError(f"{name} has {value.shape[-1]} coefficients; the model has {size}")
+  # Identity and expression blend at their own leading shapes (one identity for many frames).
+  return (
+    model.template
+    + blend(shape, model.shape_basis, dtype)
+    + blend(expression, model.expression_basis, dtype)
+  )
+
+
 def flame_forward(
   model: FlameModel,
   shape: Array,
@@ -148,49 +181,40 @@ def flame_forward(
   Returns:
     `FlameOutput` of float32 `vertices [..., V, 3]`, `joints [..., K, 3]`, `landmarks [..., L, 3]`.
   """
+  shaped = blend_shapes(model, shape, expression, dtype=dtype)
+  return articulate(model, shaped, pose, translation, dtype=dtype)
+
+
+def articulate(
+  model: FlameModel,
+  shaped: Array,
+  pose: Array,
+  translation: Array | None = None,
+  *,
+  dtype: jnp.dtype = jnp.float32,
+) -> FlameOutput:
+  """Poses a shaped template (`blend_shapes`): joints regressed from `shaped [..., V, 3]`, pose
+  correctives, the kinematic chain, skinning, landmarks, then `translation`. For a fixed pose
+  this is affine in `shaped` (what `fdjax/fit.py` exploits). Arguments as `flame_forward`."""
   num_joints = model.num_joints
-  shape, expression, pose = (jnp.asarray(a, jnp.float32) for a in (shape, expression, pose))
+  shaped, pose = jnp.asarray(shaped, jnp.float32), jnp.asarray(pose, jnp.float32)
   if translation is None:
     translation = jnp.zeros((*pose.shape[:-1], 3), jnp.float32)
   translation = jnp.asarray(translation, jnp.float32)
-  for name, value, size in (
-    ("shape", shape, model.shape_basis.shape[-1]),
-    ("expression", expression, model.expression_basis.shape[-1]),
-  ):
-    if value.shape[-1] > size:
-      raise ValueError(f"{name} has {value.shape[-1]} coefficients; the model has {size}")
   if pose.shape[-1] != 3 * num_joints or translation.shape[-1] != 3:
     raise ValueError(
       f"pose must be [..., {3 * num_joints}] and translation [..., 3], got "
       f"{tuple(pose.shape)} and {tuple(translation.shape)}"
     )
-  batch = jnp.broadcast_shapes(
-    shape.shape[:-1], expression.shape[:-1], pose.shape[:-1], translation.shape[:-1]
-  )
+  batch = jnp.broadcast_shapes(shaped.shape[:-2], pose.shape[:-1], translation.shape[:-1])
   pose, translation = (jnp.broadcast_to(a, (*batch, a.shape[-1])) for a in (pose, translation))
-  # Float32 matmuls at full precision: accelerators otherwise round float32 operands.
   exact = jax.lax.Precision.HIGHEST
-
-  def blend(coefficients: Array, basis: Array) -> Array:  # [..., N] x [V, 3, N] -> [..., V, 3]
-    return jnp.einsum(
-      "...n,vcn->...vc",
-      coefficients.astype(dtype),
-      basis[..., : coefficients.shape[-1]].astype(dtype),
-      precision=exact if jnp.dtype(dtype) == jnp.float32 else None,
-      preferred_element_type=jnp.float32,
-    )
-
-  # Identity and expression blend at their own leading shapes (one identity for many frames).
-  shaped = (
-    model.template + blend(shape, model.shape_basis) + blend(expression, model.expression_basis)
-  )
   shaped = jnp.broadcast_to(shaped, (*batch, *shaped.shape[-2:]))  # [..., V, 3]
   joints = jnp.einsum("kv,...vc->...kc", model.joint_regressor, shaped, precision=exact)
 
   rotations = rodrigues(pose.reshape(*batch, num_joints, 3))  # [..., K, 3, 3]
   pose_feature = (rotations[..., 1:, :, :] - jnp.eye(3)).reshape(*batch, 9 * (num_joints - 1))
-  posed = shaped + blend(pose_feature, model.pose_basis)  # [..., V, 3]
-
+  posed = shaped + blend(pose_feature, model.pose_basis, dtype)  # [..., V, 3]
   # World transform of each joint: its parent's, then its own rotation about its rest location.
   world_rotations = [rotations[..., 0, :, :]]
   world_joints = [joints[..., 0, :]]
@@ -552,3 +576,28 @@ def load_flame(
   return flame_model_from_arrays(
     _read_arrays(model_path), *landmarks, num_shape=num_shape, name=model_path
   )
+
+
+@functools.cache
+def synthetic_head_model(seed: int = 0) -> FlameModel:
+  """The synthetic stand-in (`data_pipelines/synthetic/head_model.py`), built in memory once:
+  what fdjax uses wherever a head model is needed and none is given."""
+  from data_pipelines.synthetic import head_model
+
+  arrays, landmarks = head_model.make_head_model(seed)
+  with jax.ensure_compile_time_eval():  # concrete arrays even when first asked inside a trace
+    return flame_model_from_arrays(
+      arrays, landmarks["lmk_face_idx"], landmarks["lmk_b_coords"], name="synthetic head model"
+    )
+
+
+def head_model(path: str = "") -> FlameModel:
+  """The head model a config names: `path` to a `generic_model.pkl` (or .npz), or "" for the
+  synthetic stand-in."""
+  return synthetic_head_model() if not path else _load_cached(os.path.abspath(path))
+
+
+@functools.cache
+def _load_cached(path: str) -> FlameModel:
+  with jax.ensure_compile_time_eval():
+    return load_flame(path)

@@ -136,10 +136,45 @@ def latent_mse(pred: Array, truth: Array, frame_mask: Array | None = None) -> Ar
   return jnp.sum(error**2) / jnp.maximum(jnp.sum(valid) * per_frame_size, 1)
 
 
+def sequence_mean_mse(pred: Array, truth: Array, frame_mask: Array | None = None) -> Array:
+  """Squared error of each sequence's time-averaged mesh, averaged over sequences.
+
+  EMOTE's split of the loss supervises emotion at the sequence level: what the face holds over
+  the sequence, not when each frame moves. Per sequence, the mean of `pred` and of `truth` over
+  its valid frames `[V, 3]`; their squared difference averaged over vertices and coordinates;
+  the mean of that over the sequences that have a valid frame.
+
+  Args:
+    pred, truth: `[B, T, V, 3]`.
+    frame_mask: `[B, T]` bool; default all valid.
+
+  Returns:
+    scalar float32.
+  """
+  _check_shapes(pred, truth, None)
+  valid = _frame_mask(frame_mask, pred)
+  counts = jnp.sum(valid, axis=1).astype(jnp.float32)  # [B]
+  keep = valid[:, :, None, None]
+
+  def average(x):  # [B, T, V, 3] -> [B, V, 3] over valid frames
+    return (
+      jnp.sum(jnp.where(keep, x.astype(jnp.float32), 0.0), 1)
+      / jnp.maximum(counts, 1)[:, None, None]
+    )
+
+  per_sequence = jnp.mean((average(pred) - average(truth)) ** 2, axis=(1, 2))  # [B]
+  has_frames = counts > 0
+  return jnp.sum(jnp.where(has_frames, per_sequence, 0.0)) / jnp.maximum(jnp.sum(has_frames), 1)
+
+
 def region_weights(
-  num_vertices: int, region_vertex_indices: Sequence[int] | np.ndarray, region_weight: float
+  num_vertices: int,
+  region_vertex_indices: Sequence[int] | np.ndarray,
+  region_weight: float,
+  elsewhere: float = 1.0,
 ) -> np.ndarray:
-  """Vertex weights `[V]`: `region_weight` on the given vertices (e.g. the lips), 1 elsewhere.
+  """Vertex weights `[V]`: `region_weight` on the given vertices (e.g. the lips), `elsewhere`
+  (1) on the others.
 
   Region masks are data (docs/design.md section 5): pass the indices loaded from the mask file the
   config names.
@@ -152,6 +187,6 @@ def region_weights(
     )
   if region_weight < 0:
     raise ValueError(f"region_weight must be non-negative, got {region_weight}")
-  weights = np.ones(num_vertices, np.float32)
+  weights = np.full(num_vertices, elsewhere, np.float32)
   weights[indices] = region_weight
   return weights

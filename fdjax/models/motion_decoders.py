@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdjax.models import layers
+from fdjax.models import face_outputs, layers
 from fdjax.models.attention import BlockNames, TransformerBlock, padding_mask
 
 Array = jax.Array
@@ -988,13 +988,17 @@ def encode_aligned_audio(
   intensity: Array | None,
   frame_mask: Array,
   train: bool,
+  *,
+  emotion_in_input: bool = True,
 ) -> Array:
   """The whole-sequence decoders' encoder (`NonAutoregressiveDecoder`, CodeTalker's
   `CodePredictor`): each frame's aligned audio features (concatenated), projected, plus the
   condition and the periodic positional encoding, through a `TransformerEncoder`.
 
   Called from `module`'s compact `__call__`: the submodules it makes (`audio_projection`,
-  `condition_embedding`, `encoder`) are `module`'s, configured by its fields.
+  `condition_embedding`, `encoder`) are `module`'s, configured by its fields. With
+  `emotion_in_input=False` the condition is the style alone (the module conditions on emotion
+  elsewhere).
 
   Returns:
     `[B, T, D]` for `frame_mask [B, T]`.
@@ -1006,8 +1010,8 @@ def encode_aligned_audio(
   condition = ConditionEmbedding(
     features=module.d_model,
     num_styles=module.num_styles,
-    num_emotions=module.num_emotions,
-    num_intensities=module.num_intensities,
+    num_emotions=module.num_emotions if emotion_in_input else 0,
+    num_intensities=module.num_intensities if emotion_in_input else 0,
     dtype=module.dtype,
     name="condition_embedding",
   )(style, emotion, intensity, batch_size=batch_size)
@@ -1028,6 +1032,10 @@ def encode_aligned_audio(
     name="encoder",
   )(x, frame_mask, train)
 
+
+# Time constants (frames) of the rises that shape a separate emotion branch's output over a
+# sequence (`NonAutoregressiveDecoder(emotion_path="separate")`): 0.2 and 0.6 s at 25 fps.
+EMOTION_ONSET_FRAMES = (5.0, 15.0)
 
 # Not a published model: a FaceFormer-sized encoder without cross-attention, so two layers.
 NONAUTOREGRESSIVE_VARIANTS: dict[str, dict] = {
@@ -1088,8 +1096,31 @@ class NonAutoregressiveDecoder(nn.Module):
   num_intensities: int = 0  # emotion intensity levels; 0 disables
   dropout_rate: float = 0.1  # dropout on the encoded input and the residual branches
   pre_norm: bool = False  # False = post-norm layers
+  # What the last layer predicts per frame (fdjax/models/face_outputs.py): "vertices" (offsets
+  # from the template), "flame" (expression + jaw coefficients through the head model) or
+  # "rig" (controller values through a linear rig)
+  output: str = "vertices"
+  num_expression: int = 50  # "flame": expression coefficients (EMOTE: 50)
+  head_model: str = ""  # "flame": generic_model.pkl path; "" = the synthetic head model
+  num_controls: int = 174  # "rig": controller values per frame (EmoFace: 174)
+  rig: str = ""  # "rig": [C, V, 3] rig file (.npy / .npz); "" = the synthetic rig
+  # Where emotion and intensity enter: "input" (their embeddings join the style at the input)
+  # or "separate" (a branch of their own, with the style, adds outputs that do not depend on
+  # the audio; for "flame", expression only, never the jaw): lip sync is then the audio's alone
+  emotion_path: str = "input"
   attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+  def output_head(self) -> face_outputs.OutputHead:
+    """How the last layer's numbers become vertices (`face_outputs.OutputHead`)."""
+    return face_outputs.OutputHead(
+      kind=self.output,
+      num_vertices=self.num_vertices,
+      num_expression=self.num_expression,
+      head_model=self.head_model,
+      num_controls=self.num_controls,
+      rig=self.rig,
+    )
 
   @classmethod
   def from_variant(cls, variant: str, **overrides: Any) -> NonAutoregressiveDecoder:
@@ -1125,7 +1156,8 @@ class NonAutoregressiveDecoder(nn.Module):
       train: enables dropout.
 
     Returns:
-      `vertices [B, T, V, 3]` and aux `{"offsets": [B, T, V, 3]}`.
+      `vertices [B, T, V, 3]` and aux `{"offsets": [B, T, V, 3]}`, plus the predicted outputs
+      by name for `output` "flame" (`expression`, `jaw`) and "rig" (`controls`).
     """
     batch_size = audio_features.shape[0]
     if vertices is not None:
@@ -1139,7 +1171,35 @@ class NonAutoregressiveDecoder(nn.Module):
       raise ValueError(
         f"frame_mask must be [B, T]=({batch_size}, {num_frames}), got {tuple(frame_mask.shape)}"
       )
-    x = encode_aligned_audio(self, audio_features, style, emotion, intensity, frame_mask, train)
+    if self.emotion_path not in ("input", "separate"):
+      raise ValueError(f"emotion_path={self.emotion_path!r}: expected 'input' or 'separate'")
+    separate = self.emotion_path == "separate"
+    x = encode_aligned_audio(
+      self,
+      audio_features,
+      style,
+      emotion,
+      intensity,
+      frame_mask,
+      train,
+      emotion_in_input=not separate,
+    )
+    if self.output != "vertices":
+      head = self.output_head()
+      # Zero-initialised: the untrained model predicts zero coefficients, i.e. the template.
+      outputs = dense(
+        head.size, ("embed", None), dtype=self.dtype, zero_init=True, name="output_projection"
+      )(x).astype(jnp.float32)
+      if separate:
+        # "flame": the jaw is the audio's alone.
+        size = head.num_expression if self.output == "flame" else head.size
+        emotional = self._emotion_branch(style, emotion, intensity, batch_size, num_frames, size)
+        outputs = outputs + jnp.pad(emotional, ((0, 0), (0, 0), (0, head.size - size)))
+      outputs = jnp.where(frame_mask[:, :, None], outputs, 0.0)
+      vertices, named = head.to_vertices(outputs, template)
+      return vertices, {"offsets": vertices - template[:, None], **named}
+    if separate:
+      raise ValueError('emotion_path="separate" needs output="flame" or "rig"')
     offsets = dense(
       self.num_vertices * 3,
       ("embed", "vertices"),
@@ -1151,6 +1211,42 @@ class NonAutoregressiveDecoder(nn.Module):
     offsets = jnp.where(frame_mask[:, :, None, None], offsets, 0.0)
     offsets = nn.with_logical_constraint(offsets, ("batch", "time", "vertices", None))
     return template[:, None].astype(jnp.float32) + offsets, {"offsets": offsets}
+
+  def _emotion_branch(
+    self,
+    style: Array | None,
+    emotion: Array | None,
+    intensity: Array | None,
+    batch_size: int,
+    num_frames: int,
+    size: int,
+  ) -> Array:
+    """`emotion_path="separate"`: outputs `[B, T, size]` from the style, emotion and intensity
+    alone, shaped over time as a constant plus rises of a few time constants
+    (`EMOTION_ONSET_FRAMES`), so an emotion sets in and holds whatever is said."""
+    condition = ConditionEmbedding(
+      features=self.d_model,
+      num_styles=self.num_styles,
+      num_emotions=self.num_emotions,
+      num_intensities=self.num_intensities,
+      dtype=self.dtype,
+      name="emotion_embedding",
+    )(style, emotion, intensity, batch_size=batch_size)
+    hidden = nn.relu(
+      dense(self.d_model, ("embed", "mlp"), dtype=self.dtype, name="emotion_mlp")(condition)
+    )
+    frames = jnp.arange(num_frames, dtype=jnp.float32)[:, None]
+    onsets = jnp.asarray(EMOTION_ONSET_FRAMES, jnp.float32)
+    profile = jnp.concatenate([jnp.ones_like(frames), 1.0 - jnp.exp(-frames / onsets)], 1)
+    amplitudes = dense(
+      profile.shape[1] * size,
+      ("mlp", None),
+      dtype=self.dtype,
+      zero_init=True,
+      name="emotion_projection",
+    )(hidden).astype(jnp.float32)
+    amplitudes = amplitudes.reshape(batch_size, profile.shape[1], size)
+    return jnp.einsum("tk,bks->bts", profile, amplitudes)
 
   def generate(
     self,

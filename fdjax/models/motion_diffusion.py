@@ -371,6 +371,7 @@ class RecurrentDenoiser(nn.Module):
   num_styles: int = 8  # speaking styles (training subjects); 0 disables
   previous_frames: int = 0  # P clean frames of the previous window read before x_t
   dropout_rate: float = 0.1  # dropout between GRU layers (FaceDiffuser: 0.3)
+  unroll: int | bool = 1  # frames per iteration of the GRU's scan; True: fully unrolled
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
   @nn.compact
@@ -407,10 +408,16 @@ class RecurrentDenoiser(nn.Module):
     for index in range(self.num_layers):
       if index:
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-      forward = nn.RNN(nn.GRUCell(features=self.d_model, dtype=self.dtype), name=f"gru_{index}")
+      forward = nn.RNN(
+        nn.GRUCell(features=self.d_model, dtype=self.dtype),
+        unroll=self.unroll,
+        name=f"gru_{index}",
+      )
       if self.bidirectional:
         backward = nn.RNN(
-          nn.GRUCell(features=self.d_model, dtype=self.dtype), name=f"gru_{index}_backward"
+          nn.GRUCell(features=self.d_model, dtype=self.dtype),
+          unroll=self.unroll,
+          name=f"gru_{index}_backward",
         )
         x = nn.Bidirectional(forward, backward, name=f"bidirectional_{index}")(
           x, seq_lengths=lengths
@@ -418,6 +425,32 @@ class RecurrentDenoiser(nn.Module):
       else:
         x = forward(x, seq_lengths=lengths)  # [B, T, D]
     return _prediction(self, x)  # [B, T, V*3]
+
+
+# The denoisers' linear input (of the noisy offsets) and output layers (`_embedded_inputs`,
+# `_prediction`), which sampling in their projection (`diffusion.sample_projected`) steps over.
+PROJECTIONS = ("motion_projection", "prediction_projection")
+
+
+def _projection_interceptor(projected: Array):
+  """Flax method interceptor: `motion_projection` returns `projected` plus its bias for the
+  noisy frames (their input unread; any previous frames leading them are projected as usual),
+  `prediction_projection` returns its input (the hidden state) unprojected."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and module.name == PROJECTIONS[0]:
+      noisy = (projected + module.variables["params"]["bias"]).astype(module.dtype)
+      num_previous = args[0].shape[1] - projected.shape[1]  # clean frames leading x_t
+      if not num_previous:
+        return noisy
+      leading = next_fun(args[0][:, :num_previous], **kwargs)
+      return jnp.concatenate([leading, noisy], axis=1)
+    if context.method_name == "__call__" and module.name == PROJECTIONS[1]:
+      return args[0]
+    return next_fun(*args, **kwargs)
+
+  return interceptor
 
 
 def guided_denoise_fn(
@@ -431,6 +464,7 @@ def guided_denoise_fn(
   *,
   previous: Array | None = None,
   drop_previous: Array | None = None,
+  projected: bool = False,
 ) -> diffusion.DenoiseFn:
   """`denoise_fn(x_t, t)` of an (unbound) denoiser with `params`, for `diffusion.sample`.
 
@@ -439,6 +473,13 @@ def guided_denoise_fn(
   that become the denoiser's `drop_*` inputs, and the audio features, style, mask and previous
   frames ride along (unguided) so that the condition subsets are batched into one call.
   Without, the conditional prediction.
+
+  `projected`: the function of `diffusion.sample_projected` instead, `(z_t [B, T, D], t) ->
+  hidden [B, T, D']`: z_t (the noisy offsets times the `motion_projection` kernel) replaces what
+  that layer computes, and the function returns what the `prediction_projection` layer would
+  project (both layers intercepted, `_projection_interceptor`). The guidance combination is the
+  same on hidden states, its weights summing to one. The previous frames, if any, are
+  projected as usual: only the noisy frames' projection is replaced.
   """
   batch_size = frame_mask.shape[0]
   inputs = {
@@ -452,17 +493,25 @@ def guided_denoise_fn(
 
   def model_fn(x_t: Array, t: Array, conditions: Mapping[str, Array]) -> Array:
     drops = {f"drop_{name}": ~conditions[name] for name in CONDITIONS if name in conditions}
-    return denoiser.apply(
-      {"params": params},
-      x_t,
-      t,
-      conditions["audio_features"],
-      conditions.get("style_index"),
-      conditions["frame_mask"],
-      previous=conditions.get("previous"),
-      drop_previous=conditions.get("drop_previous"),
-      **drops,
-    )
+
+    def call(x_t: Array) -> Array:
+      return denoiser.apply(
+        {"params": params},
+        x_t,
+        t,
+        conditions["audio_features"],
+        conditions.get("style_index"),
+        conditions["frame_mask"],
+        previous=conditions.get("previous"),
+        drop_previous=conditions.get("drop_previous"),
+        **drops,
+      )
+
+    if not projected:
+      return call(x_t)
+    with nn.intercept_methods(_projection_interceptor(x_t)):
+      # The noisy offsets themselves are never read: a placeholder of their shape.
+      return call(jnp.zeros(x_t.shape[:-1] + (denoiser.num_vertices * 3,), x_t.dtype))
 
   if guidance is None or not guidance.conditions:
     return lambda x_t, t: model_fn(x_t, t, inputs)
@@ -484,7 +533,8 @@ class DiffusionDecoder(nn.Module):
   their probabilities, and returns the vertices of the x_0 the prediction implies (so the task's
   vertex and velocity losses apply to it) with the prediction, target and loss weight in aux.
   `generate` samples x_0 from noise drawn from the `sample` rng stream (a fixed key from
-  `sample_seed` when none is given), guided by `guidance_scales`.
+  `sample_seed` when none is given) or from one `seed` per example, guided by
+  `guidance_scales`; with `projected_sampling` the chain runs on the denoiser's projected input.
 
   Windows (DiffPoseTalk): with the denoiser's `previous_frames` P > 0, a training example's
   first P frames are the previous window's (true motion, or the learned start with
@@ -515,6 +565,9 @@ class DiffusionDecoder(nn.Module):
   audio_guidance_scale: float = 1.0  # sampling: audio's classifier-free guidance scale
   style_guidance_scale: float = 1.0  # sampling: style's scale (sequential rule, after audio)
   sampling_method: str = "ddim"  # ddim or ddpm (ancestral)
+  # The chain runs on the denoiser's projected input (`diffusion.sample_projected`: no V*3-wide
+  # projection inside the loop; equal up to float rounding); False: on x_t itself
+  projected_sampling: bool = True
   sampling_steps: int = 50  # denoising steps at prediction (a subset of the N)
   eta: float = 0.0  # DDIM: 0 deterministic given the initial noise
   timestep_spacing: str = "leading"  # how the steps are chosen (diffusion.inference_timesteps)
@@ -710,16 +763,21 @@ class DiffusionDecoder(nn.Module):
     num_frames: int | None = None,
     frame_mask: Array | None = None,
     guidance_scales: tuple[float, float] | Array | None = None,
+    seed: Array | None = None,
   ) -> tuple[Array, dict[str, Array]]:
     """Samples `vertices [B, T, V, 3]` (aux "offsets") with `sampling_method` over
-    `sampling_steps`, from initial noise and step noise drawn from one key (the `sample` rng).
+    `sampling_steps`, from initial noise and step noise drawn from one key (the `sample` rng),
+    or with `seed [B]` int from one key per example (`jax.random.key(seed[b])`: an example's
+    sample is then the same whatever else is in the batch).
 
-    Guidance scales (audio, style) default to the fields; guidance is skipped when both are 1
-    (the conditional prediction, one denoiser call per step). With `window_frames` or
-    `previous_frames` set, the sequence is sampled window by window (`sample_window`): window
-    k from the key `fold_in(key, k)`, after the last `previous_frames` frames of window k - 1
-    (the learned start for k = 0); the last window is padded and masked, so the valid frames
-    do not depend on how far the sequence is padded."""
+    Guidance scales (audio, style), a tuple, an array `[2]` or one pair per example `[B, 2]`,
+    default to the fields; guidance is skipped when all are 1 (the conditional prediction, one
+    denoiser call per step): decided when tracing for a tuple, at run time for an array.
+
+    With `window_frames` or `previous_frames` set, the sequence is sampled window by window
+    (`sample_window`): window k from the key(s) `fold_in(key, k)`, after the last
+    `previous_frames` frames of window k - 1 (the learned start for k = 0); the last window is
+    padded and masked, so the valid frames do not depend on how far the sequence is padded."""
     if emotion is not None or intensity is not None:
       raise ValueError("the diffusion decoders condition on audio and style only")
     batch_size = audio_features.shape[0]
@@ -735,14 +793,13 @@ class DiffusionDecoder(nn.Module):
     if self.is_initializing():
       # Parameters are created by a call of the denoiser, never inside the sampling loop.
       self._init_denoiser(audio_features, style, frame_mask, windowed)
-    key = self._key("sample")
+    # One key, or one per example ([B] key array).
+    key = self._key("sample") if seed is None else jax.vmap(jax.random.key)(seed)
     if windowed:
       sample = self._sample_windows(audio_features, style, frame_mask, guidance_scales, key)
     else:
-      initial_key, step_key = jax.random.split(key)
-      initial_noise = jax.random.normal(
-        initial_key, (batch_size, num_frames, self.num_vertices * 3), jnp.float32
-      )
+      shape = (batch_size, num_frames, self.num_vertices * 3)
+      initial_noise, step_key = _initial_noise(key, shape)
       run = self._sampler_fn(style, guidance_scales)
       sample = run(audio_features, frame_mask, initial_noise, step_key)
     predicted, offsets = self._to_vertices(sample, template, frame_mask)
@@ -762,7 +819,8 @@ class DiffusionDecoder(nn.Module):
     """One window of the windowed sampler: x_0 `[B, W, V*3]` (in the sample's units) of the W
     frames of `frame_mask [B, W]`, given the audio features `[B, (P + W) * r, D_audio]` of the
     previous P frames and the window, and `previous [B, P, V*3]` the last P frames sampled
-    before (ignored, replaced by the learned start, where `first`). Noise from `key`."""
+    before (ignored, replaced by the learned start, where `first`). Noise from `key` (one key,
+    or a key array `[B]` of one per example)."""
     return self._window_fn(style, guidance_scales)(audio_features, frame_mask, previous, first, key)
 
   def _init_denoiser(self, audio_features, style, frame_mask, windowed) -> None:
@@ -817,7 +875,7 @@ class DiffusionDecoder(nn.Module):
       window_mask = jax.lax.dynamic_slice_in_dim(mask, index * window, window, axis=1)
       first = index == 0
       sample = window_fn(
-        window_features, window_mask, previous, first, jax.random.fold_in(key, index)
+        window_features, window_mask, previous, first, _fold_in(key, index)
       )  # [B, W, V*3]
       return sample[:, window - num_previous :], sample
 
@@ -834,8 +892,7 @@ class DiffusionDecoder(nn.Module):
 
     def window_fn(audio_features, frame_mask, previous, first, key):
       batch_size, window = frame_mask.shape
-      initial_key, step_key = jax.random.split(key)
-      initial_noise = jax.random.normal(initial_key, (batch_size, window, width), jnp.float32)
+      initial_noise, step_key = _initial_noise(key, (batch_size, window, width))
       if not num_previous:
         return run(audio_features, frame_mask, initial_noise, step_key)
       drop_previous = jnp.broadcast_to(jnp.asarray(first, bool), (batch_size,))
@@ -852,33 +909,72 @@ class DiffusionDecoder(nn.Module):
 
   def _sampler_fn(self, style, guidance_scales):
     """`run(audio_features, frame_mask, initial_noise [B, T, V*3], step_key, **previous) ->
-    x_0`: `diffusion.sample` of the (guided) denoiser, free of module state: the unbound
-    denoiser applied to its parameters (bound Flax modules cannot be called inside the scans).
-    Guidance is skipped when both scales are the Python number 1."""
+    x_0`: `diffusion.sample` (or `sample_projected`) of the (guided) denoiser, free of module
+    state: the unbound denoiser applied to its parameters (bound Flax modules cannot be called
+    inside the scans). Guidance is skipped when the scales are a tuple of ones (at trace time)
+    or an array of ones (at run time, `lax.cond`)."""
     scales = (self.audio_guidance_scale, self.style_guidance_scale)
     if guidance_scales is not None:
       scales = guidance_scales
-    guided = not (isinstance(scales, tuple | list) and all(float(s) == 1.0 for s in scales))
-    denoiser = self.denoiser.clone(parent=None)
-    params = self.denoiser.variables["params"]
-    guidance = self.guidance() if guided else None
-    scales = jnp.asarray(scales, jnp.float32) if guided else None
-    sampler, schedule = self.sampler(), self.schedule()
+    denoiser, params = self.denoiser.clone(parent=None), self.denoiser.variables["params"]
+    guidance, sampler, schedule = self.guidance(), self.sampler(), self.schedule()
+    prediction_type, projected = self.prediction_type, self.projected_sampling
+
+    def sample(audio_features, frame_mask, initial_noise, step_key, guided_scales, previous):
+      denoise_fn = guided_denoise_fn(
+        denoiser,
+        params,
+        audio_features,
+        style,
+        frame_mask,
+        None if guided_scales is None else guidance,  # None: unguided
+        guided_scales,
+        projected=projected,
+        **previous,
+      )
+      common = dict(prediction_type=prediction_type)
+      if projected:
+        project_in, project_out = (nn.meta.unbox(params[name]) for name in PROJECTIONS)
+        common.update(
+          project_in=project_in["kernel"],
+          project_out=project_out["kernel"],
+          out_bias=project_out["bias"],
+        )
+      sample_fn = diffusion.sample_projected if projected else diffusion.sample
+      return sample_fn(sampler, schedule, denoise_fn, initial_noise, step_key, **common)
 
     def run(audio_features, frame_mask, initial_noise, step_key, **previous):
-      denoise_fn = guided_denoise_fn(
-        denoiser, params, audio_features, style, frame_mask, guidance, scales, **previous
-      )
-      return diffusion.sample(
-        sampler,
-        schedule,
-        denoise_fn,
-        initial_noise,
-        step_key,
-        prediction_type=self.prediction_type,
+      inputs = (audio_features, frame_mask, initial_noise, step_key)
+      if isinstance(scales, tuple | list):
+        unguided = all(float(s) == 1.0 for s in scales)
+        return sample(*inputs, None if unguided else jnp.asarray(scales, jnp.float32), previous)
+      array = jnp.asarray(scales, jnp.float32)
+      array = array.T if array.ndim == 2 else array  # per example: [B, 2] -> [2, B]
+      return jax.lax.cond(
+        jnp.all(array == 1.0),
+        lambda: sample(*inputs, None, previous),
+        lambda: sample(*inputs, array, previous),
       )
 
     return run
+
+
+def _initial_noise(key: Array, shape: tuple[int, ...]) -> tuple[Array, Array]:
+  """(x_T `[B, ...]`, the key(s) of the steps' noise) from one key, or from a key array `[B]`
+  of one key per example (example b's noise then depends on its own key alone)."""
+  if key.ndim == 0:
+    initial_key, step_key = jax.random.split(key)
+    return jax.random.normal(initial_key, shape, jnp.float32), step_key
+  keys = jax.vmap(jax.random.split)(key)  # [B, 2]
+  initial = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys[:, 0])
+  return initial, keys[:, 1]
+
+
+def _fold_in(key: Array, index: Array) -> Array:
+  """`jax.random.fold_in` of one key or of each key of a key array `[B]`."""
+  if key.ndim == 0:
+    return jax.random.fold_in(key, index)
+  return jax.vmap(lambda k: jax.random.fold_in(k, index))(key)
 
 
 class DiffSpeakerDecoder(DiffusionDecoder):

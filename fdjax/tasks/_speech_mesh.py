@@ -62,6 +62,12 @@ def dummy_batch(config: Any, batch_size: int, num_vertices: int) -> dict[str, np
     "template": np.zeros((batch_size, num_vertices, 3), np.float32),  # [B, V, 3]
     "frame_mask": np.ones((batch_size, frames), bool),
     "subject": np.zeros((batch_size,), np.int32),
+    # Emotion conditioning (EMOTE / EmoFace), where the decoder has it.
+    **{
+      key: np.zeros((batch_size,), np.int32)
+      for key, count in (("emotion", "num_emotions"), ("intensity", "num_intensities"))
+      if config.model.decoder.get(count, 0)
+    },
   }
 
 
@@ -126,6 +132,11 @@ def pad_frames(batch: dict, frames: int, *, fps: float, sample_rate: int) -> dic
   out["frame_mask"] = np.pad(batch["frame_mask"], ((0, 0), (0, pad_t)))
   out["audio"] = np.pad(batch["audio"], ((0, 0), (0, max(pad_s, 0))))[:, :samples]
   out["audio_mask"] = np.pad(batch["audio_mask"], ((0, 0), (0, max(pad_s, 0))))[:, :samples]
+  if "flame" in batch:  # head-model parameters per frame, zero on padding
+    out["flame"] = {
+      k: v if k == "shape" else np.pad(v, ((0, 0), (0, pad_t), (0, 0)))
+      for k, v in batch["flame"].items()
+    }
   return out
 
 
@@ -139,9 +150,17 @@ def lip_weights(config: Any, num_vertices: int) -> jax.Array | None:
   """Per-vertex loss weights [V] with `loss.lip_weight` on the lips (None when it is 1)."""
   if config.loss.lip_weight == 1.0:
     return None
-  raw_dir, _ = prepare.resolve_dirs(config.data)
-  lips = mesh_metrics.load_region_mask(mask_path(config, raw_dir, "lip_mask"), num_vertices)
-  return jnp.asarray(losses.region_weights(num_vertices, lips.indices, config.loss.lip_weight))
+  return region_weights(config, "lip_mask", num_vertices, config.loss.lip_weight)
+
+
+def region_weights(
+  config: Any, key: str, num_vertices: int, weight: float = 1.0, elsewhere: float = 1.0
+) -> jax.Array:
+  """Per-vertex weights [V]: `weight` on the region mask `config.data[key]`, `elsewhere` off it
+  (the dataset, whose raw directory holds the mask, is prepared first if it is not yet)."""
+  raw_dir, _ = prepare.ensure_dataset(config.data)
+  region = mesh_metrics.load_region_mask(mask_path(config, raw_dir, key), num_vertices)
+  return jnp.asarray(losses.region_weights(num_vertices, region.indices, weight, elsewhere))
 
 
 def vertex_losses(

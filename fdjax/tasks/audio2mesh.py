@@ -17,12 +17,19 @@ CodeTalker's stage 1 is its own task, `motion_vq`:
   the same code (static template; training-set mean offset); a diffusion decoder is sampled
   `data.eval_num_samples` times per sequence: one sample's metrics, their mean over the samples,
   and the samples' diversity;
-- predict: `(params, audio, template, style) -> vertices` for any audio length.
+- predict: `(params, audio, template, style) -> vertices` for any audio length;
+- emotional speech in FLAME space (the `mead` experiment, docs/design.md section 18): the
+  non-autoregressive decoder may predict head-model coefficients or rig controls
+  (`model.decoder.output`), the loss may be EMOTE's content/emotion split
+  (`loss.emotion_weight > 0`), and with `data.emotions` the evaluation adds LVE per emotion, the
+  emotion accuracy of the generated expression and what another emotion changes
+  (`fdjax/tasks/_emotion.py`).
 
 Config keys read (beyond the base config and those of `_speech_mesh`): `data.eval_style`,
 `model.encoder` (`variant`, `checkpoint`, fields), `model.decoder` (`kind`, `variant`, fields),
 `model.prior_workdir` (CodeTalker stage 2), `loss.latent_weight`; diffusion decoders:
-`loss.distance`, `loss.target_weight`, `data.eval_num_samples`.
+`loss.distance`, `loss.target_weight`, `data.eval_num_samples`; where the config has them:
+`loss.emotion_weight`, `loss.content_weight`, `data.emotions`.
 """
 
 from __future__ import annotations
@@ -48,10 +55,12 @@ from fdjax.models.motion_decoders import FaceFormerDecoder, NonAutoregressiveDec
 from fdjax.models.motion_diffusion import (
   DiffPoseTalkDecoder,
   DiffSpeakerDecoder,
+  DiffusionDecoder,
   FaceDiffuserDecoder,
+  RecurrentDenoiser,
 )
 from fdjax.models.wav2vec2 import Wav2Vec2Encoder
-from fdjax.tasks import BATCH_DIM, ExportDim, _speech_mesh
+from fdjax.tasks import BATCH_DIM, ExportDim, _emotion, _speech_mesh
 
 DECODERS = {
   "faceformer": FaceFormerDecoder,
@@ -91,6 +100,11 @@ def build_model(config: Any) -> nn.Module:
     raise ValueError(
       f"config.model.decoder.kind={dec.kind!r}: expected one of {sorted(DECODERS)} "
       "(CodeTalker stage 1, codetalker_vq, is the task motion_vq)"
+    )
+  if dec.get("output", "vertices") != "vertices" and dec.kind != "nonautoregressive":
+    raise ValueError(
+      f"config.model.decoder.output={dec.output!r} (head-model coefficients or rig controls) "
+      f"needs kind='nonautoregressive', got {dec.kind!r}"
     )
   numerics = {"dtype": dtype, "attention_impl": config.precision.attention_impl}
   fields = {
@@ -149,6 +163,14 @@ def load_pretrained(config: Any, params: dict) -> dict:
 
 def make_loss_fn(config: Any):
   """The loss for `config`: see the module docstring."""
+  if config.loss.get("emotion_weight", 0.0) > 0:
+    return functools.partial(
+      _content_emotion_loss,
+      velocity_weight=config.loss.velocity_weight,
+      content_weight=config.loss.content_weight,
+      emotion_weight=config.loss.emotion_weight,
+      lips=_speech_mesh.region_weights(config, "lip_mask", _num_vertices(config), 1.0, 0.0),
+    )
   if config.model.decoder.kind in DIFFUSION_KINDS:
     return functools.partial(
       _diffusion_loss,
@@ -223,6 +245,30 @@ def _loss(
   return loss, metrics
 
 
+def _content_emotion_loss(
+  model, params, batch, rng, train, *, velocity_weight, content_weight, emotion_weight, lips
+):
+  """EMOTE's split of the loss: `content_weight` x (lip-region vertex + `velocity_weight` x lip
+  velocity MSE, per frame) + `emotion_weight` x the whole face's per-sequence error
+  (`losses.sequence_mean_mse` of the time-averaged meshes), all in mm^2."""
+  predicted, _ = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
+  content, metrics = _speech_mesh.vertex_losses(
+    predicted, batch, velocity_weight=velocity_weight, lip_weights=lips
+  )
+  emotion = losses.sequence_mean_mse(
+    predicted * _speech_mesh.MM_PER_METRE,
+    batch["vertices"] * _speech_mesh.MM_PER_METRE,
+    batch["frame_mask"],
+  )
+  metrics = {
+    "lip_vertex_mse_mm2": metrics["vertex_mse_mm2"],
+    "lip_velocity_mse_mm2": metrics["velocity_mse_mm2"],
+    "sequence_mean_mse_mm2": emotion,
+    "weight": metrics["weight"],
+  }
+  return content_weight * content + emotion_weight * emotion, metrics
+
+
 def _diffusion_loss(
   model, params, batch, rng, train, *, velocity_weight, target_weight, distance, lip_weights
 ):
@@ -266,9 +312,9 @@ def _diffusion_loss(
 def _generate(
   model, params, audio, audio_mask, frame_mask, template, style, emotion, intensity, key=None
 ):
-  """The model's prediction for a padded batch; `key` is the `sample` rng of a sampled
-  (diffusion) decoder (None: its `sample_seed`)."""
-  predicted, _ = model.apply(
+  """`(vertices [B, T, V, 3], aux)`: the decoder's prediction and its named outputs; `key` is
+  the `sample` rng of a sampled (diffusion) decoder (None: its `sample_seed`)."""
+  return model.apply(
     {"params": params},
     audio,
     template,
@@ -280,7 +326,6 @@ def _generate(
     method="generate",
     rngs=None if key is None else {"sample": key},
   )
-  return predicted
 
 
 def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> dict[str, float]:
@@ -296,9 +341,11 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
       raise ValueError(f"config.data.eval_num_samples must be >= 1, got {num_samples}")
   seed = config.model.decoder.get("sample_seed", 0)
 
-  def predict(batch, put):
+  def generate(batch, put, key=None):
     style = np.where(batch["subject"] >= 0, batch["subject"], config.data.eval_style)
-    inputs = (
+    return _generate(
+      model,
+      params,
       put(batch["audio"]),
       put(batch["audio_mask"]),
       put(batch["frame_mask"]),
@@ -306,35 +353,119 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
       put(style.astype(np.int32)),
       put(batch.get("emotion")),
       put(batch.get("intensity")),
+      key,
     )
-    if not num_samples:
-      return _generate(model, params, *inputs)
-    keys = [jax.random.key(seed + n) for n in range(num_samples)]
-    return jnp.stack([_generate(model, params, *inputs, key) for key in keys])
 
-  return _speech_mesh.evaluate_sequences(
+  num_vertices = _num_vertices(config)
+  generated = []  # with emotions: each batch and what was generated for it, kept on the host
+
+  def predict(batch, put):
+    if num_samples:  # [N, B, T, V, 3]
+      keys = [jax.random.key(seed + n) for n in range(num_samples)]
+      return jnp.stack([generate(batch, put, key)[0] for key in keys])
+    vertices, aux = generate(batch, put)
+    if config.data.get("emotions"):
+      # The same audio with another emotion, to see what the emotion input changes.
+      swapped = {**batch, "emotion": _emotion.swapped_emotions(batch["emotion"], config)}
+      outputs = (vertices, _emotion.trajectories(aux), generate(swapped, put)[0])
+      generated.append((batch, *jax.device_get(outputs)))
+    return vertices
+
+  metrics = _speech_mesh.evaluate_sequences(
     config,
     predict,
-    _num_vertices(config),
+    num_vertices,
     mesh=mesh,
     workdir=workdir,
     step=step,
     num_samples=num_samples,
   )
+  if config.data.get("emotions"):  # per-emotion LVE and emotion accuracy (MEAD)
+    metrics.update(_emotion.evaluate_emotions(config, generated, num_vertices, step=step))
+  return metrics
+
+
+def _conditions(config: Any) -> dict[str, tuple[str, str]]:
+  """The conditioning inputs the decoder takes besides style: `emotion [b]` and `intensity [b]`
+  int32 where it embeds them (EMOTE / EmoFace style, `decoder.num_emotions`/`num_intensities`)."""
+  dec = config.model.decoder
+  return {
+    key: ("b", "int32")
+    for key, count in (("emotion", "num_emotions"), ("intensity", "num_intensities"))
+    if dec.get(count, 0)
+  }
 
 
 def predict_fn(config: Any, model: nn.Module):
-  """`predict(params, audio [b, s], template [b, V, 3], style [b]) -> vertices [b, t, V, 3]`."""
+  """`predict(params, audio [b, s], template [b, V, 3], style [b]) -> vertices [b, t, V, 3]`,
+  plus `emotion [b]` and `intensity [b]` (int32) for a decoder conditioned on them.
+
+  A diffusion decoder's predict is its whole sampler (the audio encoded once, then the
+  `model.decoder.sampling_steps` steps of `sampling_method` in one scan, fixed at export) and
+  also takes, per example, the noise `seed [b]` int32 (example i's sample is a function of
+  `seed[i]` alone, so one batch may hold independent requests) and the guidance scales
+  `audio_guidance_scale`, `style_guidance_scale` `[b]` float32 (all 1: the unguided loop);
+  left out, they are `export_defaults`' (the config's `sample_seed` and scales)."""
   num_vertices = _num_vertices(config)
-
-  def predict(params, audio, template, style):
-    return model.apply({"params": params}, audio, template, style, method="generate")[0]
-
-  return predict, {
+  specs = {
     "audio": ("b, s", "float32"),
     "template": (f"b, {num_vertices}, 3", "float32"),
     "style": ("b", "int32"),
+    **_conditions(config),
   }
+  if config.model.decoder.kind in DIFFUSION_KINDS:
+    dec = config.model.decoder
+
+    def sample(
+      params,
+      audio,
+      template,
+      style,
+      emotion=None,
+      intensity=None,
+      seed=None,
+      audio_guidance_scale=None,
+      style_guidance_scale=None,
+    ):
+      batch = audio.shape[0]
+      if seed is None:
+        seed = jnp.full((batch,), dec.sample_seed, jnp.int32)
+      if audio_guidance_scale is None:
+        audio_guidance_scale = jnp.full((batch,), dec.audio_guidance_scale, jnp.float32)
+      if style_guidance_scale is None:
+        style_guidance_scale = jnp.full((batch,), dec.style_guidance_scale, jnp.float32)
+      scales = jnp.stack([audio_guidance_scale, style_guidance_scale], axis=-1)  # [b, 2]
+      return model.apply(
+        {"params": params},
+        audio,
+        template,
+        style,
+        method="generate",
+        emotion=emotion,
+        intensity=intensity,
+        seed=seed,
+        guidance_scales=scales,
+      )[0]
+
+    specs.update(
+      seed=("b", "int32"),
+      audio_guidance_scale=("b", "float32"),
+      style_guidance_scale=("b", "float32"),
+    )
+    return sample, specs
+
+  def predict(params, audio, template, style, emotion=None, intensity=None):
+    return model.apply(
+      {"params": params},
+      audio,
+      template,
+      style,
+      method="generate",
+      emotion=emotion,
+      intensity=intensity,
+    )[0]
+
+  return predict, specs
 
 
 def export_dims(config: Any) -> list[ExportDim]:
@@ -358,15 +489,41 @@ def export_metadata(config: Any) -> dict:
   metadata = _speech_mesh.export_metadata(config, _num_vertices(config))
   metadata["audio_input"] = "audio"
   metadata["audio"] = "mono waveform at sample_rate, zero mean and unit variance over the clip"
+  dec = config.model.decoder
+  if dec.kind in DIFFUSION_KINDS:
+    # What the exported sampler does (fixed at export; `--config.model.decoder.sampling_steps`
+    # and `sampling_method` change it).
+    metadata["sampler"] = {
+      "method": dec.sampling_method,
+      "steps": dec.sampling_steps,
+      "eta": dec.eta,
+      "timestep_spacing": dec.timestep_spacing,
+      "num_train_timesteps": dec.num_train_timesteps,
+      "beta_schedule": dec.beta_schedule,
+      "prediction_type": dec.prediction_type,
+      "seed": "per example: the sample of example i is a function of seed[i]",
+    }
   return metadata
 
 
 def export_defaults(config: Any) -> dict[str, np.ndarray]:
-  """What the server fills in when a request sends audio only: style 0 and its template."""
+  """What the server fills in when a request sends audio only: style 0 and its template,
+  emotion and intensity 0 where the decoder takes them; for a diffusion decoder also the
+  config's `sample_seed` and guidance scales."""
   _, data_dir = prepare.ensure_dataset(config.data)
   source = pipeline.tfds_source(config.data.name, data_dir, "train")
   first = next(e for e in source if int(e["subject"]) == 0)
-  return {"template": np.asarray(first["template"], np.float32), "style": np.int32(0)}
+  defaults = {"template": np.asarray(first["template"], np.float32), "style": np.int32(0)}
+  # Emotion 0 at level 0: neutral in MEAD's order (docs/design.md section 18).
+  defaults.update({key: np.int32(0) for key in _conditions(config)})
+  dec = config.model.decoder
+  if dec.kind in DIFFUSION_KINDS:
+    defaults.update(
+      seed=np.int32(dec.sample_seed),
+      audio_guidance_scale=np.float32(dec.audio_guidance_scale),
+      style_guidance_scale=np.float32(dec.style_guidance_scale),
+    )
+  return defaults
 
 
 def symbolic_constraints(config: Any) -> list[str]:
@@ -386,8 +543,12 @@ def flops_per_example(config: Any) -> float:
   projection of r features per frame, style/emotion embeddings, motion embedding of the T - 1
   previous frames (FaceFormer), per layer the attention projections, the dense [T, T] scores
   and weighted sums, FaceFormer's aligned cross-attention over r keys per frame, the MLP, and
-  the offset projection to V * 3). Norms, activations, softmax and the loss are left out, as
-  is usual for MFU.
+  the offset projection to V * 3). A diffusion decoder's step is one denoiser call per example
+  (`_denoiser_flops`): the audio projection, style embedding and timestep MLP, the projection of
+  the noisy offsets x_t (data) from V * 3, the transformer layers (aligned audio, or a dense
+  [T, T] cross-attention to it) or the GRU layers (input and hidden gates per frame), and the
+  prediction projection to V * 3. Norms, activations, softmax, the noising and the loss are left
+  out, as is usual for MFU.
 
   Training cost follows what the step computes: each matmul costs its forward once, plus once
   more for the gradient of its weights when they are trainable, plus once more for the
@@ -402,7 +563,7 @@ def flops_per_example(config: Any) -> float:
 
   model = build_model(config)
   if not isinstance(model, SpeechToMesh) or not isinstance(
-    model.decoder, FaceFormerDecoder | NonAutoregressiveDecoder
+    model.decoder, FaceFormerDecoder | NonAutoregressiveDecoder | DiffusionDecoder
   ):
     return 0.0
   shapes = jax.eval_shape(
@@ -465,6 +626,9 @@ def flops_per_example(config: Any) -> float:
     prefix = "encoder/encoder/layers/" if enc.scan_layers else f"encoder/encoder/layers_{i}/"
     needs = transformer_layer(prefix, steps, d, enc.intermediate_size, needs)
 
+  if isinstance(dec, DiffusionDecoder):
+    return total + _denoiser_flops(dec.denoiser, frames, ratio * d, needs, trainable)
+
   dm, v3 = dec.d_model, 3 * dec.num_vertices
   weights = trainable("decoder/audio_projection/")
   add(2 * frames * ratio * d * dm, weights, needs)
@@ -503,7 +667,84 @@ def flops_per_example(config: Any) -> float:
       needs = inner or memory
       add(2 * frames * dm * dm, weights, needs)  # cross-attention output
       add(4 * frames * dm * dec.mlp_dim, weights, needs)  # MLP in and out
-  add(2 * frames * dm * v3, trainable("decoder/offset_projection/"), needs)
+  if isinstance(dec, NonAutoregressiveDecoder) and dec.output != "vertices":
+    # Coefficients or controls (the head model's or rig's decoding is not counted).
+    add(2 * frames * dm * dec.output_head().size, trainable("decoder/output_projection/"), needs)
+  else:
+    add(2 * frames * dm * v3, trainable("decoder/offset_projection/"), needs)
+  return total
+
+
+def _denoiser_flops(
+  denoiser: nn.Module, frames: int, audio_width: int, needs: bool, trainable: Callable
+) -> float:
+  """Training FLOPs of one call of a diffusion denoiser over `frames` frames (any previous
+  frames included) whose audio features are `audio_width` wide per frame, by
+  `flops_per_example`'s rules (`needs`: the audio features depend on a trainable parameter;
+  `trainable(prefix)`: whether weights under the prefix train)."""
+  total = 0.0
+
+  def add(flops: float, *gradients: bool) -> None:
+    nonlocal total
+    total += flops * (1 + sum(bool(g) for g in gradients))
+
+  prefix = "decoder/denoiser/"
+  dm, v3, t = denoiser.d_model, 3 * denoiser.num_vertices, frames
+  weights = trainable(f"{prefix}conditions/audio_projection/")
+  add(2 * t * audio_width * dm, weights, needs)
+  audio_needs = needs or weights
+  condition = False
+  if denoiser.num_styles > 0:
+    condition = trainable(f"{prefix}conditions/style/")
+    add(2 * denoiser.num_styles * dm, condition)  # one-hot input: data
+  hidden = trainable(f"{prefix}conditions/timestep_hidden/")
+  add(2 * dm * dm, hidden)  # the sinusoidal timestep encoding: data
+  weights = trainable(f"{prefix}conditions/timestep_out/")
+  add(2 * dm * dm, weights, hidden)
+  condition = condition or hidden or weights
+  weights = trainable(f"{prefix}motion_projection/")
+  add(2 * t * v3 * dm, weights)  # the noisy offsets x_t: data
+  needs = weights or condition
+  width = dm
+  if isinstance(denoiser, RecurrentDenoiser):
+    needs = needs or audio_needs  # motion, audio and condition concatenated: 3 * d_model wide
+    directions = 2 if denoiser.bidirectional else 1
+    weights = trainable(f"{prefix}GRUCell_")
+    width = 3 * dm
+    for _ in range(denoiser.num_layers):
+      add(directions * 2 * t * width * 3 * dm, weights, needs)  # input gates r, z, n
+      needs = needs or weights
+      add(directions * 2 * t * dm * 3 * dm, weights, needs)  # hidden gates: the state trains
+      width = directions * dm
+  elif denoiser.audio_conditioning == "aligned":
+    needs = needs or audio_needs  # the audio added frame by frame
+    for i in range(denoiser.num_layers):
+      layer = f"{prefix}encoder/layer_{i}/"
+      weights = trainable(layer)
+      inner = needs or weights
+      add(2 * t * 3 * dm * dm, weights, needs)  # query, key, value
+      add(4 * t * t * dm, inner, inner)  # scores and weighted sum, both operands
+      add(2 * t * dm * dm, weights, inner)  # output projection
+      add(4 * t * dm * denoiser.mlp_dim, weights, inner)  # MLP in and out
+      needs = inner
+  else:  # cross-attention to the audio in every layer
+    for i in range(denoiser.num_layers):
+      weights = trainable(f"{prefix}layer_{i}/")
+      inner = needs or weights
+      add(2 * t * 3 * dm * dm, weights, needs)  # self-attention query, key, value
+      add(4 * t * t * dm, inner, inner)  # scores and weighted sum
+      add(2 * t * dm * dm, weights, inner)  # self-attention output
+      add(2 * t * dm * dm, weights, inner)  # cross-attention query
+      add(2 * 2 * t * dm * dm, weights, audio_needs)  # keys and values of the audio
+      memory = audio_needs or weights
+      add(2 * t * t * dm, inner, memory)  # cross scores over all frames
+      add(2 * t * t * dm, inner or memory, memory)  # weighted sum
+      needs = inner or memory
+      add(2 * t * dm * dm, weights, needs)  # cross-attention output
+      add(4 * t * dm * denoiser.mlp_dim, weights, needs)  # MLP in and out
+  # Only the frames after the previous window's (DiffPoseTalk: `previous_frames`) are predicted.
+  predicted = t - denoiser.previous_frames
+  add(2 * predicted * width * v3, trainable(f"{prefix}prediction_projection/"), needs)
   return total
 
 

@@ -42,23 +42,34 @@ def test_hlo_counter_counts_matmuls_and_strided_conv_gradients():
 
 
 @pytest.mark.parametrize(
-  "arg, overrides",
+  "arg, overrides, decoder_fields",
   [
-    ("variant=faceformer,encoder=tiny", []),
+    ("variant=faceformer,encoder=tiny", [], {}),
     # The conv stack frozen, as for wav2vec2-base: its backward disappears from the step.
-    ("variant=faceformer,encoder=tiny", ["--config.optim.freeze=('^encoder/feature_extractor/',)"]),
-    ("variant=nonautoregressive,encoder=tiny", []),
+    (
+      "variant=faceformer,encoder=tiny",
+      ["--config.optim.freeze=('^encoder/feature_extractor/',)"],
+      {},
+    ),
+    ("variant=nonautoregressive,encoder=tiny", [], {}),
     # Causal (streaming) variant: the transformer runs on the conv features resampled to 30 fps.
-    ("variant=faceformer,encoder=tiny,causal=True", []),
+    ("variant=faceformer,encoder=tiny,causal=True", [], {}),
+    # Diffusion decoders: one denoiser call per example. Loop bodies count once in the HLO, so
+    # the GRU's scan over the frames is unrolled.
+    ("variant=diffspeaker,encoder=tiny", [], {}),
+    ("variant=facediffuser,encoder=tiny", [], {"unroll": True}),
+    # DiffPoseTalk: the denoiser reads 4 previous frames and predicts the 8 after them.
+    ("variant=diffposetalk,encoder=tiny", [], {"previous_frames": 4}),
   ],
 )
-def test_analytic_flops_match_the_lowered_training_step(arg, overrides):
+def test_analytic_flops_match_the_lowered_training_step(arg, overrides, decoder_fields):
   config = config_lib.load_config(
     os.path.join(ROOT, f"experiments/audio2mesh/vocaset.py:{arg}"),
     ["--config.batch_size=8", "--config.data.window_frames=12", *overrides],
   )
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.decoder.variant = "tiny"
+  config.model.decoder.update(decoder_fields)
   analytic = audio2mesh.flops_per_example(config)
   counted = bench.hlo_flops_per_example(config)
   # The rest: the loss's reductions (dots over vertices) and the extra frame of the even-sized

@@ -163,3 +163,84 @@ def test_region_masks_from_txt_npy_and_pkl(tmp_path):
     mesh.load_region_mask(tmp_path / "masks.pkl", 6)
   with pytest.raises(ValueError, match="entries"):
     mesh.load_region_mask(tmp_path / "bool.npy", 7)
+
+
+def _one_line_error_naming(path, read):
+  with pytest.raises(ValueError) as raised:
+    read(path)
+  message = str(raised.value)
+  assert str(path) in message and "\n" not in message, message
+  return message
+
+
+def test_truncated_garbage_and_inconsistent_mesh_files_give_one_line_errors_naming_the_file(
+  tmp_path,
+):
+  from fdjax import render
+
+  ascii_body = "".join(f"{x} {y} {z} 255\n" for x, y, z in _VERTICES)
+  ascii_body += "".join(f"{len(f)} {' '.join(map(str, f))}\n" for f in _ply_faces())
+  binary = b"".join(struct.pack("<fffB", *v, 255) for v in _VERTICES)
+  binary += b"".join(struct.pack(f"<B{len(f)}i", len(f), *f) for f in _ply_faces())
+  originals = {
+    "a.ply": (_ply_header("ascii") + ascii_body).encode(),
+    "b.ply": _ply_header("binary_little_endian").encode() + binary,
+    "c.obj": "".join(f"v {x} {y} {z}\n" for x, y, z in _VERTICES).encode() + b"f 1 2 3\n",
+  }
+  readers = [mesh.load_template, render.load_faces]
+  cases = 0
+  for name, content in originals.items():
+    suffix = name[-4:]
+    header_end = content.find(b"end_header") + len("end_header\n")
+    cuts = sorted({0, 1, 10, header_end - 3, header_end, header_end + 7, len(content) - 5})
+    variants = {f"cut{n}": content[:n] for n in cuts}
+    rng = np.random.default_rng(len(name))
+    variants["garbage"] = rng.integers(0, 256, 300, dtype=np.uint8).tobytes()
+    variants["utf16"] = "ply\nformat ascii 1.0\n".encode("utf-16")
+    for label, data in variants.items():
+      path = tmp_path / f"{label}_{name}"
+      path.write_bytes(data)
+      for read in readers[:2]:
+        if suffix == ".obj" and label.startswith("cut"):  # a cut .obj may be a shorter valid one
+          try:
+            read(path)
+          except ValueError as e:
+            assert str(path) in str(e) and "\n" not in str(e), e
+        else:
+          _one_line_error_naming(path, read)
+        cases += 1
+  bad = {
+    "negative_count.ply": _ply_header("ascii").replace("vertex 5", "vertex -5") + ascii_body,
+    "unknown_type.ply": _ply_header("ascii").replace("property float y", "property cake y")
+    + ascii_body,
+    "no_z.ply": _ply_header("ascii").replace("property float z\n", "") + ascii_body,
+    "face_past_vertices.ply": _ply_header("ascii") + ascii_body.replace("0 4 3", "0 4 9"),
+    "nan_vertex.ply": _ply_header("ascii") + ascii_body.replace("0.5 0.5 1.0", "nan 0.5 1.0"),
+    "bad_number.obj": "v 0 0 zero\nf 1 2 3\n",
+    "face_past_vertices.obj": "v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 7\n",
+    "garbage.npy": "\x93NUMPY garbage",
+  }
+  for name, text in bad.items():
+    path = tmp_path / name
+    path.write_text(text)
+    _one_line_error_naming(path, mesh.load_template)
+    cases += 1
+  assert "vertex outside" in _one_line_error_naming(
+    tmp_path / "face_past_vertices.ply", mesh.read_ply
+  )
+  _one_line_error_naming(tmp_path / "absent.ply", mesh.read_ply)
+  assert cases > 40
+
+
+def test_render_names_the_sequence_whose_vertex_count_does_not_fit_the_faces(tmp_path, capsys):
+  from fdjax import render
+
+  path = tmp_path / "faces.ply"
+  ascii_body = "".join(f"{x} {y} {z} 255\n" for x, y, z in _VERTICES)
+  ascii_body += "".join(f"{len(f)} {' '.join(map(str, f))}\n" for f in _ply_faces())
+  path.write_text(_ply_header("ascii") + ascii_body)
+  np.save(tmp_path / "short.npy", np.zeros((2, 4, 3), np.float32))  # 4 vertices, faces need 5
+  args = ["--vertices", str(tmp_path / "short.npy"), "--faces", str(path)]
+  assert render.main([*args, "--out", str(tmp_path / "x.mp4")]) == 1
+  error = capsys.readouterr().err.strip()
+  assert "short.npy" in error and "faces.ply" in error and "\n" not in error, error

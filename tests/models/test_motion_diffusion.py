@@ -177,6 +177,24 @@ def test_generate_is_a_function_of_the_sample_key(decoder_class):
   np.testing.assert_allclose(guided(jnp.asarray([1.0, 1.0])), seeded(0), atol=1e-5)
   assert float(jnp.abs(guided((2.0, 3.0)) - seeded(0)).max()) * decoder.sample_scale > 1e-2
 
+  # The chain in the denoiser's projection (the default) samples what the chain on x_t does,
+  # guided too, with per-example seeds and scales.
+  def sample(decoder, scales):
+    return decoder.apply(
+      {"params": params},
+      audio,
+      template,
+      style,
+      method="generate",
+      guidance_scales=scales,
+      seed=jnp.asarray([4, 5, 6]),
+    )[0]
+
+  on_x_t = decoder.clone(projected_sampling=False)
+  per_example = jnp.asarray([[1.0, 1.0], [2.0, 3.0], [0.5, 1.0]])
+  for scales in ((1.0, 1.0), per_example):
+    np.testing.assert_allclose(sample(decoder, scales), sample(on_x_t, scales), atol=1e-6)
+
 
 def test_training_pass_regresses_the_prediction_types_target():
   decoder = md.DiffSpeakerDecoder.from_variant(
@@ -373,3 +391,35 @@ def test_training_with_previous_frames_denoises_the_window_only(windowed):
   assert not velocity[:, 2].any()
   seen = velocity[:, :2, boundary]
   assert 0.3 < 1.0 - seen.mean() < 0.7, seen.mean()
+
+
+def test_windowed_projected_sampling_and_per_example_seeds(windowed):
+  """The chain in the denoiser's projection samples what the chain on x_t does with previous
+  frames too (their projection is not replaced), and per-example seeds make an example's
+  windows its own."""
+  decoder, params, style, _, _ = windowed
+  frames = 10
+  rng = np.random.default_rng(10)
+  audio = jnp.asarray(rng.normal(size=(BATCH, frames, AUDIO_DIM)), jnp.float32)
+  template = jnp.zeros((BATCH, NUM_VERTICES, 3))
+  scales = jnp.asarray([[1.0, 1.0], [2.0, 3.0], [0.5, 1.0]])
+
+  @functools.partial(jax.jit, static_argnames="projected")
+  def sample(seed, projected):
+    return decoder.clone(projected_sampling=projected).apply(
+      {"params": params},
+      audio,
+      template,
+      style,
+      method="generate",
+      guidance_scales=scales,
+      seed=seed,
+    )[0]
+
+  seeds = jnp.asarray([4, 5, 6])
+  projected = sample(seeds, True)
+  np.testing.assert_allclose(projected, sample(seeds, False), atol=1e-6)
+  # Another seed for example 0 changes its windows and leaves the other examples' alone.
+  other = sample(jnp.asarray([7, 5, 6]), True)
+  np.testing.assert_allclose(other[1:], projected[1:], atol=1e-6)
+  assert float(jnp.abs(other[0] - projected[0]).max()) * decoder.sample_scale > 1e-2

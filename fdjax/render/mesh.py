@@ -416,50 +416,39 @@ def load_faces(path: str | os.PathLike) -> np.ndarray:
   """Triangles [F, 3] int64 from a .npy of [F, 3] ints, a Wavefront .obj or a .ply.
 
   In an .obj, `f` lines are read (`v`, `v/vt`, `v/vt/vn`, `v//vn` tokens; 1-based or negative
-  relative indices); polygons with more than three corners are split into a fan.
+  relative indices); polygons with more than three corners are split into a fan. Unreadable
+  files raise a one-line ValueError naming the file.
   """
+  from data_pipelines.ops import mesh as mesh_ops
+
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"faces file {path} does not exist")
   suffix = path.suffix.lower()
   if suffix == ".npy":
-    faces = np.load(path, allow_pickle=False)
+    try:
+      faces = np.load(path, allow_pickle=False)
+    except Exception as error:  # noqa: BLE001  a stranger's file: name it, one line
+      raise ValueError(f"{path}: cannot read faces ({type(error).__name__}: {error})") from error
     if faces.ndim != 2 or faces.shape[1] != 3 or not np.issubdtype(faces.dtype, np.integer):
       raise ValueError(f"{path}: expected [F, 3] integer faces, got {faces.dtype} {faces.shape}")
     return faces.astype(np.int64)
   if suffix == ".ply":
-    from data_pipelines.ops.mesh import read_ply
-
-    return read_ply(path)[1].astype(np.int64)
-  if suffix != ".obj":
+    faces = mesh_ops.read_ply(path)[1]
+  elif suffix == ".obj":
+    faces = mesh_ops.read_obj(path)[1]
+  else:
     raise ValueError(f"{path}: unsupported faces format {suffix!r} (use .npy, .obj or .ply)")
-  triangles = []
-  num_vertices = 0
-  for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-    parts = line.split()
-    if not parts:
-      continue
-    if parts[0] == "v":
-      num_vertices += 1
-    elif parts[0] == "f":
-      try:
-        corners = [int(token.split("/")[0]) for token in parts[1:]]
-      except ValueError as error:
-        raise ValueError(f"{path}:{line_number}: bad face line {line!r}") from error
-      if len(corners) < 3:
-        raise ValueError(f"{path}:{line_number}: a face needs at least 3 corners")
-      corners = [c - 1 if c > 0 else num_vertices + c for c in corners]
-      triangles.extend((corners[0], corners[i], corners[i + 1]) for i in range(1, len(corners) - 1))
-  if not triangles:
-    raise ValueError(f"{path}: no faces ('f' lines) found")
-  return np.array(triangles, dtype=np.int64)
+  if not len(faces):
+    raise ValueError(f"{path}: no faces found")
+  return faces.astype(np.int64)
 
 
 def _load_vertices(path: str, num_vertices: int | None = None) -> np.ndarray:
   """[T, V, 3] from a .npy of [T, V*3] or [T, V, 3]."""
   try:
     array = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as error:
+  except Exception as error:  # noqa: BLE001  a stranger's file: name it, one line
     raise ValueError(f"{path}: cannot read vertices ({error})") from error
   if array.ndim == 2 and array.shape[1] % 3 == 0:
     array = array.reshape(array.shape[0], -1, 3)
@@ -480,13 +469,16 @@ def main(argv: list[str]) -> int:
   )
   parser.add_argument("--vertices", required=True, help="prediction .npy, [T, V*3] or [T, V, 3]")
   parser.add_argument("--truth", help="ground-truth .npy, drawn on the right")
-  parser.add_argument("--faces", required=True, help="triangles: .npy [F, 3] ints, or an .obj")
+  parser.add_argument(
+    "--faces", required=True, help="triangles: .npy [F, 3] ints, an .obj or a .ply"
+  )
   parser.add_argument("--audio", help="audio file (e.g. .wav) muxed in as AAC")
   parser.add_argument("--out", required=True, help="output .mp4")
   parser.add_argument("--fps", type=float, default=30.0, help="frame rate of the vertices")
   parser.add_argument("--size", type=int, default=256, help="panel height and width in pixels")
   parser.add_argument(
-    "--template", help="neutral mesh .npy [V, 3] or [V*3]: frames the camera on the face"
+    "--template",
+    help="neutral mesh (.npy [V, 3] or [V*3], .obj, .ply): frames the camera on the face",
   )
   parser.add_argument(
     "--offsets",
@@ -500,11 +492,9 @@ def main(argv: list[str]) -> int:
     faces = load_faces(args.faces)
     template = None
     if args.template is not None:
-      template = np.load(args.template, allow_pickle=False).astype(np.float64)
-      if template.ndim == 1 and template.size % 3 == 0:
-        template = template.reshape(-1, 3)
-      if template.ndim != 2 or template.shape[1] != 3:
-        raise ValueError(f"{args.template}: expected [V, 3] or [V*3], got {template.shape}")
+      from data_pipelines.ops import mesh as mesh_ops
+
+      template = mesh_ops.load_template(args.template).astype(np.float64)
     vertices = _load_vertices(args.vertices, None if template is None else len(template))
     truth = None
     if args.truth is not None:
@@ -512,7 +502,7 @@ def main(argv: list[str]) -> int:
     if args.offsets:
       vertices = vertices + template
       truth = None if truth is None else truth + template
-    _check_faces(faces, vertices.shape[1], args.faces)
+    _check_faces(faces, vertices.shape[1], f"{args.faces} (faces of {args.vertices})")
     start = time.perf_counter()
     frames = render_frames(
       vertices, faces, truth=truth, fps=args.fps, size=args.size, template=template
