@@ -862,6 +862,12 @@ class DiffusionDecoder(nn.Module):
         f"previous_frames={num_previous} must not exceed window_frames={window}: each window "
         "is conditioned on frames of the one before only"
       )
+    if not isinstance(num_frames, int):
+      raise ValueError(
+        f"windowed generation (window_frames={self.window_frames}, previous_frames="
+        f"{num_previous}) scans over a whole number of windows and needs a concrete number of "
+        f"frames, got {num_frames}: export it at a fixed length (fdjax export --dim t=N)"
+      )
     num_windows = max(1, -(-num_frames // window))
     features = self._padded_features(audio_features, num_frames, window)
     mask = jnp.pad(frame_mask, ((0, 0), (0, num_windows * window - num_frames)))
