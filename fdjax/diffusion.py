@@ -75,6 +75,19 @@ def beta_schedule(
   raise ValueError(f"unknown beta schedule {kind!r}: linear, scaled_linear or squaredcos_cap_v2")
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """Betas rescaled so the last timestep's alpha-bar is exactly 0 (Lin et al. 2023, algorithm
+  1; diffusers' `rescale_betas_zero_snr`): sqrt(alpha-bar) is shifted to end at 0 and scaled to
+  keep its first value. Without it, x_T keeps a little signal (scaled_linear: sqrt(alpha-bar) =
+  0.07 at T) that a denoiser learns to read, while sampling starts from pure noise."""
+  root = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+  first, last = root[0], root[-1]
+  root = (root - last) * first / (first - last)
+  alphas_cumprod = root**2
+  alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+  return 1.0 - alphas
+
+
 def schedule_from_betas(betas: np.ndarray) -> Schedule:
   betas = np.asarray(betas, dtype=np.float64)
   return Schedule(betas=betas, alphas_cumprod=np.cumprod(1.0 - betas))
@@ -85,8 +98,12 @@ def make_schedule(
   num_train_timesteps: int = 1000,
   beta_start: float = 1e-4,
   beta_end: float = 0.02,
+  *,
+  zero_terminal_snr: bool = False,
 ) -> Schedule:
-  return schedule_from_betas(beta_schedule(kind, num_train_timesteps, beta_start, beta_end))
+  """The named schedule; `zero_terminal_snr` rescales it (`rescale_zero_terminal_snr`)."""
+  betas = beta_schedule(kind, num_train_timesteps, beta_start, beta_end)
+  return schedule_from_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 
 
 def inference_timesteps(
@@ -218,7 +235,8 @@ def min_snr_weight(
   snr = signal_to_noise_ratio(schedule, t)
   clipped = jnp.minimum(snr, gamma)
   if prediction_type == "epsilon":
-    return clipped / snr
+    # min(SNR, gamma) / SNR -> 1 as SNR -> 0 (a zero-terminal-SNR schedule's last timestep).
+    return jnp.where(snr > 0, clipped / jnp.where(snr > 0, snr, 1.0), 1.0)
   if prediction_type == "sample":
     return clipped
   if prediction_type == "v_prediction":

@@ -93,6 +93,26 @@ def test_schedule_arrays_match_diffusers(kind):
     )
 
 
+@pytest.mark.parametrize("kind", ["scaled_linear", "squaredcos_cap_v2"])
+def test_zero_terminal_snr_rescaling_matches_diffusers(kind):
+  schedule = diffusion.make_schedule(kind, 1000, **BETAS[kind], zero_terminal_snr=True)
+  # diffusers' own function, in float64 on the same betas.
+  betas = diffusion.beta_schedule(kind, 1000, **BETAS[kind])
+  expected = scheduling_ddpm.rescale_zero_terminal_snr(_torch(betas)).numpy()
+  np.testing.assert_allclose(schedule.betas, expected, rtol=0, atol=1e-12)
+  # And the scheduler's float32 alpha-bar (its betas round to float32 before the cumprod).
+  reference = DDPMScheduler(
+    num_train_timesteps=1000, beta_schedule=kind, rescale_betas_zero_snr=True, **BETAS[kind]
+  )
+  np.testing.assert_allclose(
+    schedule.alphas_cumprod, reference.alphas_cumprod.double().numpy(), **TOLERANCE
+  )
+  assert schedule.alphas_cumprod[-1] == 0.0  # x_T is pure noise
+  # Min-SNR weights stay finite at SNR 0.
+  weights = diffusion.min_snr_weight(schedule, jnp.asarray([0, 999]), "epsilon", 5.0)
+  assert bool(jnp.all(jnp.isfinite(weights))) and float(weights[1]) == 1.0
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("n,steps", [(1000, 10), (1000, 50), (1000, 30), (500, 20), (500, 500)])
 def test_inference_timesteps_match_diffusers_set_timesteps(spacing, n, steps):

@@ -5,6 +5,15 @@
         --config.data.raw_dir=/path/to/BIWI --config.data.data_dir=/path/to/tfds \\
         --workdir runs/faceformer_biwi
 
+Motion diffusion, as on VOCASET (the denoisers read BIWI's two audio features per mesh frame):
+
+    fdjax train --config experiments/audio2mesh/biwi.py:variant=facediffuser,encoder=tiny \\
+        --workdir runs/facediffuser_biwi
+
+with `variant=diffspeaker` (DDIM-50), `diffposetalk` (windows of 100 frames = 4 s after 10
+previous ones, DDPM-500) or `facediffuser` (FaceDiffuser's BIWI setting: 500 cosine steps,
+DDPM over all of them).
+
 Arguments as in vocaset.py. Evaluation defaults to test-A (`test`); `test_b` holds the 8 other
 speakers (`--config.data.eval_split=test_b`).
 """

@@ -3,8 +3,11 @@
 Variants (decoder families): `faceformer` (autoregressive, FaceFormer), `nonautoregressive`,
 `codetalker_vq` (CodeTalker stage 1, motion VQ-VAE: the task `motion_vq`), `codetalker`
 (stage 2; needs `--config.model.prior_workdir=<stage-1 workdir>`), and the motion diffusion
-models `diffspeaker` (transformer denoiser, DDIM-50) and `facediffuser` (GRU denoiser, cosine
-schedule, ancestral DDPM), with an EMA of the parameters for evaluation. Encoder sizes: `base`
+models `diffspeaker` (transformer denoiser over the whole sequence, DDIM-50), `diffposetalk`
+(transformer denoiser over windows of 100 frames after the 10 previous ones, 500 cosine steps,
+audio and style guidance) and `facediffuser` (GRU denoiser, cosine schedule, ancestral DDPM),
+with an EMA of the parameters for evaluation, which reports one sample's metrics, their mean
+over `data.eval_num_samples` samples and the samples' diversity. Encoder sizes: `base`
 (wav2vec2-base shapes; load weights with `--config.model.encoder.checkpoint=DIR`, a local
 Hugging Face directory) and `tiny` (trains from scratch on a CPU). `runlocal=True` shrinks
 data and steps for tests.
@@ -26,46 +29,74 @@ VARIANTS = (
   "codetalker_vq",
   "codetalker",
   "diffspeaker",
+  "diffposetalk",
   "facediffuser",
 )
-DIFFUSION_VARIANTS = ("diffspeaker", "facediffuser")
+DIFFUSION_VARIANTS = ("diffspeaker", "diffposetalk", "facediffuser")
 # wav2vec2's 20 ms hop at 16 kHz.
 _AUDIO_FRAMES_PER_SECOND = 50
 
 
-def _diffusion_config(c: ConfigDict, args: ConfigDict) -> None:
+def _diffusion_config(c: ConfigDict, dataset: ConfigDict, args: ConfigDict) -> None:
   """The diffusion decoders' fields (fdjax/models/motion_diffusion.py `DiffusionDecoder`): the
-  forward process, the prediction target, guidance and the sampler, as the references set them."""
+  forward process, the prediction target, guidance, windows and the sampler, as the references
+  set them."""
   d = c.model.decoder
   facediffuser = args.variant == "facediffuser"
-  d.num_train_timesteps = 1000  # Forward-process steps (FaceDiffuser: 500 on BIWI).
-  # Betas: DiffSpeaker scaled_linear 0.00085 -> 0.012; FaceDiffuser cosine (squaredcos_cap_v2).
-  d.beta_schedule = "squaredcos_cap_v2" if facediffuser else "scaled_linear"
+  diffposetalk = args.variant == "diffposetalk"
+  # Forward-process steps: FaceDiffuser 1000 (500 on BIWI), DiffPoseTalk 500, DiffSpeaker 1000.
+  d.num_train_timesteps = 500 if diffposetalk or (facediffuser and dataset.name == "biwi") else 1000
+  # Betas: DiffSpeaker scaled_linear 0.00085 -> 0.012; FaceDiffuser and DiffPoseTalk cosine
+  # (squaredcos_cap_v2).
+  d.beta_schedule = "scaled_linear" if args.variant == "diffspeaker" else "squaredcos_cap_v2"
   d.beta_start = 0.00085  # First beta of the linear schedules.
   d.beta_end = 0.012  # Last beta of the linear schedules.
+  # Rescale the betas to zero terminal SNR (Lin et al. 2023), not in DiffSpeaker: its
+  # scaled_linear x_T keeps 7% of the signal, which over 15069 offsets a denoiser reads (its
+  # x_0 from x_T was 0.2 mm^2 off on the twin), while sampling from pure noise gave a worse
+  # LVE than the mean motion. The cosine schedules end near zero already.
+  d.zero_terminal_snr = args.variant == "diffspeaker"
   d.prediction_type = "sample"  # The denoiser predicts x_0 (all three references), or epsilon, v.
   d.min_snr_gamma = 0.0  # Min-SNR-gamma loss weights (0: uniform over timesteps).
-  d.sample_scale = 1000.0  # x_0 = offsets in mm: a spread near the unit noise's.
+  d.sample_scale = 1000.0  # x_0 = offsets in mm (metre vertices): a spread near the unit noise's.
   # Classifier-free guidance: per condition, the training chance of its learned null embedding,
   # and the sampling scale (1: off). DiffPoseTalk drops audio 10% and style 45% and samples at
-  # 1.15 and 3; DiffSpeaker codes guidance but samples unguided; FaceDiffuser has none.
+  # 1.15 and 3 (sequential rule: audio, then style); DiffSpeaker codes guidance but samples
+  # unguided; FaceDiffuser has none.
   d.audio_drop_probability = 0.0 if facediffuser else 0.1
-  d.style_drop_probability = 0.0 if facediffuser else 0.1
-  d.audio_guidance_scale = 1.0
-  d.style_guidance_scale = 1.0
+  d.style_drop_probability = 0.45 if diffposetalk else 0.0 if facediffuser else 0.1
+  d.audio_guidance_scale = 1.15 if diffposetalk else 1.0
+  d.style_guidance_scale = 3.0 if diffposetalk else 1.0
+  # Windows (DiffPoseTalk): frames sampled per window at prediction, each window conditioned on
+  # the last `previous_frames` sampled before it (a learned start for the first); training
+  # examples are the previous frames then a window (data.window_frames = their sum), the
+  # previous ones replaced by the start with `previous_drop_probability`. 0 / 0: the whole
+  # sequence at once (window_frames > 0 alone: independent windows).
+  d.window_frames = 100 if diffposetalk else 0
+  d.previous_frames = 10 if diffposetalk else 0
+  d.previous_drop_probability = 0.5  # DiffPoseTalk: one clip in two starts from the start.
+  if diffposetalk:
+    c.data.window_frames = d.window_frames + d.previous_frames
+    d.audio_conditioning = "aligned"  # DiffPoseTalk: each frame reads its own audio feature.
   # Sampling at evaluation and prediction: DiffSpeaker DDIM over 50 of the training steps;
-  # FaceDiffuser the full ancestral chain (ddpm over all 1000, slow; fewer steps respace it).
-  d.sampling_method = "ddpm" if facediffuser else "ddim"
+  # FaceDiffuser and DiffPoseTalk the full ancestral chain (ddpm over all the steps, slow on a
+  # CPU; fewer steps respace it).
+  d.sampling_method = "ddim" if args.variant == "diffspeaker" else "ddpm"
   # Denoising steps at prediction (a subset of the training steps).
-  d.sampling_steps = 1000 if facediffuser else 50
+  d.sampling_steps = 50 if args.variant == "diffspeaker" else d.num_train_timesteps
   if args.runlocal:
     d.sampling_steps = 5
   d.eta = 0.0  # DDIM's noise (0: deterministic given the initial noise).
-  d.timestep_spacing = "leading"  # How the sampling steps are picked from the training steps.
+  # How the sampling steps are picked from the training steps: trailing starts at the last
+  # timestep, where x_T is pure noise (Lin et al. 2023; leading starts at 980 of 1000).
+  d.timestep_spacing = "trailing"
   d.sample_seed = 0  # Noise key of evaluation and `predict` (no `sample` rng given).
   # Sample on the denoiser's projected input (the same samples up to float rounding, without
   # the V*3-wide projections in the loop); False: on x_t itself.
   d.projected_sampling = True
+  # Samples per test sequence at evaluation (seeds sample_seed + n): the table reports the first
+  # sample's metrics, their mean over the samples, and the samples' diversity (2 or more).
+  c.data.eval_num_samples = 2 if args.runlocal else 3
 
 
 def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
@@ -116,7 +147,7 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
   if args.variant not in ("faceformer", "facediffuser"):
     c.model.decoder.period = dataset.decoder_period  # Period of positional encoding/bias.
   if args.variant in DIFFUSION_VARIANTS:
-    _diffusion_config(c, args)
+    _diffusion_config(c, dataset, args)
   if args.encoder == "base":
     # Pretrained encoders keep their conv feature extractor frozen, as FaceFormer does; the
     # causal variant's per-frame conv-0 norm replaces the pretrained group norm, so it trains.
@@ -182,10 +213,6 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
   c.checkpoint.every = 1000
   c.sweep_metric = "lve_squared"
   c.sweep_mode = "min"
-  if args.variant in DIFFUSION_VARIANTS:
-    # Exponential moving average of the parameters, evaluated and exported (as the diffusion
-    # papers sample from): a short horizon for the few steps of runlocal.
-    c.ema.decay = 0.9 if args.runlocal else 0.999
   if args.runlocal:
     c.total_steps = args.steps or 40
     c.batch_size = 8
@@ -194,4 +221,9 @@ def audio2mesh_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
     c.data.eval_batch_size = 2
   elif args.steps:
     c.total_steps = args.steps
+  if args.variant in DIFFUSION_VARIANTS:
+    # Exponential moving average of the parameters, evaluated and exported (as the diffusion
+    # papers sample from), over the last tenth of the run: 0.999 from 10000 steps on, 0.99 at
+    # 1000 (0.999 there would keep 37% of the initial weights); 0.9 for runlocal's few steps.
+    c.ema.decay = 0.9 if args.runlocal else min(0.999, 1.0 - 10.0 / c.total_steps)
   return c

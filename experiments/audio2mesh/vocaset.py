@@ -17,14 +17,20 @@ The streaming (causal) variant, exported with a `stream_step` beside `predict`:
         --workdir runs/causal
     fdjax export --workdir runs/causal --out artifacts/causal
 
-Motion diffusion (transformer denoiser sampled by DDIM-50; `variant=facediffuser` the GRU one):
+Motion diffusion: `diffspeaker` (transformer denoiser over the whole sequence, DDIM-50),
+`diffposetalk` (windows of 100 frames after the 10 previous ones, audio/style guidance, DDPM-500)
+and `facediffuser` (GRU denoiser, DDPM-1000); evaluation samples each test sequence
+`data.eval_num_samples` times and reports one sample, the mean over samples and the diversity.
+Guidance scales and the sampler are config fields, so one checkpoint is evaluated at several:
 
     fdjax train --config experiments/audio2mesh/vocaset.py:variant=diffspeaker,encoder=tiny \\
         --workdir runs/diffspeaker
+    fdjax eval --config experiments/audio2mesh/vocaset.py:variant=diffspeaker,encoder=tiny \\
+        --workdir runs/diffspeaker --config.model.decoder.audio_guidance_scale=2
 
 Arguments: variant (faceformer, nonautoregressive, codetalker_vq, codetalker, diffspeaker,
-facediffuser), encoder (base, tiny), runlocal (tiny data and steps, for tests), steps
-(override total_steps), causal (streaming variant, faceformer only).
+diffposetalk, facediffuser), encoder (base, tiny), runlocal (tiny data and steps, for tests),
+steps (override total_steps), causal (streaming variant, faceformer only).
 """
 
 from ml_collections import ConfigDict

@@ -1,4 +1,5 @@
-"""Mesh-motion metrics for speech-driven 3D faces: LVE (squared and mm), FDD, MVE, baselines.
+"""Mesh-motion metrics for speech-driven 3D faces: LVE (squared and mm), FDD, MVE, baselines,
+and the diversity of sampled motion.
 
 Evaluation of the audio2mesh task gathers whole test sequences on the host and feeds them here,
 one sequence (or one padded batch) at a time, through `MeshMetricsAccumulator`. The definitions
@@ -19,6 +20,11 @@ SelfTalk tables, so numbers are comparable with those tables when the same regio
   less (is stiffer) than the truth. Units: the vertices' units squared.
 - MVE (`mean_vertex_error`): mean Euclidean distance over all valid frames and all vertices,
   pooled over frames.
+- Diversity (`sample_diversity`, generative models): N samples for the same audio; per frame
+  and vertex the standard deviation across the samples of the vertex position (the root of the
+  summed per-coordinate population variances: the RMS distance to the samples' mean); per
+  sequence its mean over valid frames and all vertices; then the unweighted mean over
+  sequences. Units: the vertices' units (times `mm_per_unit`). Zero for a deterministic model.
 
 In every function the prediction is cut to the truth's length (models driven by audio often
 produce a frame more); a prediction shorter than the truth is an error. Region masks are data
@@ -339,6 +345,49 @@ def mean_vertex_error(
   """
   prediction, truth, frame_mask = _align(prediction, truth, frame_mask)
   return _pooled_mean(_vertex_distance(prediction, truth), frame_mask)
+
+
+def sequence_diversity(samples: ArrayLike, frame_mask: ArrayLike | None = None) -> np.ndarray:
+  """Per-sequence diversity [B] of N samples for each sequence (see the module docstring).
+
+  Args:
+    samples: [N, T, V, 3] or [N, B, T, V, 3], N >= 2 samples of the same sequences.
+    frame_mask: [T] or [B, T] bool valid frames; rows with no valid frame give NaN.
+
+  Returns:
+    [B] the mean over valid frames and all vertices of the per-vertex standard deviation across
+    samples (units).
+  """
+  samples = np.asarray(samples, np.float64)
+  if samples.ndim == 4:
+    samples = samples[:, None]
+  if samples.ndim != 5 or samples.shape[-1] != 3:
+    raise ValueError(f"samples must be [N, T, V, 3] or [N, B, T, V, 3], got {samples.shape}")
+  if samples.shape[0] < 2:
+    raise ValueError(f"diversity needs at least 2 samples, got {samples.shape[0]}")
+  if frame_mask is None:
+    frame_mask = np.ones(samples.shape[1:3], bool)
+  frame_mask = np.asarray(frame_mask, bool).reshape(-1, samples.shape[2])
+  if frame_mask.shape != samples.shape[1:3]:
+    raise ValueError(f"frame_mask must be [B, T] = {samples.shape[1:3]}, got {frame_mask.shape}")
+  deviation = samples - samples.mean(axis=0, keepdims=True)  # [N, B, T, V, 3]
+  std = np.sqrt(np.mean(np.sum(deviation * deviation, axis=-1), axis=0))  # [B, T, V]
+  per_frame = std.mean(axis=-1)  # [B, T]
+  count = frame_mask.sum(axis=1)
+  total = np.sum(per_frame, axis=1, where=frame_mask)
+  return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def sample_diversity(
+  samples: ArrayLike, frame_mask: ArrayLike | None = None, *, mm_per_unit: float = 1.0
+) -> float:
+  """Diversity of N samples: the mean over sequences of `sequence_diversity`, times
+  `mm_per_unit` (1000 for vertices in metres, to report mm). Args as `sequence_diversity`."""
+  per_sequence = sequence_diversity(samples, frame_mask)
+  valid = ~np.isnan(per_sequence)
+  if not valid.any():
+    raise ValueError("no valid sequences: frame_mask is all False")
+  return float(np.mean(per_sequence[valid])) * mm_per_unit
 
 
 def mouth_opening(vertices: ArrayLike, template: ArrayLike, lips: RegionMask) -> np.ndarray:

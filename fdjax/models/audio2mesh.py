@@ -104,9 +104,10 @@ class SpeechToMesh(nn.Module):
     """Predicts `vertices [B, T, V, 3]` from `audio [B, S]`; T defaults to the audio's span.
 
     For padded batches pass both masks: `audio_mask [B, S]` and `frame_mask [B, T]`, so each
-    example's valid audio is aligned to its own valid frames, not stretched over the padding.
-    `sampling` goes to a diffusion decoder's `generate` (`seed`, `guidance_scales`); the audio
-    is encoded once, before its sampling loop.
+    example's valid audio is aligned to its own valid frames, not stretched over the padding,
+    and the decoder's valid frames never attend to padded ones (padded frames predict the
+    template). `sampling` goes to a diffusion decoder's `generate` (`seed`,
+    `guidance_scales`); the audio is encoded once, before its sampling loop.
     """
     if frame_mask is not None:
       num_frames = frame_mask.shape[1]
@@ -120,6 +121,7 @@ class SpeechToMesh(nn.Module):
       emotion=emotion,
       intensity=intensity,
       num_frames=num_frames,
+      frame_mask=frame_mask,
       **sampling,
     )
 

@@ -568,6 +568,7 @@ class CodePredictor(nn.Module):
     emotion: Array | None = None,
     intensity: Array | None = None,
     num_frames: int | None = None,
+    frame_mask: Array | None = None,
   ) -> tuple[Array, dict[str, Array]]:
     """Prediction entry point with `FaceFormerDecoder.generate`'s signature (no dropout)."""
     return self(
@@ -576,7 +577,8 @@ class CodePredictor(nn.Module):
       style,
       emotion=emotion,
       intensity=intensity,
-      num_frames=num_frames,
+      frame_mask=frame_mask,
+      num_frames=frame_mask.shape[1] if frame_mask is not None else num_frames,
       train=False,
     )
 

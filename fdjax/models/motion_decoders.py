@@ -756,6 +756,7 @@ class FaceFormerDecoder(nn.Module):
     emotion: Array | None = None,
     intensity: Array | None = None,
     num_frames: int | None = None,
+    frame_mask: Array | None = None,
   ) -> tuple[Array, dict[str, Array]]:
     """Autoregressive prediction with a key/value cache inside `nn.while_loop`.
 
@@ -771,14 +772,24 @@ class FaceFormerDecoder(nn.Module):
       audio_features: `[B, T_a, D_audio]`.
       template: `[B, V, 3]`.
       style, emotion, intensity: `[B]` int32 as in `__call__`.
-      num_frames: frames to generate; default `T_a // audio_frames_per_frame`.
+      num_frames: frames to generate; default `T_a // audio_frames_per_frame` (or frame_mask's).
+      frame_mask: `[B, T]` bool, valid frames of a right-padded batch: padded frames predict the
+        template (valid frames never read later ones: the decoder is causal).
 
     Returns:
       `vertices [B, T, V, 3]` and aux `{"offsets": [B, T, V, 3]}`.
     """
     if num_frames is None:
-      num_frames = audio_features.shape[1] // self.audio_frames_per_frame
+      num_frames = (
+        frame_mask.shape[1]
+        if frame_mask is not None
+        else audio_features.shape[1] // self.audio_frames_per_frame
+      )
     batch_size = audio_features.shape[0]
+    if frame_mask is not None and frame_mask.shape != (batch_size, num_frames):
+      raise ValueError(
+        f"frame_mask must be [B, T]=({batch_size}, {num_frames}), got {tuple(frame_mask.shape)}"
+      )
     memory, condition = self._prepare(
       audio_features, template, style, emotion, intensity, num_frames
     )  # [B, T, r, D], [B, D]
@@ -817,7 +828,7 @@ class FaceFormerDecoder(nn.Module):
     _, _, _, features = nn.while_loop(
       lambda module, carry: carry[0] < num_frames, body, self, carry
     )
-    predicted, offsets = self._to_vertices(self._output(features), template, None)
+    predicted, offsets = self._to_vertices(self._output(features), template, frame_mask)
     return predicted, {"offsets": offsets}
 
   def generate_without_cache(
@@ -1246,6 +1257,7 @@ class NonAutoregressiveDecoder(nn.Module):
     emotion: Array | None = None,
     intensity: Array | None = None,
     num_frames: int | None = None,
+    frame_mask: Array | None = None,
   ) -> tuple[Array, dict[str, Array]]:
     """Prediction entry point with `FaceFormerDecoder.generate`'s signature (no dropout)."""
     return self(
@@ -1254,7 +1266,8 @@ class NonAutoregressiveDecoder(nn.Module):
       style,
       emotion=emotion,
       intensity=intensity,
-      num_frames=num_frames,
+      frame_mask=frame_mask,
+      num_frames=frame_mask.shape[1] if frame_mask is not None else num_frames,
       train=False,
     )
 

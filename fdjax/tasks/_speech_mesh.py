@@ -201,16 +201,31 @@ def training_mean_offset(config: Any, data_dir: str, workdir: str) -> np.ndarray
   return offset
 
 
-# `predict(batch, put) -> vertices [B, T, V, 3]` for one bucketed host batch of whole sequences;
-# `put` makes a host array (or None) a replicated global array.
+# `predict(batch, put) -> vertices [B, T, V, 3]` for one bucketed host batch of whole sequences
+# (`[N, B, T, V, 3]`, N samples, for a sampled model); `put` makes a host array (or None) a
+# replicated global array.
 PredictBatch = Callable[[dict, Callable], jax.Array]
+# The column of the evaluation table with the metrics averaged over N samples.
+SAMPLES_MEAN = "mean_of_samples"
 
 
 def evaluate_sequences(
-  config: Any, predict: PredictBatch, num_vertices: int, *, mesh, workdir: str, step: int
+  config: Any,
+  predict: PredictBatch,
+  num_vertices: int,
+  *,
+  mesh,
+  workdir: str,
+  step: int,
+  num_samples: int = 0,
 ) -> dict[str, float]:
   """Metrics of `predict` over whole sequences of `config.data.eval_split`, with both baselines
   (static template; training-set mean offset), named masks, a printed table and a sample.
+
+  With `num_samples` N > 0 (a sampled model: `predict` returns N samples per sequence, drawn
+  from N seeds) the model's row is its first sample, `mean_of_samples/<metric>` each metric
+  averaged over the N samples, and `diversity_mm` the diversity of the N samples (N >= 2;
+  `fdjax.metrics.mesh.sample_diversity`, all vertices).
 
   Every process evaluates the whole split (inputs replicated), so all report the same numbers.
   """
@@ -218,6 +233,8 @@ def evaluate_sequences(
   lips = mesh_metrics.load_region_mask(mask_path(config, raw_dir, "lip_mask"), num_vertices)
   upper = mesh_metrics.load_region_mask(mask_path(config, raw_dir, "upper_face_mask"), num_vertices)
   accumulators = {name: mesh_metrics.MeshMetricsAccumulator(lips, upper) for name in SYSTEMS}
+  per_sample = [mesh_metrics.MeshMetricsAccumulator(lips, upper) for _ in range(num_samples)]
+  diversities = []  # per sequence, in the vertices' units
   mean_offset = training_mean_offset(config, data_dir, workdir)
   source = pipeline.tfds_source(config.data.name, data_dir, config.data.eval_split)
   batches = pipeline.eval_dataset(
@@ -234,8 +251,15 @@ def evaluate_sequences(
   for batch in batches:
     batch = bucket(batch, config)
     num_frames = batch["vertices"].shape[1]
-    predicted = np.asarray(jax.device_get(predict(batch, put)), np.float32)  # [B, T, V, 3]
+    predicted = np.asarray(jax.device_get(predict(batch, put)), np.float32)
     truth, template, frame_mask = batch["vertices"], batch["template"], batch["frame_mask"]
+    if num_samples:
+      samples, predicted = predicted, predicted[0]  # [N, B, T, V, 3], [B, T, V, 3]
+      for accumulator, one in zip(per_sample, samples, strict=True):
+        accumulator.add_batch(one, truth, template, frame_mask)
+      if num_samples > 1:
+        per_sequence = mesh_metrics.sequence_diversity(samples, frame_mask)
+        diversities.extend(per_sequence[~np.isnan(per_sequence)])
     accumulators["model"].add_batch(predicted, truth, template, frame_mask)
     static = np.repeat(template[:, None], num_frames, axis=1)
     accumulators["static_template"].add_batch(static, truth, template, frame_mask)
@@ -244,20 +268,37 @@ def evaluate_sequences(
       sample = (predicted[0], truth[0], batch["audio"][0], batch["audio_mask"][0], frame_mask[0])
 
   results = {name: acc.compute() for name, acc in accumulators.items()}
+  if num_samples:
+    computed = [accumulator.compute() for accumulator in per_sample]
+    results[SAMPLES_MEAN] = {
+      **computed[0],
+      **{
+        metric: float(np.mean([c[metric] for c in computed]))
+        for metric in mesh_metrics.MeshMetricsAccumulator.METRIC_NAMES
+      },
+    }
   metrics: dict[str, float] = {}
   for name, values in results.items():
     for metric in mesh_metrics.MeshMetricsAccumulator.METRIC_NAMES:
       key = metric if name == "model" else f"{name}/{metric}"
       metrics[key] = float(values[metric])
+  diversity = None
+  if diversities:
+    diversity = float(np.mean(diversities)) * MM_PER_METRE
+    metrics["diversity_mm"] = diversity
+  if num_samples:
+    metrics["num_samples"] = float(num_samples)
   if jax.process_index() == 0:
-    _print_table(results, config.data.eval_split, step)
+    _print_table(results, config.data.eval_split, step, num_samples, diversity)
     _write_sample(workdir, raw_dir, config, sample)
     with open(os.path.join(workdir, "eval_masks.json"), "w") as f:
       json.dump({"lip_mask": lips.name, "upper_face_mask": upper.name}, f)
   return metrics
 
 
-def _print_table(results: dict, split: str, step: int) -> None:
+def _print_table(
+  results: dict, split: str, step: int, num_samples: int, diversity: float | None
+) -> None:
   model = results["model"]
   rows = [
     ("LVE squared (m^2)", "lve_squared", "{:.3e}"),
@@ -265,13 +306,18 @@ def _print_table(results: dict, split: str, step: int) -> None:
     ("FDD (m^2, signed)", "fdd", "{:+.3e}"),
     ("MVE (mm)", "mve_mm", "{:.3f}"),
   ]
+  columns = ("model", SAMPLES_MEAN, *SYSTEMS[1:]) if num_samples else SYSTEMS
   print(
     f"\n{split} split, step {step}: {model['num_sequences']} sequences, {model['num_frames']} "
     f"frames; lip mask {model['lip_mask']!r}, upper-face mask {model['upper_face_mask']!r}"
   )
-  print(f"{'metric':<20}" + "".join(f"{n:>18}" for n in SYSTEMS))
+  if num_samples:
+    print(f"model: its first sample; {SAMPLES_MEAN}: each metric's mean over {num_samples} seeds")
+  print(f"{'metric':<20}" + "".join(f"{n:>18}" for n in columns))
   for label, key, fmt in rows:
-    print(f"{label:<20}" + "".join(f"{fmt.format(results[n][key]):>18}" for n in SYSTEMS))
+    print(f"{label:<20}" + "".join(f"{fmt.format(results[n][key]):>18}" for n in columns))
+  if diversity is not None:
+    print(f"diversity (mm, all vertices, {num_samples} samples per sequence): {diversity:.4f}")
   print(flush=True)
 
 

@@ -6,7 +6,7 @@ the data, losses and evaluation of the speech-mesh family (`fdjax/tasks/_speech_
 CodeTalker's stage 1 is its own task, `motion_vq`:
 
 - model: `SpeechToMesh` (wav2vec2/HuBERT encoder + FaceFormer, non-autoregressive, CodeTalker
-  or diffusion (DiffSpeaker, FaceDiffuser) decoder, `config.model.decoder.kind`);
+  or diffusion (DiffSpeaker, DiffPoseTalk, FaceDiffuser) decoder, `config.model.decoder.kind`);
 - loss: vertex MSE + velocity MSE (optionally lip-weighted), in millimetres so the numbers are
   readable and the optimizer's epsilon is negligible; plus the latent regression for CodeTalker;
   for the diffusion decoders the same two terms on the x_0 the denoiser implies at a random
@@ -14,7 +14,9 @@ CodeTalker's stage 1 is its own task, `motion_vq`:
   target (epsilon or v);
 - evaluation: whole test sequences generated from audio alone, metrics of docs/design.md section 5
   (LVE squared, LVE mm, FDD, MVE; masks named) for the model and for two baselines computed by
-  the same code (static template; training-set mean offset);
+  the same code (static template; training-set mean offset); a diffusion decoder is sampled
+  `data.eval_num_samples` times per sequence: one sample's metrics, their mean over the samples,
+  and the samples' diversity;
 - predict: `(params, audio, template, style) -> vertices` for any audio length;
 - emotional speech in FLAME space (the `mead` experiment, docs/design.md section 18): the
   non-autoregressive decoder may predict head-model coefficients or rig controls
@@ -26,8 +28,8 @@ CodeTalker's stage 1 is its own task, `motion_vq`:
 Config keys read (beyond the base config and those of `_speech_mesh`): `data.eval_style`,
 `model.encoder` (`variant`, `checkpoint`, fields), `model.decoder` (`kind`, `variant`, fields),
 `model.prior_workdir` (CodeTalker stage 2), `loss.latent_weight`; diffusion decoders:
-`loss.distance`, `loss.target_weight`; where the config has them: `loss.emotion_weight`,
-`loss.content_weight`, `data.emotions`.
+`loss.distance`, `loss.target_weight`, `data.eval_num_samples`; where the config has them:
+`loss.emotion_weight`, `loss.content_weight`, `data.emotions`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from fdjax.models.audio2mesh import SpeechToMesh
 from fdjax.models.codetalker import CodePredictor
 from fdjax.models.motion_decoders import FaceFormerDecoder, NonAutoregressiveDecoder
 from fdjax.models.motion_diffusion import (
+  DiffPoseTalkDecoder,
   DiffSpeakerDecoder,
   DiffusionDecoder,
   FaceDiffuserDecoder,
@@ -64,10 +67,11 @@ DECODERS = {
   "nonautoregressive": NonAutoregressiveDecoder,
   "codetalker": CodePredictor,
   "diffspeaker": DiffSpeakerDecoder,
+  "diffposetalk": DiffPoseTalkDecoder,
   "facediffuser": FaceDiffuserDecoder,
 }
 # Decoder kinds that are denoisers: trained at random noise levels, sampled at prediction.
-DIFFUSION_KINDS = ("diffspeaker", "facediffuser")
+DIFFUSION_KINDS = ("diffspeaker", "diffposetalk", "facediffuser")
 # Decoder config keys that configure the loss (scheduled sampling), not the decoder module.
 SAMPLING_KEYS = ("sampling_schedule", "sampling_schedule_kwargs")
 # Where CodeTalker stage 2 puts the parameters of a stage-1 (`motion_vq`) run.
@@ -269,11 +273,12 @@ def _diffusion_loss(
   model, params, batch, rng, train, *, velocity_weight, target_weight, distance, lip_weights
 ):
   """A diffusion decoder's loss: vertex + `velocity_weight` x velocity distance (mm) of the x_0
-  implied at one random timestep per example, each `diffusion.denoising_loss` over the valid
-  frames, plus `target_weight` x the loss on the denoiser's own target; the noise and condition
-  drops are drawn from `rng`, as dropout is."""
+  implied at one random timestep per example, each `diffusion.denoising_loss` over the frames
+  the decoder scores (`aux["loss_mask"]`: the valid frames, less any previous-window frames it
+  was given; velocities over `aux["velocity_mask"]`), plus `target_weight` x the loss on the
+  denoiser's own target; the noise and condition drops are drawn from `rng`, as dropout is."""
   predicted, aux = model.apply({"params": params}, batch, train=train, rngs={"dropout": rng})
-  frame_mask = batch["frame_mask"]
+  frame_mask = aux["loss_mask"]
   weight = aux["loss_weight"]
   scale = 1.0
   if lip_weights is not None:
@@ -287,7 +292,7 @@ def _diffusion_loss(
   velocity = diffusion.denoising_loss(
     jnp.diff(predicted_mm, axis=1),
     jnp.diff(truth_mm, axis=1),
-    frame_mask[:, 1:] & frame_mask[:, :-1],
+    aux["velocity_mask"],
     weight,
     distance=distance,
   )
@@ -304,8 +309,11 @@ def _diffusion_loss(
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _generate(model, params, audio, audio_mask, frame_mask, template, style, emotion, intensity):
-  """`(vertices [B, T, V, 3], aux)`: the decoder's prediction and its named outputs."""
+def _generate(
+  model, params, audio, audio_mask, frame_mask, template, style, emotion, intensity, key=None
+):
+  """`(vertices [B, T, V, 3], aux)`: the decoder's prediction and its named outputs; `key` is
+  the `sample` rng of a sampled (diffusion) decoder (None: its `sample_seed`)."""
   return model.apply(
     {"params": params},
     audio,
@@ -316,14 +324,24 @@ def _generate(model, params, audio, audio_mask, frame_mask, template, style, emo
     emotion=emotion,
     intensity=intensity,
     method="generate",
+    rngs=None if key is None else {"sample": key},
   )
 
 
 def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> dict[str, float]:
   """Metrics over whole sequences of `config.data.eval_split` generated from their audio, with
-  both baselines (see `_speech_mesh.evaluate_sequences`)."""
+  both baselines (see `_speech_mesh.evaluate_sequences`). A diffusion decoder is sampled
+  `config.data.eval_num_samples` times per sequence, sample n from the key
+  `model.decoder.sample_seed + n` (sample 0 is what `predict` gives): the table then has one
+  sample's metrics, their mean over the samples, and the samples' diversity."""
+  num_samples = 0
+  if config.model.decoder.kind in DIFFUSION_KINDS:
+    num_samples = config.data.eval_num_samples
+    if num_samples < 1:
+      raise ValueError(f"config.data.eval_num_samples must be >= 1, got {num_samples}")
+  seed = config.model.decoder.get("sample_seed", 0)
 
-  def generate(batch, put):
+  def generate(batch, put, key=None):
     style = np.where(batch["subject"] >= 0, batch["subject"], config.data.eval_style)
     return _generate(
       model,
@@ -335,12 +353,16 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
       put(style.astype(np.int32)),
       put(batch.get("emotion")),
       put(batch.get("intensity")),
+      key,
     )
 
   num_vertices = _num_vertices(config)
   generated = []  # with emotions: each batch and what was generated for it, kept on the host
 
   def predict(batch, put):
+    if num_samples:  # [N, B, T, V, 3]
+      keys = [jax.random.key(seed + n) for n in range(num_samples)]
+      return jnp.stack([generate(batch, put, key)[0] for key in keys])
     vertices, aux = generate(batch, put)
     if config.data.get("emotions"):
       # The same audio with another emotion, to see what the emotion input changes.
@@ -350,7 +372,13 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
     return vertices
 
   metrics = _speech_mesh.evaluate_sequences(
-    config, predict, num_vertices, mesh=mesh, workdir=workdir, step=step
+    config,
+    predict,
+    num_vertices,
+    mesh=mesh,
+    workdir=workdir,
+    step=step,
+    num_samples=num_samples,
   )
   if config.data.get("emotions"):  # per-emotion LVE and emotion accuracy (MEAD)
     metrics.update(_emotion.evaluate_emotions(config, generated, num_vertices, step=step))
@@ -650,10 +678,10 @@ def flops_per_example(config: Any) -> float:
 def _denoiser_flops(
   denoiser: nn.Module, frames: int, audio_width: int, needs: bool, trainable: Callable
 ) -> float:
-  """Training FLOPs of one call of a diffusion denoiser over `frames` frames whose audio
-  features are `audio_width` wide per frame, by `flops_per_example`'s rules (`needs`: the audio
-  features depend on a trainable parameter; `trainable(prefix)`: whether weights under the
-  prefix train)."""
+  """Training FLOPs of one call of a diffusion denoiser over `frames` frames (any previous
+  frames included) whose audio features are `audio_width` wide per frame, by
+  `flops_per_example`'s rules (`needs`: the audio features depend on a trainable parameter;
+  `trainable(prefix)`: whether weights under the prefix train)."""
   total = 0.0
 
   def add(flops: float, *gradients: bool) -> None:
@@ -714,7 +742,9 @@ def _denoiser_flops(
       needs = inner or memory
       add(2 * t * dm * dm, weights, needs)  # cross-attention output
       add(4 * t * dm * denoiser.mlp_dim, weights, needs)  # MLP in and out
-  add(2 * t * width * v3, trainable(f"{prefix}prediction_projection/"), needs)
+  # Only the frames after the previous window's (DiffPoseTalk: `previous_frames`) are predicted.
+  predicted = t - denoiser.previous_frames
+  add(2 * predicted * width * v3, trainable(f"{prefix}prediction_projection/"), needs)
   return total
 
 

@@ -58,6 +58,8 @@ def test_hlo_counter_counts_matmuls_and_strided_conv_gradients():
     # the GRU's scan over the frames is unrolled.
     ("variant=diffspeaker,encoder=tiny", [], {}),
     ("variant=facediffuser,encoder=tiny", [], {"unroll": True}),
+    # DiffPoseTalk: the denoiser reads 4 previous frames and predicts the 8 after them.
+    ("variant=diffposetalk,encoder=tiny", [], {"previous_frames": 4}),
   ],
 )
 def test_analytic_flops_match_the_lowered_training_step(arg, overrides, decoder_fields):

@@ -247,3 +247,37 @@ def test_load_region_mask_errors_name_the_file(tmp_path):
   lips = mesh.RegionMask.from_array(np.array([0]), 5, "lips")
   with pytest.raises(ValueError, match="'lips' is for 5 vertices but the meshes have 3"):
     mesh.lip_vertex_error_squared(np.zeros((1, 3, 3)), np.zeros((1, 3, 3)), lips)
+
+
+def test_diversity_hand_computed():
+  # Two samples of one frame, two vertices: vertex 0 at (0,0,0) and (2,0,0) (std 1 about the
+  # mean (1,0,0)); vertex 1 at (0,0,0) and (0,6,8) (distance 10 apart: std 5).
+  samples = np.zeros((2, 1, 2, 3))
+  samples[1, 0, 0] = (2, 0, 0)
+  samples[1, 0, 1] = (0, 6, 8)
+  assert mesh.sample_diversity(samples) == pytest.approx(3.0)
+  assert mesh.sample_diversity(samples, mm_per_unit=1000.0) == pytest.approx(3000.0)
+  assert mesh.sample_diversity(np.repeat(samples[:1], 4, axis=0)) == 0.0  # deterministic
+
+
+def test_diversity_matches_a_direct_loop_and_averages_over_sequences():
+  rng = np.random.default_rng(0)
+  samples = rng.normal(size=(4, 3, 5, 6, 3))  # N=4 samples, B=3 sequences, T=5, V=6
+  frame_mask = np.arange(5)[None] < np.array([[5], [2], [0]])  # the third is padding
+  expected = []
+  for b in range(3):
+    frames = []
+    for t in range(int(frame_mask[b].sum())):
+      per_vertex = [
+        np.sqrt(sum(np.var(samples[:, b, t, v, c]) for c in range(3))) for v in range(6)
+      ]
+      frames.append(np.mean(per_vertex))
+    if frames:
+      expected.append(np.mean(frames))
+  per_sequence = mesh.sequence_diversity(samples, frame_mask)
+  np.testing.assert_allclose(per_sequence[:2], expected, rtol=1e-12)
+  assert np.isnan(per_sequence[2])
+  # Sequences weigh alike, however long.
+  assert mesh.sample_diversity(samples, frame_mask) == pytest.approx(np.mean(expected))
+  with pytest.raises(ValueError, match="at least 2 samples"):
+    mesh.sample_diversity(samples[:1])

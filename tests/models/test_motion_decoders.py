@@ -7,6 +7,7 @@ Compilation dominates on CPU, so parameters are drawn with numpy on the shapes f
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -375,3 +376,46 @@ def test_published_variants_have_the_paper_sizes():
   assert (biwi.d_model, biwi.period, biwi.audio_frames_per_frame) == (128, 25, 2)
   assert (vocaset.num_vertices, biwi.num_vertices) == (5023, 23370)
   assert FaceFormerDecoder.from_variant("vocaset", num_styles=2).num_styles == 2
+
+
+def test_speech_to_mesh_generate_keeps_padded_frames_out_of_valid_ones():
+  """`SpeechToMesh.generate` hands the frame mask to the decoder: in a padded batch the valid
+  frames of a shorter example equal its unpadded generation (a non-autoregressive decoder
+  attends to every frame, so without the mask they would read the padding)."""
+  from fdjax.models.audio2mesh import SpeechToMesh
+  from fdjax.models.wav2vec2 import Wav2Vec2Encoder
+  from fdjax.state import strip_boxes
+
+  # "layer" conv norms: wav2vec2-base's "group" norm spans the padding by design (HF's too).
+  encoder = Wav2Vec2Encoder.from_variant("tiny", feat_extract_norm="layer", attention_impl="xla")
+  decoder = NonAutoregressiveDecoder.from_variant("tiny", attention_impl="xla")
+  model = SpeechToMesh(encoder=encoder, decoder=decoder)
+  rng = np.random.default_rng(0)
+  frames, length = 24, 15
+  samples, short = 16000 * frames // 30, 16000 * length // 30
+  audio = rng.normal(size=(BATCH, samples)).astype(np.float32)
+  template = rng.normal(size=(BATCH, NUM_VERTICES, 3)).astype(np.float32)
+  style = np.array([0, 1], np.int32)
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), audio, template, style, method="generate")
+  )
+  params = jax.tree.map(
+    lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), strip_boxes(shapes["params"])
+  )
+  audio_mask = np.arange(samples)[None] < np.array([[samples], [short]])
+  frame_mask = np.arange(frames)[None] < np.array([[frames], [length]])
+  generate = jax.jit(functools.partial(model.apply, method="generate"))
+  padded = generate(
+    {"params": params},
+    np.where(audio_mask, audio, 0.0),
+    template,
+    style,
+    audio_mask=audio_mask,
+    frame_mask=frame_mask,
+  )[0]
+  alone = generate({"params": params}, audio[1:, :short], template[1:], style[1:])[0]
+  assert alone.shape == (1, length, NUM_VERTICES, 3)
+  np.testing.assert_allclose(padded[1, :length], alone[0], atol=1e-5)  # 9e-3 before the fix
+  np.testing.assert_array_equal(
+    padded[1, length:], np.broadcast_to(template[1], (frames - length, NUM_VERTICES, 3))
+  )

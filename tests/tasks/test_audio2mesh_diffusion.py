@@ -1,7 +1,9 @@
 """The motion diffusion decoders through the audio2mesh task on the tiny VOCASET twin: the
-diffspeaker variant learns, and its samples differ from seed to seed; its exported sampler
-(per-example seeds and guidance scales as inputs, the sampling steps fixed at export by a
-config flag) equals in-process sampling in a jax-only process and is served by `fdjax serve`."""
+diffspeaker variant learns and its evaluation samples every sequence twice (a nonzero
+diversity); its exported sampler (per-example seeds and guidance scales as inputs, the sampling
+steps fixed at export by a config flag) equals in-process sampling in a jax-only process and is
+served by `fdjax serve`; the facediffuser and diffposetalk experiments build their models,
+losses and samplers (diffposetalk's over windows)."""
 
 import http.client
 import io
@@ -17,9 +19,14 @@ from test_export import JAX_ONLY_EPILOGUE, JAX_ONLY_PROLOGUE, run_jax_only
 
 from fdjax import config as config_lib
 from fdjax import diffusion, export, serve, trainer
-from fdjax.models.motion_diffusion import FaceDiffuserDecoder, RecurrentDenoiser
+from fdjax.models.motion_diffusion import (
+  DiffPoseTalkDecoder,
+  FaceDiffuserDecoder,
+  RecurrentDenoiser,
+  TransformerDenoiser,
+)
 from fdjax.state import strip_boxes
-from fdjax.tasks import audio2mesh
+from fdjax.tasks import _speech_mesh, audio2mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPEC = os.path.join(ROOT, "experiments/audio2mesh/vocaset.py:encoder=tiny,runlocal=True")
@@ -68,6 +75,12 @@ def test_diffspeaker_experiment_keeps_an_ema_and_samples_by_ddim(trained):
   metrics = result.eval_metrics
   # Sampled (DDIM, seeded) from audio alone, the lips already move better than a static face.
   assert metrics["lve_squared"] < metrics["static_template/lve_squared"], metrics
+  # Two samples per sequence (seeds 0 and 1): one sample's row, their mean, their diversity.
+  assert config.data.eval_num_samples == 2 and metrics["num_samples"] == 2
+  assert metrics["mean_of_samples/lve_squared"] < metrics["static_template/lve_squared"]
+  assert metrics["mean_of_samples/num_frames"] == metrics["num_frames"]
+  # In mm: the samples from two seeds differ (float32 noise would be ~1e-7 mm).
+  assert metrics["diversity_mm"] > 5e-4, metrics  # measured: 1.7e-3
 
 
 def test_diffspeaker_training_lowers_the_denoising_loss(trained):
@@ -84,48 +97,56 @@ def test_diffspeaker_training_lowers_the_denoising_loss(trained):
   assert float(loss) < 0.75 * before, (before, float(loss))  # measured: about 0.5
 
 
-def test_samples_from_two_seeds_differ(trained):
-  config, result = trained
+@pytest.mark.parametrize(
+  "dataset, variant",
+  [("vocaset", "facediffuser"), ("vocaset", "diffposetalk"), ("biwi", "diffposetalk")],
+)
+def test_experiment_builds_its_denoiser_loss_and_sampler(dataset, variant):
+  overrides = []
+  if variant == "diffposetalk":
+    # Windows of 8 frames after 2 previous ones: training examples of 10 frames.
+    overrides = [
+      "--config.model.decoder.window_frames=8",
+      "--config.model.decoder.previous_frames=2",
+      "--config.data.window_frames=10",
+    ]
+  spec = SPEC.replace("vocaset.py", f"{dataset}.py")
+  config = config_lib.load_config(spec + f",variant={variant}", overrides)
   model = audio2mesh.build_model(config)
-  batch = _first_batch(config)
-
-  @jax.jit
-  def sample(key):
-    return model.apply(
-      {"params": result.state.params},
-      batch["audio"][:2],
-      batch["template"][:2],
-      batch["subject"][:2],
-      method="generate",
-      rngs={"sample": key},
-    )[0]
-
-  first, second = sample(jax.random.key(1)), sample(jax.random.key(2))
-  assert first.shape == batch["vertices"][:2].shape
-  # Diversity: the per-frame standard deviation across the samples, averaged; above zero.
-  offsets = jnp.stack([first, second]) - batch["template"][None, :2, None]
-  diversity = float(jnp.std(offsets, axis=0).mean()) * config.model.decoder.sample_scale
-  assert diversity > 1e-4, diversity  # in the sample's units (mm); float32 noise is ~1e-7
-
-
-def test_facediffuser_experiment_builds_the_recurrent_denoiser_and_its_loss_and_sampler():
-  config = config_lib.load_config(SPEC + ",variant=facediffuser")
-  model = audio2mesh.build_model(config)
-  assert isinstance(model.decoder, FaceDiffuserDecoder)
-  assert isinstance(model.decoder.denoiser, RecurrentDenoiser)
-  assert model.decoder.sampling_method == "ddpm"
-  assert model.decoder.beta_schedule == "squaredcos_cap_v2" and config.loss.distance == "huber"
+  decoder = model.decoder
+  assert decoder.sampling_method == "ddpm" and decoder.beta_schedule == "squaredcos_cap_v2"
+  if variant == "facediffuser":
+    assert isinstance(decoder, FaceDiffuserDecoder)
+    assert isinstance(decoder.denoiser, RecurrentDenoiser)
+    assert config.loss.distance == "huber" and decoder.num_train_timesteps == 1000
+  else:
+    assert isinstance(decoder, DiffPoseTalkDecoder)
+    assert isinstance(decoder.denoiser, TransformerDenoiser)
+    assert decoder.num_train_timesteps == 500 and decoder.prediction_type == "sample"
+    assert (decoder.audio_drop_probability, decoder.style_drop_probability) == (0.1, 0.45)
+    assert (decoder.audio_guidance_scale, decoder.style_guidance_scale) == (1.15, 3.0)
+    assert (decoder.window_frames, decoder.previous_frames) == (8, 2)
   batch = audio2mesh.dummy_batch(config, 2)
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-  # Shapes only (eval_shape): the numerics of the GRU denoiser are tests/models' business.
+  # Shapes only (eval_shape): the numerics of the denoisers are tests/models' business.
   params = jax.eval_shape(lambda: strip_boxes(model.init(rngs, batch)["params"]))
   loss, metrics = jax.eval_shape(
     lambda p: audio2mesh.make_loss_fn(config)(model, p, batch, jax.random.key(2), True), params
   )
   assert loss.shape == () and {"vertex_mse_mm2", "velocity_mse_mm2", "weight"} <= set(metrics)
   predict, _ = audio2mesh.predict_fn(config, model)
-  vertices = jax.eval_shape(predict, params, batch["audio"], batch["template"], batch["subject"])
-  assert vertices.shape == batch["vertices"].shape
+  frames = 20  # diffposetalk: 2.5 windows (on BIWI of 2 audio features per frame)
+  assert decoder.audio_frames_per_frame == (2 if dataset == "biwi" else 1)
+  audio = np.zeros((2, _speech_mesh.window_samples(config, frames)), np.float32)
+  vertices = jax.eval_shape(predict, params, audio, batch["template"], batch["subject"])
+  assert vertices.shape == (2, frames) + batch["vertices"].shape[2:]
+
+
+def test_facediffuser_on_biwi_diffuses_over_500_steps():
+  spec = SPEC.replace("vocaset.py", "biwi.py") + ",variant=facediffuser"
+  decoder = config_lib.load_config(spec.replace(",runlocal=True", "")).model.decoder
+  assert decoder.num_train_timesteps == decoder.sampling_steps == 500
+  assert decoder.sampling_method == "ddpm"
 
 
 # Calls the artifact with jax alone (fdjax and flax blocked) through the copied loader, once per
