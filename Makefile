@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_WORKDIR ?= runs/demo
+# Test processes (pytest-xdist; one test file per process at a time): most tests are bound by
+# XLA compilation, which is single-threaded, so two workers use a 2-core machine.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint system-deps clean
 
@@ -43,7 +46,7 @@ demo: $(VENV)/.installed
 	  --audio $(DEMO_WORKDIR)/samples/sample.wav --out $(DEMO_WORKDIR)/samples/sample.mp4
 
 test: $(VENV)/.installed-test system-deps
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q ruff
