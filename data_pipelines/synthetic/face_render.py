@@ -52,7 +52,7 @@ AU_INDEX: dict[int, int] = {au: i for i, au in enumerate(RENDER_AUS)}
 # index into FACE_PARTS. A pixel gets the part whose shape covers at least half of it, the part
 # drawn last winning as in the image: background; hair (behind the head and above the
 # hairline); skin (face, neck, cheeks, creases, closed lids); brows; eyes (the visible opening:
-# sclera and iris, so a closing eye shrinks to nothing); nose (the bridge and nostrils, a
+# sclera and iris, so a closing eye shrinks to a sliver); nose (the bridge and nostrils, a
 # region that follows AU9/AU10); mouth (the lips and the open mouth between them). MARLIN-style
 # masking ("fasking") masks eyes, nose and mouth first, then skin, background last.
 FACE_PARTS: tuple[str, ...] = ("background", "hair", "skin", "brows", "eyes", "nose", "mouth")
@@ -523,7 +523,7 @@ def render_frame(
   # Mouth: corners (AU12 up/out, AU15 down, AU20 out), opening (AU25 parts, AU26 drops the
   # jaw, AU10 lifts the upper lip), lip thickness (AU23/AU24 thin them, AU17 pushes the lower
   # lip up).
-  gap = (0.05 * au[25] + 0.12 * au[26] + 0.03 * au[10]) * (1.0 - 0.8 * au[24])
+  gap = lip_gap(au[25], au[26], au[10], au[24])
   thin = 1.0 - 0.55 * au[23] - 0.45 * au[24]
   upper_thickness = identity.lip_thickness * 0.8 * thin
   lower_thickness = identity.lip_thickness * (1.0 + 0.3 * au[17]) * thin
@@ -559,6 +559,12 @@ def render_frame(
     on_face = r2 <= 1.0  # where the face's coverage is at least one half
     head_parts[on_face] = face_parts[on_face]
   return finish()
+
+
+def lip_gap(au25: float, au26: float, au10: float, au24: float) -> float:
+  """The inner-lip gap at the mouth's centre, in head half-heights: AU25 parts the lips, AU26
+  drops the jaw, AU10 lifts the upper lip and AU24 presses the lips back together."""
+  return (0.05 * au25 + 0.12 * au26 + 0.03 * au10) * (1.0 - 0.8 * au24)
 
 
 def _finish(image: np.ndarray, scene: Scene, rng: np.random.Generator) -> np.ndarray:
