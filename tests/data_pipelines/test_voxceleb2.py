@@ -197,3 +197,12 @@ def test_a_task_opens_the_twin_built_on_first_use(tmp_path, monkeypatch):
   assert data_dir.startswith(str(tmp_path))
   source = pipeline.tfds_source("voxceleb2", data_dir, "train")
   assert len(source) == 6 and source[0]["video"].shape[1:] == (128, 128, 3)
+
+
+def test_the_design_doc_lists_the_part_ids_and_twin_sizes():
+  with open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "design.md")) as f:
+    text = " ".join(f.read().split())
+  assert ", ".join(face_render.FACE_PARTS) + " = 0..6" in text
+  large = vox_twin.SIZES["large"]
+  assert f"`large` ({large.dev_identities + large.test_identities} identities at 224 px)" in text
+  assert large.side == 224
