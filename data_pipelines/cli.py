@@ -1,6 +1,6 @@
 """`data` commands: write a synthetic twin, build a dataset, inspect a built dataset.
 
-    data synth <dataset> --out RAW_DIR [--size tiny|demo] [--seed N]
+    data synth <dataset> --out RAW_DIR [--size tiny|demo|large] [--seed N]
     data build <dataset> --raw RAW_DIR --data_dir DIR [--skip_invalid]
         [--frame_size PIXELS] [--max_frames N]     (video datasets)
     data inspect <dataset> --data_dir DIR [--out PNG]
@@ -11,6 +11,8 @@ registry to edit: `data_pipelines.synthetic.<dataset>.write(out_dir, size, seed)
 `.inspect(data_dir, out_png)`; video builders also take `frame_size` and `max_frames` (the
 stored frames; a size other than the default makes its own builder config, e.g. `256px_32f`,
 which `config.data.builder_config` selects). A new dataset is a new builder module (and its twin).
+Twins list their sizes in a module-level `SIZES` (or `_SIZES`) dict; every twin has `tiny` and
+`demo`, some also `large`, and asking a twin for a size it lacks names the sizes it has.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from data_pipelines import builders, synthetic
 
 _NOT_DATASETS = {"common"}  # shared helpers among the builder modules
 _MODEL_TWINS = {"head_model"}  # synthetic stand-ins for model files: `synth` only, no builder
+SIZES = ("tiny", "demo", "large")  # what `--size` accepts; each twin has some of them
+
+
+def twin_sizes(module: ModuleType) -> list[str] | None:
+  """The sizes a synthetic twin module writes (its `SIZES` or `_SIZES` keys), None if unlisted."""
+  sizes = getattr(module, "SIZES", None) or getattr(module, "_SIZES", None)
+  return sorted(sizes) if isinstance(sizes, dict) else None
 
 
 def available_datasets() -> list[str]:
@@ -63,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
   synth = commands.add_parser("synth", help="write a synthetic twin in the raw on-disk layout")
   synth.add_argument("dataset")
   synth.add_argument("--out", required=True, help="raw directory to write")
-  synth.add_argument("--size", default="tiny", choices=("tiny", "demo"))
+  synth.add_argument("--size", default="tiny", choices=SIZES)
   synth.add_argument("--seed", type=int, default=0)
   build = commands.add_parser("build", help="build the TFDS (array_record) dataset")
   build.add_argument("dataset")
@@ -99,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data {args.command}: {e}", file=sys.stderr)
     return 2
   if args.command == "synth":
+    sizes = twin_sizes(module)
+    if sizes is not None and args.size not in sizes:
+      print(
+        f"data synth: the synthetic {args.dataset} twin has no size {args.size!r}; "
+        f"its sizes: {', '.join(sizes)}",
+        file=sys.stderr,
+      )
+      return 2
     module.write(args.out, size=args.size, seed=args.seed)
     print(
       f"wrote synthetic {args.dataset} ({args.size}) to {args.out} "

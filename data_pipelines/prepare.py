@@ -3,9 +3,10 @@
 Experiments name a dataset (`config.data.name`), where its built array_record files live
 (`config.data.data_dir`) and where its raw files are (`config.data.raw_dir`). When the built
 dataset is missing it is built from the raw files; when those are missing too and the config
-allows it (`config.data.synthetic = "tiny" | "demo"`), the dataset's synthetic twin is written
-first. So an experiment runs out of the box on the twin, and on the real data by pointing
-`raw_dir` at the download. In a multi-process run, process 0 prepares and the others wait.
+allows it (`config.data.synthetic = "tiny" | "demo"`, or "large" for twins that have it), the
+dataset's synthetic twin is written first. So an experiment runs out of the box on the twin,
+and on the real data by pointing `raw_dir` at the download. In a multi-process run, process 0
+prepares and the others wait.
 """
 
 from __future__ import annotations

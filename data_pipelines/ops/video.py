@@ -135,6 +135,30 @@ def video_fps(path: str | os.PathLike) -> float:
     raise VideoDecodeError(path, f"cannot open video: {e}") from e
 
 
+def decode_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+  """The first audio stream of a video file as mono float32 `[S]` at `sample_rate` Hz.
+
+  Talking-face videos (VoxCeleb2, HDTF) carry their speech as AAC inside the mp4; PyAV's
+  resampler downmixes it and converts the rate. A file without an audio stream, or one that
+  fails to decode, raises `VideoDecodeError` naming it.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise VideoDecodeError(path, "video file does not exist")
+  pieces = []
+  try:
+    with av.open(path) as container:
+      if not container.streams.audio:
+        raise VideoDecodeError(path, "file has no audio stream")
+      resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+      for frame in container.decode(container.streams.audio[0]):
+        pieces.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+      pieces.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+  except av.FFmpegError as e:
+    raise VideoDecodeError(path, f"cannot decode audio: {e}") from e
+  return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros((0,), np.float32)
+
+
 def decode_video(
   path: str | os.PathLike, indices: Sequence[int] | np.ndarray | None = None
 ) -> np.ndarray:

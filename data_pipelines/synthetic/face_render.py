@@ -27,6 +27,11 @@ dimples them, AU15 pulls them down, AU17 raises the chin and lower lip, AU20 str
 lips sideways, AU23/AU24 tighten and press the lips thin, AU25 parts them, AU26 drops the
 jaw, and AU43 closes the eyes (blinks).
 
+Beside the frame, `render_frame` / `render_clip` can return a face-part map (`return_parts`):
+per pixel the id of its part in `FACE_PARTS`, labelled from the same implicit shapes the frame
+is drawn with (so it follows the pose and the AUs), for part-aware masking in self-supervised
+pretraining (MARLIN) and for checking where a model looks.
+
 Expressions unfold over time: every clip starts neutral, rises (onset) to an apex and may
 fall back (offset), and the emotions are built so that a single frame is often ambiguous
 (neutral, or shared by two emotions: fear begins like surprise, disgust like anger,
@@ -42,6 +47,16 @@ import numpy as np
 # The action units the renderer can draw, in the order of the last axis of an AU track.
 RENDER_AUS: tuple[int, ...] = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 24, 25, 26, 43)
 AU_INDEX: dict[int, int] = {au: i for i, au in enumerate(RENDER_AUS)}
+
+# Face parts of the per-pixel part map (`render_frame(..., return_parts=True)`): uint8 ids, the
+# index into FACE_PARTS. A pixel gets the part whose shape covers at least half of it, the part
+# drawn last winning as in the image: background; hair (behind the head and above the
+# hairline); skin (face, neck, cheeks, creases, closed lids); brows; eyes (the visible opening:
+# sclera and iris, so a closing eye shrinks to a sliver); nose (the bridge and nostrils, a
+# region that follows AU9/AU10); mouth (the lips and the open mouth between them). MARLIN-style
+# masking ("fasking") masks eyes, nose and mouth first, then skin, background last.
+FACE_PARTS: tuple[str, ...] = ("background", "hair", "skin", "brows", "eyes", "nose", "mouth")
+PART_BACKGROUND, PART_HAIR, PART_SKIN, PART_BROWS, PART_EYES, PART_NOSE, PART_MOUTH = range(7)
 
 # Skin tones from light to dark (linear-ish RGB in [0, 1]); identities jitter around them.
 _SKIN_TONES = np.array(
@@ -224,7 +239,8 @@ def render_frame(
   activation: np.ndarray,
   pose: np.ndarray,
   rng: np.random.Generator,
-) -> np.ndarray:
+  return_parts: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """One frame `[H, W, 3] uint8` (H, W from the scene's background).
 
   Args:
@@ -233,6 +249,12 @@ def render_frame(
     activation: `[A]` activations in [0, 1] for `RENDER_AUS`.
     pose: `[6]` yaw, pitch, roll, dx, dy, scale (see `random_pose_track`).
     rng: draws the sensor noise.
+    return_parts: also return the face-part map `[H, W] uint8` (ids of `FACE_PARTS`), labelled
+      from the same implicit shapes the frame is drawn with. The frame is the same either way
+      (the map draws no randomness and touches no pixel).
+
+  Returns:
+    The frame, or `(frame, parts)` with `return_parts`.
   """
   height, width = scene.background.shape[:2]
   au = {a: float(activation[i]) for a, i in AU_INDEX.items()}
@@ -242,13 +264,18 @@ def render_frame(
   cx, cy = width * (0.5 + dx), height * (0.52 + dy)
   a = identity.face_aspect
   image = scene.background.copy()
+  parts = np.zeros((height, width), np.uint8) if return_parts else None
+
+  def finish() -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    frame = _finish(image, scene, rng)
+    return (frame, parts) if return_parts else frame
 
   # Screen-space layers behind the face (hair, neck) on the head's bounding window.
   reach = 1.3 * radius
   top, bottom = max(int(cy - reach), 0), min(int(cy + 1.6 * reach) + 1, height)
   left, right = max(int(cx - reach), 0), min(int(cx + reach) + 1, width)
   if top >= bottom or left >= right:
-    return _finish(image, scene, rng)
+    return finish()
   ys, xs = np.mgrid[top:bottom, left:right].astype(np.float32)
   x, y = (xs - cx) / radius, (ys - cy) / radius
   cos_r, sin_r = np.cos(roll), np.sin(roll)
@@ -258,6 +285,11 @@ def render_frame(
   _paint(head, _soft(hair_back, pixel * 2) * (py < 0.35), identity.hair * 0.9)
   neck = np.maximum(np.abs(px) - a * 0.55, 0.7 - py)
   _paint(head, _soft(neck, pixel), identity.skin * 0.75)
+  head_parts = None
+  if parts is not None:
+    head_parts = parts[top:bottom, left:right]
+    head_parts[(hair_back <= 0) & (py < 0.35)] = PART_HAIR
+    head_parts[neck <= 0] = PART_SKIN
 
   # Silhouette of the ellipsoid head under yaw/pitch; the jaw drop lengthens the chin.
   jaw = 1.0 + 0.14 * au[26] + 0.03 * au[25]
@@ -280,6 +312,8 @@ def render_frame(
 
   skin = np.empty_like(head)
   skin[:] = identity.skin
+  # The part of each pixel of the face surface, composited with the face like `skin`.
+  face_parts = None if parts is None else np.full(u.shape, PART_SKIN, np.uint8)
 
   def feature(u0: float, u1: float, v0: float, v1: float):
     """(u, v, skin) views of the window around a feature, or None when it is off-frame."""
@@ -287,6 +321,14 @@ def render_frame(
     if window is None:
       return None
     return u[window], v[window], skin[window]
+
+  def label(box: tuple[float, float, float, float], part: int, distance_fn) -> None:
+    """Labels `part` where `distance_fn(u, v)` <= 0 (the shape covers half the pixel or more)."""
+    if face_parts is None:
+      return
+    window = grid.window(*box)
+    if window is not None:
+      face_parts[window][distance_fn(u[window], v[window]) <= 0] = part
 
   # Cheeks: AU6 lifts and rounds them.
   cheek_v = 0.18 - 0.07 * au[6]
@@ -297,11 +339,16 @@ def render_frame(
       fu, fv, fs = f
       cheek = np.exp(-((fu - side * 0.36) ** 2 + (fv - cheek_v) ** 2) / (2 * 0.11**2))
       _paint(fs, cheek * (0.25 + 0.35 * au[6]), cheek_colour)
+
   # Hairline.
+  def hairline(fu, fv):
+    return fv - identity.hairline - 0.18 * (fu / a) ** 2
+
   f = feature(-1.5, 1.5, -1.5, identity.hairline + 0.3)
   if f:
     fu, fv, fs = f
-    _paint(fs, _soft(fv - identity.hairline - 0.18 * (fu / a) ** 2, pixel * 2), identity.hair)
+    _paint(fs, _soft(hairline(fu, fv), pixel * 2), identity.hair)
+  label((-1.5, 1.5, -1.5, identity.hairline + 0.3), PART_HAIR, hairline)
 
   # Creases darken the skin: forehead lines (AU1, AU2), glabellar lines (AU4), nose wrinkles
   # (AU9), crow's feet (AU6) and the nasolabial folds.
@@ -388,6 +435,16 @@ def render_frame(
     fu, fv, fs = f
     bridge = np.maximum(np.abs(fu - 0.03) - 0.012, np.abs(fv - 0.02) - 0.15)
     _paint(fs, _soft(bridge, pixel * 2) * 0.25, identity.skin * 0.7)
+  # The nose as a part: the bridge widening down to the outer edges of the nostrils.
+  nose_top, nose_bottom = -0.13, nostril_v + 0.025
+  nose_half = 0.055 + 0.015 * au[9] + 0.035
+
+  def nose(fu, fv):
+    t = np.clip((fv - nose_top) / (nose_bottom - nose_top), 0.0, 1.0)
+    half_width = 0.03 + (nose_half - 0.03) * t**2
+    return np.maximum(np.abs(fu) - half_width, np.maximum(nose_top - fv, fv - nose_bottom))
+
+  label((-nose_half, nose_half, nose_top, nose_bottom), PART_NOSE, nose)
 
   # Chin boss and dimples: AU17 wrinkles the chin, AU14 dimples the mouth corners.
   chin_v = 0.78 - 0.04 * au[17]
@@ -422,6 +479,10 @@ def render_frame(
       thickness = identity.brow_thickness * (1.0 - 0.4 * t)
       brow = np.maximum(np.abs(fv - brow_v) - thickness / 2, np.maximum(inner_u - su, su - outer_u))
       _paint(fs, _soft(brow, pixel), identity.brows)
+      if face_parts is not None:
+        face_parts[grid.window(lo, hi, v_lo, max(inner_v, outer_v) + identity.brow_thickness)][
+          brow <= 0
+        ] = PART_BROWS
 
   # Eyes: AU5 raises the upper lid, AU6 lifts the lower lid, AU7 tightens both, AU43 closes.
   upper = 0.055 * (1.0 + 1.0 * au[5] - 0.5 * au[7] - 0.3 * au[6]) * (1.0 - au[43])
@@ -450,11 +511,19 @@ def render_frame(
     _paint(sclera, _soft(iris - 0.022, pixel), 0.0)
     _paint(fs, _soft(opening, pixel), sclera)
     _paint(fs, lash, identity.brows * 0.5)
+    if face_parts is not None:
+      window = grid.window(
+        eu - identity.eye_size - 0.01,
+        eu + identity.eye_size + 0.01,
+        identity.eye_height - upper - 0.02,
+        identity.eye_height + lower + 0.01,
+      )
+      face_parts[window][opening <= 0] = PART_EYES
 
   # Mouth: corners (AU12 up/out, AU15 down, AU20 out), opening (AU25 parts, AU26 drops the
   # jaw, AU10 lifts the upper lip), lip thickness (AU23/AU24 thin them, AU17 pushes the lower
   # lip up).
-  gap = (0.05 * au[25] + 0.12 * au[26] + 0.03 * au[10]) * (1.0 - 0.8 * au[24])
+  gap = lip_gap(au[25], au[26], au[10], au[24])
   thin = 1.0 - 0.55 * au[23] - 0.45 * au[24]
   upper_thickness = identity.lip_thickness * 0.8 * thin
   lower_thickness = identity.lip_thickness * (1.0 + 0.3 * au[17]) * thin
@@ -473,6 +542,8 @@ def render_frame(
     within = np.abs(fu) - corner_u
     lips = np.maximum(np.maximum(outer_top - fv, fv - outer_bottom), within)
     _paint(fs, _soft(lips, pixel), identity.lips)
+    if face_parts is not None:
+      face_parts[grid.window(-corner_u, corner_u, mouth_top, mouth_bottom)][lips <= 0] = PART_MOUTH
     if gap > 0.002:
       interior = np.maximum(np.maximum(inner_top - fv, fv - inner_bottom), within)
       inside = np.empty_like(fs)
@@ -484,7 +555,16 @@ def render_frame(
   skin *= shade[..., None]
   skin *= scene.tint
   _paint(head, face, skin)
-  return _finish(image, scene, rng)
+  if head_parts is not None:
+    on_face = r2 <= 1.0  # where the face's coverage is at least one half
+    head_parts[on_face] = face_parts[on_face]
+  return finish()
+
+
+def lip_gap(au25: float, au26: float, au10: float, au24: float) -> float:
+  """The inner-lip gap at the mouth's centre, in head half-heights: AU25 parts the lips, AU26
+  drops the jaw, AU10 lifts the upper lip and AU24 presses the lips back together."""
+  return (0.05 * au25 + 0.12 * au26 + 0.03 * au10) * (1.0 - 0.8 * au24)
 
 
 def _finish(image: np.ndarray, scene: Scene, rng: np.random.Generator) -> np.ndarray:
@@ -499,11 +579,19 @@ def render_clip(
   track: np.ndarray,
   poses: np.ndarray,
   rng: np.random.Generator,
-) -> np.ndarray:
-  """Renders a clip `[T, H, W, 3] uint8` from an AU track `[T, A]` and poses `[T, 6]`."""
+  return_parts: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """Renders a clip `[T, H, W, 3] uint8` from an AU track `[T, A]` and poses `[T, 6]`.
+
+  With `return_parts`, returns `(frames, parts [T, H, W] uint8)`: the face-part map of every
+  frame (ids of `FACE_PARTS`; see `render_frame`).
+  """
   if track.shape[1] != len(RENDER_AUS) or len(track) != len(poses):
     raise ValueError(f"track {track.shape} and poses {poses.shape} disagree")
-  return np.stack([render_frame(identity, scene, a, p, rng) for a, p in zip(track, poses)])
+  if not return_parts:
+    return np.stack([render_frame(identity, scene, a, p, rng) for a, p in zip(track, poses)])
+  rendered = [render_frame(identity, scene, a, p, rng, True) for a, p in zip(track, poses)]
+  return np.stack([f for f, _ in rendered]), np.stack([m for _, m in rendered])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,3 +76,10 @@ def test_build_rejects_video_options_for_other_datasets(capsys):
   )
   assert cli.main(["build", "dfew", "--raw", "x", "--data_dir", "y", "--max_frames", "0"]) == 2
   assert "--max_frames must be positive, got 0" in capsys.readouterr().err
+
+
+def test_synth_names_the_sizes_a_twin_has(tmp_path, capsys):
+  assert cli.main(["synth", "dfew", "--out", str(tmp_path / "raw"), "--size", "large"]) == 2
+  error = capsys.readouterr().err
+  assert "the synthetic dfew twin has no size 'large'; its sizes: demo, tiny" in error
+  assert not (tmp_path / "raw").exists()

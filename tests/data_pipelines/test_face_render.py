@@ -146,3 +146,69 @@ def test_clips_render_every_frame_of_a_track():
   assert frames.shape == (5, 32, 32, 3) and track.shape == (5, len(fr.RENDER_AUS))
   with pytest.raises(ValueError, match="disagree"):
     fr.render_clip(identity, fr.random_scene(rng, 8, 8), track, np.zeros((4, 6)), rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# The face-part map.
+
+
+def _parts(person, activation, pose=FRONTAL):
+  identity, scene = person
+  return fr.render_frame(identity, scene, activation, pose, np.random.default_rng(0), True)
+
+
+def test_part_ids_are_the_documented_constants():
+  assert fr.FACE_PARTS == ("background", "hair", "skin", "brows", "eyes", "nose", "mouth")
+  names = ("BACKGROUND", "HAIR", "SKIN", "BROWS", "EYES", "NOSE", "MOUTH")
+  assert [getattr(fr, f"PART_{n}") for n in names] == list(range(7))
+
+
+def test_the_part_map_leaves_the_frame_unchanged():
+  rng = np.random.default_rng(7)
+  identity, scene = fr.random_identity(rng), fr.random_scene(rng, 48, 64)
+  track, poses = fr.random_au_track(6, rng), fr.random_pose_track(6, rng)
+  plain = fr.render_clip(identity, scene, track, poses, np.random.default_rng(1))
+  frames, parts = fr.render_clip(identity, scene, track, poses, np.random.default_rng(1), True)
+  np.testing.assert_array_equal(plain, frames)
+  assert parts.shape == (6, 48, 64) and parts.dtype == np.uint8
+  assert set(np.unique(parts)) <= set(range(len(fr.FACE_PARTS)))
+
+
+def test_parts_line_up_with_the_drawn_features(person):
+  identity, scene = person
+  neutral = np.zeros(len(fr.RENDER_AUS), np.float32)
+  frame, parts = _parts(person, neutral)
+  background = np.round(scene.background * 255)
+  off_head = parts == fr.PART_BACKGROUND
+  # Background pixels show the background (antialiased edge pixels aside), and the frame's
+  # corners are background.
+  unchanged = np.abs(frame - background).max(-1) <= 1
+  assert unchanged[off_head].mean() > 0.97 and not unchanged[~off_head].mean() > 0.1
+  assert off_head[0, 0] and off_head[0, -1]
+  # Features sit where the face is, top to bottom: brows, eyes, nose, mouth.
+  rows = {p: np.nonzero(parts == p)[0] for p in range(2, 7)}
+  assert all(len(r) for r in rows.values())
+  order = [rows[p].mean() for p in (fr.PART_BROWS, fr.PART_EYES, fr.PART_NOSE, fr.PART_MOUTH)]
+  assert order == sorted(order)
+  # Mouth pixels are lip-coloured or the open mouth's, not skin; all within the face.
+  face_rows, face_cols = np.nonzero(parts == fr.PART_SKIN)
+  mouth_rows, mouth_cols = np.nonzero(parts == fr.PART_MOUTH)
+  assert face_rows.min() < mouth_rows.min() and mouth_rows.max() < face_rows.max()
+  assert face_cols.min() < mouth_cols.min() and mouth_cols.max() < face_cols.max()
+  skin_colour = frame[parts == fr.PART_SKIN].astype(float).mean(0)
+  mouth_colour = frame[parts == fr.PART_MOUTH].astype(float).mean(0)
+  assert np.abs(mouth_colour - skin_colour).sum() > 30
+
+
+def test_parts_follow_action_units_and_pose(person):
+  neutral = np.zeros(len(fr.RENDER_AUS), np.float32)
+  _, rest = _parts(person, neutral)
+  _, closed = _parts(person, _only(43))
+  _, open_jaw = _parts(person, _only(26))
+  eyes = (rest == fr.PART_EYES).sum()
+  assert eyes > 20 and (closed == fr.PART_EYES).sum() < 0.5 * eyes  # a blink shuts the eyes
+  assert (open_jaw == fr.PART_MOUTH).sum() > 1.5 * (rest == fr.PART_MOUTH).sum()
+  turned = np.array([0.5, 0, 0, 0, 0, 1.0], np.float32)  # yaw: features slide sideways
+  _, yawed = _parts(person, neutral, turned)
+  shift = np.nonzero(yawed == fr.PART_NOSE)[1].mean() - np.nonzero(rest == fr.PART_NOSE)[1].mean()
+  assert abs(shift) > 3
