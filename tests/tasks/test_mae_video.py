@@ -8,6 +8,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -184,3 +185,73 @@ def test_a_short_pretraining_lowers_the_masked_reconstruction_loss(tmp_path):
   assert final < 0.5 * initial["reconstruction_loss"], (final, initial)
   assert (tmp_path / "reconstruction.png").exists()
   assert any(n.startswith("events") for n in os.listdir(tmp_path / "tensorboard"))
+
+
+def _vit_l_config(workdir, *mesh):
+  """ViT-L's widths (encoder 1024 wide, 16 heads, MLP 4096; decoder 512) with one block each
+  in encoder and decoder and 4-frame 64-pixel clips, so that a train step fits a CPU test."""
+  config = _config(
+    "variant=videomae,size=L,dataset=dfew,runlocal=True",
+    ("model.image_size", 64),
+    ("model.remat", False),
+    ("workdir", str(workdir)),
+    *mesh,
+  ).as_configdict()
+  config.model.depth = 1
+  config.model.decoder_depth = 1
+  return ml_collections.FrozenConfigDict(config)
+
+
+def _build(config):
+  from fdjax import sharding as sharding_lib
+  from fdjax import trainer
+
+  task = load_task(config.task)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.as_rules(config.rules)
+  return task, mesh, rules, trainer, sharding_lib
+
+
+def test_vit_l_trains_sharded_over_fsdp_4_and_its_checkpoint_restores_on_data_8(tmp_path):
+  import grain
+
+  from fdjax import checkpoint as checkpoint_lib
+
+  config = _vit_l_config(tmp_path, ("mesh.data", 2), ("mesh.fsdp", 4))
+  task, mesh, rules, trainer, sharding_lib = _build(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    _, state, _, train_step = trainer.build_train_step(config, task, mesh, rules)
+    kernel = state.params["encoder"]["transformer"]["layers_0"]["fc1"]["kernel"]  # [1024, 4096]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert kernel.sharding.shard_shape(kernel.shape) == (256, 4096)
+    assert len({str(s.index) for s in kernel.addressable_shards}) == 4  # 4 distinct blocks
+    host = {"video": _clips(batch=8, frames=4, size=64)}
+    batch = {
+      k: jax.device_put(v, sharding_lib.batch_sharding(mesh, rules)) for k, v in host.items()
+    }
+    state, metrics = train_step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+    kernel = state.params["encoder"]["transformer"]["layers_0"]["fc1"]["kernel"]
+    assert kernel.sharding.shard_shape(kernel.shape) == (256, 4096)
+    saved = jax.device_get(state.params)
+    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), config.checkpoint)
+    data_iter = iter(grain.MapDataset.range(4).to_iter_dataset())
+    checkpointer.save(1, state, data_iter, force=True)
+    checkpointer.close()
+  del state, batch
+
+  other = _vit_l_config(tmp_path, ("mesh.data", 8), ("mesh.fsdp", 1))
+  task, mesh, rules, trainer, sharding_lib = _build(other)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    _, fresh, shardings, _ = trainer.build_train_step(other, task, mesh, rules)
+    abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), fresh, shardings
+    )
+    del fresh
+    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), other.checkpoint)
+    step, restored = checkpointer.restore(abstract, None)
+    checkpointer.close()
+  assert step == 1
+  kernel = restored.params["encoder"]["transformer"]["layers_0"]["fc1"]["kernel"]
+  assert kernel.sharding.mesh.shape == {"data": 8, "fsdp": 1, "tensor": 1}
+  jax.tree.map(np.testing.assert_array_equal, saved, jax.device_get(restored.params))
