@@ -255,3 +255,22 @@ def test_vit_l_trains_sharded_over_fsdp_4_and_its_checkpoint_restores_on_data_8(
   kernel = restored.params["encoder"]["transformer"]["layers_0"]["fc1"]["kernel"]
   assert kernel.sharding.mesh.shape == {"data": 8, "fsdp": 1, "tensor": 1}
   jax.tree.map(np.testing.assert_array_equal, saved, jax.device_get(restored.params))
+
+
+def test_the_training_transform_crops_and_flips_face_parts_with_the_frames():
+  video = np.zeros((10, 48, 48, 3), np.uint8)
+  parts = np.zeros((10, 48, 48), np.uint8)
+  video[:, :, :20] = 255  # the left 20 columns: white mouth
+  parts[:, :, :20] = masking.MOUTH
+  flipped = 0
+  for seed in range(6):
+    out = mae_video.pretrain_transform(
+      {"video": video, "face_parts": parts}, np.random.default_rng(seed), num_frames=4,
+      frame_stride=2, image_size=32, scale=(0.4, 1.0), ratio=(0.75, 1.33), flip_prob=0.5,
+      face_parts=True,
+    )  # fmt: skip
+    assert out["video"].shape == (4, 32, 32, 3) and out["face_parts"].shape == (4, 32, 32)
+    agree = (out["video"][..., 0] > 127) == (out["face_parts"] == masking.MOUTH)
+    assert agree.mean() > 0.95
+    flipped += int(out["face_parts"][0, :, -1].mean() > out["face_parts"][0, :, 0].mean())
+  assert 0 < flipped < 6  # some clips mirrored, some not
