@@ -36,15 +36,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines.synthetic import face_render
+
 Array = jax.Array
 
 KINDS = ("random", "tube", "frame", "part_window", "face_region")
 
-# Face-part ids of the per-pixel face-part maps (`face_parts` [T, H, W] uint8 in a batch). They
-# must equal the ids the synthetic face renderer and the VoxCeleb2 builder write
-# (data_pipelines/synthetic/face_render.py).
-BACKGROUND, HAIR, SKIN, BROWS, EYES, NOSE, MOUTH = range(7)
-FACE_PART_NAMES = ("background", "hair", "skin", "brows", "eyes", "nose", "mouth")
+# Face-part ids of the per-pixel face-part maps (`face_parts` [T, H, W] uint8 in a batch): the
+# ids the synthetic face renderer and the VoxCeleb2 builder write.
+BACKGROUND, HAIR, SKIN, BROWS, EYES, NOSE, MOUTH = (
+  face_render.PART_BACKGROUND,
+  face_render.PART_HAIR,
+  face_render.PART_SKIN,
+  face_render.PART_BROWS,
+  face_render.PART_EYES,
+  face_render.PART_NOSE,
+  face_render.PART_MOUTH,
+)
+FACE_PART_NAMES = face_render.FACE_PARTS
 NUM_FACE_PARTS = len(FACE_PART_NAMES)
 # Masking priority per part id for `face_region` (higher: masked first), after MARLIN: the parts
 # that move with expression and speech first, what identity and scene carry last.

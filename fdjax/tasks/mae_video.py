@@ -295,7 +295,15 @@ def pretrain_transform(
         "config.mask.kind='face_region' needs `face_parts` [T, H, W] in every example; this "
         f"dataset's examples have {sorted(example)}"
       )
-    parts = np.asarray(example["face_parts"])[indices]
+    parts = np.asarray(example["face_parts"])
+    if not example.get("has_face_parts", True) or len(parts) != len(video):
+      raise ValueError(
+        f"example {example.get('key', '?')!r} has no face-part map (`face_parts` of "
+        f"{len(parts)} frames for {len(video)} video frames): config.mask.kind='face_region' "
+        "needs one per frame; real VoxCeleb2 clips carry none, so mask them with 'tube' or "
+        "'part_window', or add parts maps (`<clip>.parts.npz`) beside the clips"
+      )
+    parts = parts[indices]
     out["face_parts"] = _crop_parts(parts, box, image_size, flip)
   return out
 
