@@ -274,3 +274,20 @@ def test_the_training_transform_crops_and_flips_face_parts_with_the_frames():
     assert agree.mean() > 0.95
     flipped += int(out["face_parts"][0, :, -1].mean() > out["face_parts"][0, :, 0].mean())
   assert 0 < flipped < 6  # some clips mirrored, some not
+
+
+def test_an_example_without_its_face_part_map_is_refused_naming_it():
+  # Real VoxCeleb2 clips are built with an empty map and has_face_parts False.
+  example = {
+    "video": np.zeros((10, 48, 48, 3), np.uint8),
+    "face_parts": np.zeros((0, 48, 48), np.uint8),
+    "has_face_parts": False,
+    "key": "id00012/abc/00001@0",
+  }
+  with pytest.raises(ValueError, match=r"id00012/abc/00001@0.*no face-part map"):
+    mae_video.pretrain_transform(
+      example, None, num_frames=4, frame_stride=2, image_size=32, face_parts=True
+    )
+  # Without face-region masking the same example is a valid clip.
+  out = mae_video.pretrain_transform(example, None, num_frames=4, frame_stride=2, image_size=32)
+  assert out["video"].shape == (4, 32, 32, 3) and "face_parts" not in out
