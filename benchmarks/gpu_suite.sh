@@ -9,7 +9,8 @@
 #   1. audio2mesh_step.py: wav2vec2-base + FaceFormer, 32 one-second windows per step;
 #   2. audio2mesh_step.py: the reference's configuration, batch 1, whole sequences of 60, 300 and
 #      600 frames, teacher-forced and autoregressive;
-#   3. video_step.py: CLIP ViT-B/16 + adapters over 16 frames, 32 clips per step.
+#   3. video_step.py: CLIP ViT-B/16 + adapters over 16 frames, 32 clips per step;
+#   4. mae_step.py: ViT-B VideoMAE pretraining, 16 frames of 224 px at 90% tube masking, 32 clips.
 # The JSON lines go to OUT.jsonl (default runs/gpu_suite/<date>.jsonl); the summary prints
 # "MFU <benchmark> <what>: <mfu> (<step> s)" per line, "n/a" where the backend has no known peak
 # (CPU). --dry-run shrinks every run (tiny encoder and CLIP, one step, short sequences) so that
@@ -40,6 +41,8 @@ if [ "$dry_run" = 1 ]; then
     --steps 1 --warmup 0 --training autoregressive "$bf16"
   run "$root/benchmarks/video_step.py" --sizes tiny --batch 2 --steps 1 --warmup 0 \
     --compute_dtype bfloat16
+  run "$root/benchmarks/mae_step.py" --sizes tiny --batch 2 --steps 1 --warmup 0 \
+    --compute_dtype bfloat16
 else
   run "$root/benchmarks/audio2mesh_step.py" --frameworks jax --batch_size 32 --steps 10 \
     --warmup 2 "$bf16"
@@ -48,6 +51,8 @@ else
       --frames 60,300,600 --steps 10 --warmup 2 --training "$training" "$bf16"
   done
   run "$root/benchmarks/video_step.py" --sizes base --batch 32 --steps 10 --warmup 2 \
+    --compute_dtype bfloat16
+  run "$root/benchmarks/mae_step.py" --sizes B --batch 32 --steps 10 --warmup 2 \
     --compute_dtype bfloat16
 fi
 

@@ -20,18 +20,14 @@ achieved / (peak dense bf16 FLOP/s of the device x devices) where the peak is kn
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
-import time
 
-import flax.linen as nn
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hostinfo import cpu_model  # noqa: E402
+from train_step_timing import add_step_arguments, common_fields, time_train_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "pretrain", "voxceleb2.py")
@@ -40,11 +36,11 @@ CONFIG = os.path.join(ROOT, "experiments", "pretrain", "voxceleb2.py")
 def benchmark(
   variant: str, size: str, frames: int, batch: int, steps: int, warmup: int, compute_dtype: str
 ) -> dict:
+  import jax
+
   from fdjax import config as config_lib
-  from fdjax import masking, trainer
-  from fdjax import sharding as sharding_lib
-  from fdjax import step as step_lib
-  from fdjax.tasks import load_task, mae_video
+  from fdjax import masking
+  from fdjax.tasks import mae_video
 
   config = config_lib.load_config(
     f"{CONFIG}:variant={variant},size={size}",
@@ -55,32 +51,20 @@ def benchmark(
       ("precision.compute_dtype", compute_dtype),
     ],
   )
-  task = load_task(config.task)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  rules = sharding_lib.as_rules(config.rules)
-  sharding_lib.check_batch_size(config.batch_size, mesh, rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    model, state, _, train_step = trainer.build_train_step(config, task, mesh, rules)
-    total = sum(x.size for x in jax.tree.leaves(state.params))
-    encoder = sum(x.size for x in jax.tree.leaves(state.params["encoder"]))
-    rng = np.random.default_rng(0)
-    host = task.dummy_batch(config, batch)
+
+  def fill(host, rng):
     host["video"] = rng.integers(0, 256, host["video"].shape, dtype=np.uint8)
     if "face_parts" in host:
       host["face_parts"] = rng.integers(0, 7, host["face_parts"].shape).astype(np.uint8)
-    sharding = sharding_lib.batch_sharding(mesh, rules)
-    device_batch = {k: jax.device_put(v, sharding) for k, v in host.items()}
-    times = []
-    for i in range(warmup + steps):
-      start = time.perf_counter()
-      state, metrics = train_step(state, device_batch)
-      jax.block_until_ready((state, metrics))
-      if i >= warmup:
-        times.append(time.perf_counter() - start)
-  step_time = float(np.median(times))
-  flops = mae_video.flops_per_example(config)
-  achieved = flops * batch / step_time
-  peak = trainer.peak_flops_per_device()
+
+  def count(params):
+    return {
+      "params": int(sum(x.size for x in jax.tree.leaves(params))),
+      "encoder_params": int(sum(x.size for x in jax.tree.leaves(params["encoder"]))),
+    }
+
+  model, counts, times, metrics = time_train_step(config, steps, warmup, fill, count)
+  fields = common_fields(config, times, mae_video.flops_per_example(config), metrics)
   grid = model.encoder.grid(frames)
   masked = masking.num_masked(config.mask.kind, grid, config.mask.ratio, tuple(config.mask.window))
   return {
@@ -92,25 +76,8 @@ def benchmark(
     "mask": config.mask.kind,
     "tokens": int(np.prod(grid)),
     "visible_tokens": int(np.prod(grid)) - masked,
-    "batch": batch,
-    "devices": jax.device_count(),
-    "device_kind": jax.devices()[0].device_kind,
-    "compute_dtype": str(np.dtype(step_lib.resolve_compute_dtype(config.precision.compute_dtype))),
-    "remat": bool(config.model.remat),
-    "params": int(total),
-    "encoder_params": int(encoder),
-    "steps_timed": steps,
-    "step_time_s": round(step_time, 4),
-    "step_time_min_s": round(float(np.min(times)), 4),
-    "clips_per_s": round(batch / step_time, 3),
-    "flops_per_clip": flops,
-    "achieved_tflops_per_s": round(achieved / 1e12, 4),
-    "mfu": None if peak is None else round(achieved / (peak * jax.device_count()), 4),
-    "loss": float(metrics["loss"]),
-    "host": cpu_model(),
-    "cpu_count": os.cpu_count(),
-    "jax": jax.__version__,
-    "date": datetime.date.today().isoformat(),
+    **counts,
+    **fields,
   }
 
 
@@ -118,13 +85,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--variant", default="videomae", help="marlin, mae_dfer or videomae")
   parser.add_argument("--sizes", default="B,tiny", help="comma-separated: tiny, S, B, L")
-  parser.add_argument("--frames", type=int, default=16)
   parser.add_argument("--batch", type=int, default=0, help="clips per step (0: 1, or 8 tiny)")
-  parser.add_argument("--steps", type=int, default=3, help="timed steps")
-  parser.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation)")
-  parser.add_argument(
-    "--compute_dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU/TPU)"
-  )
+  add_step_arguments(parser)
   args = parser.parse_args(argv)
   for size in args.sizes.split(","):
     batch = args.batch or (8 if size == "tiny" else 1)

@@ -20,18 +20,12 @@ CPU).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
-import time
-
-import flax.linen as nn
-import jax
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hostinfo import cpu_model  # noqa: E402
+from train_step_timing import add_step_arguments, common_fields, time_train_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "dfer", "dfew.py")
@@ -48,10 +42,7 @@ def benchmark(
 ) -> dict:
   from fdjax import config as config_lib
   from fdjax import optim as optim_lib
-  from fdjax import sharding as sharding_lib
-  from fdjax import step as step_lib
-  from fdjax import trainer
-  from fdjax.tasks import dfer, load_task
+  from fdjax.tasks import dfer
 
   config = config_lib.load_config(
     f"{CONFIG}:variant={variant},size={size},frames={frames}",
@@ -61,56 +52,25 @@ def benchmark(
       ("precision.compute_dtype", compute_dtype),
     ],
   )
-  task = load_task(config.task)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  rules = sharding_lib.as_rules(config.rules)
-  sharding_lib.check_batch_size(config.batch_size, mesh, rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    model, state, _, train_step = trainer.build_train_step(config, task, mesh, rules)
-    trainable, total = optim_lib.count_params(state.params, config.optim.freeze)
-    rng = np.random.default_rng(0)
-    host = task.dummy_batch(config, batch)
-    host["video"] = rng.integers(0, 256, host["video"].shape, dtype=np.uint8)
-    host["label"] = rng.integers(0, len(config.data.class_names), batch).astype(np.int32)
-    sharding = sharding_lib.batch_sharding(mesh, rules)
-    device_batch = {k: jax.device_put(v, sharding) for k, v in host.items()}
-    times = []
-    for i in range(warmup + steps):
-      start = time.perf_counter()
-      state, metrics = train_step(state, device_batch)
-      jax.block_until_ready((state, metrics))
-      if i >= warmup:
-        times.append(time.perf_counter() - start)
-  step_time = float(np.median(times))
-  flops = dfer.flops_per_example(config)
-  achieved = flops * batch / step_time
-  peak = trainer.peak_flops_per_device()
-  vision = dfer.image_size(model)
+
+  def fill(host, rng):
+    host["video"] = rng.integers(0, 256, host["video"].shape, dtype=host["video"].dtype)
+    host["label"] = rng.integers(0, len(config.data.class_names), batch).astype("int32")
+
+  def count(params):
+    trainable, total = optim_lib.count_params(params, config.optim.freeze)
+    return {"trainable_params": trainable, "total_params": total}
+
+  model, counts, times, metrics = time_train_step(config, steps, warmup, fill, count)
+  fields = common_fields(config, times, dfer.flops_per_example(config), metrics)
   return {
     "benchmark": "video_step",
     "model": f"CLIP {model.variant} {variant}" if config.model.kind == "clip" else variant,
     "size": size,
     "frames": frames,
-    "image_size": vision,
-    "batch": batch,
-    "devices": jax.device_count(),
-    "device_kind": jax.devices()[0].device_kind,
-    "compute_dtype": str(np.dtype(step_lib.resolve_compute_dtype(config.precision.compute_dtype))),
-    "remat": bool(config.model.remat),
-    "trainable_params": trainable,
-    "total_params": total,
-    "steps_timed": steps,
-    "step_time_s": round(step_time, 4),
-    "step_time_min_s": round(float(np.min(times)), 4),
-    "clips_per_s": round(batch / step_time, 3),
-    "flops_per_clip": flops,
-    "achieved_tflops_per_s": round(achieved / 1e12, 4),
-    "mfu": None if peak is None else round(achieved / (peak * jax.device_count()), 4),
-    "loss": float(metrics["loss"]),
-    "host": cpu_model(),
-    "cpu_count": os.cpu_count(),
-    "jax": jax.__version__,
-    "date": datetime.date.today().isoformat(),
+    "image_size": dfer.image_size(model),
+    **counts,
+    **fields,
   }
 
 
@@ -118,13 +78,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--variant", default="clip_adapter", help="dfew.py variant")
   parser.add_argument("--sizes", default="base,tiny", help="comma-separated: base, tiny")
-  parser.add_argument("--frames", type=int, default=16)
   parser.add_argument("--batch", type=int, default=0, help="clips per step (0: 1 base, 8 tiny)")
-  parser.add_argument("--steps", type=int, default=3, help="timed steps")
-  parser.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation)")
-  parser.add_argument(
-    "--compute_dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU/TPU)"
-  )
+  add_step_arguments(parser)
   args = parser.parse_args(argv)
   for size in args.sizes.split(","):
     batch = args.batch or (1 if size == "base" else 8)
