@@ -34,7 +34,7 @@ import numpy as np
 
 from fdjax.models.clip import Transformer, layer_norm
 from fdjax.models.temporal import normalize_video
-from fdjax.models.vivit import IMAGENET_MEAN, IMAGENET_STD
+from fdjax.models.vivit import IMAGENET_MEAN, IMAGENET_STD, tubelet_embedding
 
 Array = jax.Array
 Dtype = Any
@@ -129,18 +129,8 @@ class VideoViTEncoder(nn.Module):
     self.check(video)
     batch = video.shape[0]
     x = normalize_video(video, self.pixel_mean, self.pixel_std, self.dtype)
-    kernel = (self.tubelet_size, self.patch_size, self.patch_size)
-    x = nn.Conv(
-      features=self.width,
-      kernel_size=kernel,
-      strides=kernel,
-      padding="VALID",
-      dtype=self.dtype,
-      kernel_init=nn.with_logical_partitioning(
-        nn.initializers.xavier_uniform(), (None, None, None, "conv_in", "embed")
-      ),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-      name="tubelet_embedding",
+    x = tubelet_embedding(
+      self.width, self.tubelet_size, self.patch_size, self.dtype, nn.initializers.xavier_uniform()
     )(x)  # [B, T', h, w, D]
     x = x.reshape(batch, -1, self.width)  # [B, N, D], tokens in (t, y, x) order
     x = x + jnp.asarray(sincos_positions(x.shape[1], self.width), self.dtype)

@@ -58,6 +58,32 @@ def vivit_model(variant: str, **overrides: Any) -> VideoVisionTransformer:
   return VideoVisionTransformer(**{**VIVIT_VARIANTS[variant], **overrides})
 
 
+def tubelet_embedding(
+  width: int,
+  tubelet_size: int,
+  patch_size: int,
+  dtype: Dtype,
+  kernel_init=None,
+) -> nn.Conv:
+  """The 3D convolution that embeds non-overlapping tubelets of `tubelet_size` frames x
+  `patch_size`^2 pixels: [B, T, H, W, 3] -> [B, T / tubelet, H / patch, W / patch, width].
+
+  Named "tubelet_embedding"; call it inside a compact method so it becomes that submodule.
+  `kernel_init` defaults to LeCun normal (ViViT's); the MAE encoder uses Xavier uniform."""
+  kernel = (tubelet_size, patch_size, patch_size)
+  kernel_init = kernel_init or nn.initializers.lecun_normal()
+  return nn.Conv(
+    features=width,
+    kernel_size=kernel,
+    strides=kernel,
+    padding="VALID",
+    dtype=dtype,
+    kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, None, "conv_in", "embed")),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    name="tubelet_embedding",
+  )
+
+
 def _learned(module: nn.Module, name: str, shape: tuple[int, ...], axes) -> Array:
   init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
   return module.param(name, init, shape, jnp.float32)
@@ -122,19 +148,9 @@ class VideoVisionTransformer(nn.Module):
     steps = frames // self.tubelet_size
 
     x = normalize_video(video, self.pixel_mean, self.pixel_std, self.dtype)
-    kernel = (self.tubelet_size, self.patch_size, self.patch_size)
-    x = nn.Conv(
-      features=self.width,
-      kernel_size=kernel,
-      strides=kernel,
-      padding="VALID",
-      dtype=self.dtype,
-      kernel_init=nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), (None, None, None, "conv_in", "embed")
-      ),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-      name="tubelet_embedding",
-    )(x)  # [B, T', h, w, D]
+    x = tubelet_embedding(self.width, self.tubelet_size, self.patch_size, self.dtype)(
+      x
+    )  # [B, T', h, w, D]
     x = x.reshape(batch * steps, -1, self.width)  # [B T', N, D]: each time step on its own
 
     spatial_cls = _learned(self, "spatial_cls_token", (self.width,), ("embed",))
