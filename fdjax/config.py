@@ -85,6 +85,11 @@ def base_config() -> ConfigDict:
   # regex `pattern` (default: the name itself), e.g. {"^discriminator/": {"lr": 1e-4}}. A
   # parameter may match one group at most; freezing wins over groups; clipping stays global.
   c.optim.groups = ConfigDict()
+  # Layer-wise lr decay d (0: off): block i of L gets d^(L - i), the embedding d^(L + 1), the
+  # rest 1 (BEiT / MAE fine-tuning; fdjax/optim.py). Blocks: regex capturing the index.
+  c.optim.layer_decay = 0.0
+  c.optim.layer_decay_blocks = r"transformer/layers_(\d+)/"
+  c.optim.layer_decay_embedding = r"(tubelet|patch)_embedding/"  # Regex of the embedding.
 
   c.ema = ConfigDict()
   # Exponential moving average of the parameters, used by evaluation and export (0: off).

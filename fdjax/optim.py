@@ -15,6 +15,14 @@ schedule by name (`warmup_cosine_decay_schedule`, ...) called with `schedule_kwa
 Parameter groups (`config.optim.groups`, name -> overrides of these same keys, with `pattern`
 the regex over parameter paths, by default the name itself) get their own optimizer and
 schedule through `optax.multi_transform`; freezing wins over groups, clipping is global.
+
+Layer-wise learning-rate decay (`config.optim.layer_decay` d in (0, 1), as BEiT, MAE and
+VideoMAE fine-tune): with L transformer blocks, block i (0-based, its index captured by the
+regex `layer_decay_blocks`) gets its updates scaled by d^(L - i), the parameters matching
+`layer_decay_embedding` (patch or tubelet embedding) by d^(L + 1), every other parameter (final
+norm, fc_norm, head) by 1. The scale multiplies the whole update of the optimizer, so for
+AdamW it is exactly a per-parameter learning rate (weight decay included, as in MAE's
+param groups with `lr_scale`).
 """
 
 from __future__ import annotations
@@ -33,7 +41,14 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 BUILTIN_OPTIMIZERS = ("adam", "adamw", "sgd")
 BUILTIN_SCHEDULES = ("constant", "linear", "cosine")
 # Keys a parameter group cannot override: they act on the whole tree.
-GLOBAL_KEYS = ("freeze", "groups", "clip_norm")
+GLOBAL_KEYS = (
+  "freeze",
+  "groups",
+  "clip_norm",
+  "layer_decay",
+  "layer_decay_blocks",
+  "layer_decay_embedding",
+)
 
 
 def param_path(key_path: tuple) -> str:
@@ -230,6 +245,59 @@ def _group_labels(params: Any, freeze: Sequence[str], groups: list) -> Any:
   return labels
 
 
+def layer_decay_scales(params: Any, optim: Any) -> Any:
+  """The per-parameter update scales of `config.optim.layer_decay` (see the module docstring):
+  a tree of floats over `params`, all 1.0 when `layer_decay` is 0 or 1."""
+  o = _plain(optim)
+  decay = float(o["layer_decay"])
+  paths = jax.tree_util.tree_map_with_path(lambda kp, _: param_path(kp), params)
+  if decay in (0.0, 1.0):
+    return jax.tree.map(lambda _: 1.0, paths)
+  if not 0.0 < decay < 1.0:
+    raise ValueError(f"config.optim.layer_decay={decay}: expected 0 (off) or a value in (0, 1)")
+  blocks, embedding = re.compile(o["layer_decay_blocks"]), re.compile(o["layer_decay_embedding"])
+
+  def block_index(path: str) -> int | None:
+    found = blocks.search(path)
+    if found is None:
+      return None
+    if not found.groups():
+      raise ValueError(
+        f"config.optim.layer_decay_blocks={blocks.pattern!r} must capture the block index "
+        r"in a group, e.g. 'layers_(\d+)/'"
+      )
+    return int(found.group(1))
+
+  indices = [i for i in map(block_index, jax.tree.leaves(paths)) if i is not None]
+  if not indices:
+    raise ValueError(
+      f"config.optim.layer_decay_blocks={blocks.pattern!r} matches no parameter, so "
+      "layer_decay has no blocks to decay over"
+    )
+  depth = max(indices) + 1
+
+  def scale(path: str) -> float:
+    index = block_index(path)
+    if index is not None:
+      return decay ** (depth - index)
+    if embedding.search(path):
+      return decay ** (depth + 1)
+    return 1.0
+
+  return jax.tree.map(scale, paths)
+
+
+def scale_by_layer_decay(optim: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its `layer_decay_scales` (stateless; scales are constants)."""
+
+  def update(updates, state, params=None):
+    del params
+    scales = layer_decay_scales(updates, optim)
+    return jax.tree.map(lambda u, k: u * k, updates, scales), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
   """Returns `(tx, schedule)` for `config.optim`; `tx` works on boxed or unboxed params.
 
@@ -246,7 +314,7 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
         lambda t: TRAINABLE if t else FROZEN, trainable_mask(params, o["freeze"])
       )
       tx = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
-    return tx, schedule
+    return _with_layer_decay(tx, o), schedule
   transforms = {TRAINABLE: base, FROZEN: optax.set_to_zero()}
   for label, _, group in groups:
     field = "optim.groups." + label.removeprefix("group:")
@@ -254,4 +322,10 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
   tx = optax.multi_transform(transforms, lambda params: _group_labels(params, o["freeze"], groups))
   if o["clip_norm"]:
     tx = optax.chain(optax.clip_by_global_norm(o["clip_norm"]), tx)
-  return tx, schedule
+  return _with_layer_decay(tx, o), schedule
+
+
+def _with_layer_decay(tx: optax.GradientTransformation, o: dict) -> optax.GradientTransformation:
+  if float(o["layer_decay"]) in (0.0, 1.0):
+    return tx
+  return optax.chain(tx, scale_by_layer_decay(o))

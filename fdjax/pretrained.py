@@ -23,6 +23,16 @@ A spec is `SOURCE[:SUBTREE]`, several separated by commas:
   `=>encoder` puts a whole Hugging Face wav2vec2 in `encoder`). Omitted: the whole tree.
   The last `:` of a spec separates SOURCE from SUBTREE.
 
+A spec without SUBTREE whose SOURCE is an fdjax run of a task in `RUN_SUBTREES` takes that
+task's reusable subtree into the same path when the model is not that run's model (its
+top-level parameter names differ): `--config.model.init_from=runs/mae` from a `mae_video` run
+into a `VideoViTClassifier` means `runs/mae:encoder` (the MAE's decoder has no place in a
+classifier), while into another `VideoMAE` it still means the whole tree.
+
+From an fdjax workdir or checkpoint whose state keeps an EMA of the parameters
+(`config.ema.decay > 0`), the EMA is what is read: the weights the run evaluated and exported
+with (`fdjax.trainer.select_params`).
+
 Every leaf under DST must be in SRC and every leaf of SRC under DST, with the same shape
 (errors name the path and both shapes; a missing subtree names what exists there); merged
 values take the dtype of the fresh parameters, and every other parameter keeps its fresh value.
@@ -44,6 +54,8 @@ import numpy as np
 
 from fdjax.optim import param_path
 
+# Tasks whose runs, named bare in a spec, give one subtree to a model other than their own.
+RUN_SUBTREES = {"mae_video": "encoder"}
 # Hugging Face `model_type`s that fdjax converts, with what their converted tree holds.
 HF_MODEL_TYPES = {"wav2vec2": "encoder", "hubert": "encoder", "clip": "vision, text"}
 
@@ -91,7 +103,33 @@ def apply_init_from(config: Any, params: Any) -> Any:
   spec = config.model.get("init_from", "")
   if not spec:
     return params
-  return merge_specs(params, parse_spec(spec), where="config.model.init_from")
+  specs = [default_subtree(s, params) for s in parse_spec(spec)]
+  return merge_specs(params, specs, where="config.model.init_from")
+
+
+def run_config(source: str) -> Any | None:
+  """The saved config (`config.json`) of the fdjax run in workdir `source`, or None when
+  `source` is not a workdir with checkpoints."""
+  path = os.path.join(source, "config.json")
+  if not (os.path.isfile(path) and os.path.isdir(os.path.join(source, "checkpoints"))):
+    return None
+  from fdjax import config as config_lib
+
+  return config_lib.load_json_config(path)
+
+
+def default_subtree(spec: InitFrom, params: Any) -> InitFrom:
+  """`spec` with `RUN_SUBTREES`' subtree filled in when it names no subtree, its source is a
+  run of such a task, and the model's top-level parameter names are not the run's."""
+  if spec.source_path or spec.target_path:
+    return spec
+  config = run_config(spec.source)
+  name = RUN_SUBTREES.get(config.get("task", "")) if config is not None else None
+  if name is None or not isinstance(params, dict) or name not in params:
+    return spec
+  if set(params) == set(_source_params_metadata(spec.source)):
+    return spec
+  return InitFrom(spec.source, name, name)
 
 
 def merge_specs(
@@ -258,9 +296,9 @@ def read_checkpoint_params(source: str, path: str = "") -> Any:
   directory = checkpoint_directory(source)
   with ocp.PyTreeCheckpointer() as checkpointer:
     tree = checkpointer.metadata(directory).item_metadata.tree
-    root = ("params",) if isinstance(tree, dict) and "params" in tree else ()
+    root = _params_entry(tree)
     keys = "/".join(root + tuple(path.split("/") if path else ()))
-    wanted = subtree(tree["params"] if root else tree, path, what=f"the parameters of {source}")
+    wanted = subtree(tree[root[0]] if root else tree, path, what=f"the parameters of {source}")
     item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     for name in reversed(keys.split("/") if keys else ()):
@@ -270,3 +308,24 @@ def read_checkpoint_params(source: str, path: str = "") -> Any:
       args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
     )
   return subtree(restored, keys, what=directory)
+
+
+def _params_entry(tree: Any) -> tuple[str, ...]:
+  """Where the parameters sit in a checkpoint's tree: `("ema",)` in a train state that keeps
+  an EMA, `("params",)` in other train states and flax variables, `()` in a bare tree."""
+  if not isinstance(tree, dict):
+    return ()
+  ema = tree.get("ema")
+  if isinstance(ema, dict) and jax.tree.leaves(ema):
+    return ("ema",)
+  return ("params",) if "params" in tree else ()
+
+
+def _source_params_metadata(source: str) -> dict:
+  """The metadata tree of the parameters that `read_checkpoint_params(source)` would read."""
+  import orbax.checkpoint as ocp
+
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(checkpoint_directory(source)).item_metadata.tree
+  root = _params_entry(tree)
+  return tree[root[0]] if root else tree

@@ -50,6 +50,13 @@ CASES = {
     {"video": ["b", 4, 32, 32, 3]},
     lambda rng, batch: {"video": _video(rng, batch, 4)},
   ),
+  # The MAE-encoder classifier (a fine-tuning run from a random encoder: init_from is empty).
+  "dfer_vit_mae": (
+    "experiments/dfer/dfew.py:variant=vit_mae_finetune,size=tiny,runlocal=True,frames=4,steps=2",
+    [],
+    {"video": ["b", 4, 32, 32, 3]},
+    lambda rng, batch: {"video": _video(rng, batch, 4)},
+  ),
   # No warmup and a large step: two steps move the reconstruction visibly off the input.
   "codetalker_vq": (
     "experiments/audio2mesh/vocaset.py:variant=codetalker_vq,encoder=tiny,runlocal=True,steps=2",

@@ -1,5 +1,6 @@
 """Optimizers and schedules from optax by name, with keyword arguments; parameter groups."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,3 +218,51 @@ def test_optimizer_kwargs_and_groups_can_be_set_from_the_command_line():
   assert config.optim.optimizer_kwargs.b1 == 0.95
   assert config.optim.groups.head.pattern == "^head/.*"
   optim_lib.make_optimizer(config.optim, config.total_steps)
+
+
+def test_layer_decay_scales_each_block_by_decay_to_the_depth_minus_its_index():
+  """MAE / VideoMAE fine-tuning: block i of L gets d^(L - i), the tubelet embedding d^(L + 1),
+  the final norm, fc_norm and the head 1; and an SGD step moves each parameter by exactly its
+  scale times the learning rate times its gradient."""
+  from fdjax.models.video_mae import video_vit_classifier
+
+  model = video_vit_classifier("tiny", depth=3, num_classes=5)
+  video = jnp.zeros((1, 2, 32, 32, 3), jnp.uint8)
+  params = nn.unbox(model.init(jax.random.key(0), video)["params"])
+  optim = config_lib.base_config().optim
+  optim.layer_decay = 0.75
+  scales = optim_lib.layer_decay_scales(params, optim)
+  expected = {
+    "encoder/tubelet_embedding/kernel": 0.75**4,
+    "encoder/transformer/layers_0/attention/q_proj/kernel": 0.75**3,
+    "encoder/transformer/layers_1/fc1/bias": 0.75**2,
+    "encoder/transformer/layers_2/layer_norm1/scale": 0.75,
+    "encoder/norm/scale": 1.0,
+    "fc_norm/bias": 1.0,
+    "head/kernel": 1.0,
+  }
+  flat = {optim_lib.param_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(scales)[0]}
+  for path, scale in expected.items():
+    assert flat[path] == pytest.approx(scale), path
+  assert set(flat.values()) == {0.75**k for k in range(5)}
+
+  optim.optimizer, optim.lr, optim.schedule, optim.weight_decay = "sgd", 0.1, "constant", 0.0
+  tx, _ = optim_lib.make_optimizer(optim, total_steps=10)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for (path, update), scale in zip(
+    jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree.leaves(scales)
+  ):
+    np.testing.assert_allclose(update, -0.1 * scale, rtol=1e-6, err_msg=optim_lib.param_path(path))
+
+
+def test_layer_decay_needs_a_block_pattern_that_matches_and_captures():
+  params = {"encoder": {"transformer": {"layers_0": {"w": jnp.ones(2)}}}}
+  optim = config_lib.base_config().optim
+  optim.layer_decay = 0.5
+  optim.layer_decay_blocks = r"nothing_(\d+)"
+  with pytest.raises(ValueError, match="matches no parameter"):
+    optim_lib.layer_decay_scales(params, optim)
+  optim.layer_decay_blocks = r"layers_\d+"
+  with pytest.raises(ValueError, match="capture the block index"):
+    optim_lib.layer_decay_scales(params, optim)

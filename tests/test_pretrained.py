@@ -261,3 +261,93 @@ def test_dfer_clip_workdir_takes_a_runs_towers_but_keeps_fresh_adapters(tmp_path
       ),
       fresh,
     )
+
+
+def _mae_run(tmp_path, *overrides, ema_offset=None):
+  """A finished `mae_video` run's layout (config.json, `checkpoints/<step>/state`) holding the
+  tiny VideoMAE's parameters, and an EMA of them shifted by `ema_offset` when given."""
+  import json
+
+  from fdjax.tasks import mae_video
+
+  pretrain = os.path.join(os.path.dirname(TINY), os.pardir, os.pardir, "experiments/pretrain")
+  config = config_lib.load_config(
+    f"{pretrain}/voxceleb2.py:variant=videomae,size=tiny,dataset=dfew,runlocal=True",
+    list(overrides),
+  )
+  model = mae_video.build_model(config)
+  variables = mae_video.init_fn(
+    model, {"params": jax.random.key(1)}, mae_video.dummy_batch(config, 1)
+  )
+  params = jax.device_get(strip_boxes(variables["params"]))
+  state = {"params": params, "step": np.int32(4)}
+  if ema_offset is not None:
+    state["ema"] = jax.tree.map(lambda p: p + ema_offset, params)
+  workdir = tmp_path / "mae_run"
+  os.makedirs(workdir / "checkpoints" / "4")
+  with open(workdir / "config.json", "w") as f:
+    json.dump(config_lib.to_dict(config), f)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(workdir / "checkpoints" / "4" / "state"), state)
+  return str(workdir), state
+
+
+def _vit_mae_config(workdir: str, *overrides):
+  dfew = os.path.join(os.path.dirname(TINY), os.pardir, os.pardir, "experiments/dfer/dfew.py")
+  return config_lib.load_config(
+    f"{dfew}:variant=vit_mae_probe,size=tiny,runlocal=True,frames=4",
+    [("model.init_from", workdir), *overrides],
+  )
+
+
+def test_a_bare_mae_video_workdir_gives_its_ema_encoder_to_a_vit_mae_classifier(tmp_path):
+  """`--config.model.init_from=<mae run>` as typed: the run's `encoder` subtree (from its EMA,
+  which it kept) goes into the classifier's `encoder`; fc_norm and the head stay fresh."""
+  from fdjax.tasks import dfer
+
+  workdir, state = _mae_run(tmp_path, ema_offset=0.5)
+  config = _vit_mae_config(workdir)
+  model = dfer.build_model(config)
+  fresh = jax.device_get(
+    strip_boxes(
+      dfer.init_fn(model, {"params": jax.random.key(2)}, dfer.dummy_batch(config, 1))["params"]
+    )
+  )
+  loaded = pretrained.apply_init_from(config, dfer.load_pretrained(config, fresh))
+  _assert_trees_equal(loaded["encoder"], state["ema"]["encoder"])
+  _assert_trees_equal(loaded["head"], fresh["head"])
+  _assert_trees_equal(loaded["fc_norm"], fresh["fc_norm"])
+  # Into another VideoMAE the same bare spec still means the whole tree.
+  spec = InitFrom(workdir)
+  assert pretrained.default_subtree(spec, state["params"]) == spec
+  assert pretrained.default_subtree(spec, fresh) == InitFrom(workdir, "encoder", "encoder")
+
+
+def test_a_mae_run_without_ema_gives_its_parameters(tmp_path):
+  from fdjax.tasks import dfer
+
+  workdir, state = _mae_run(tmp_path)
+  config = _vit_mae_config(workdir)
+  model = dfer.build_model(config)
+  fresh = jax.device_get(
+    strip_boxes(
+      dfer.init_fn(model, {"params": jax.random.key(2)}, dfer.dummy_batch(config, 1))["params"]
+    )
+  )
+  loaded = pretrained.apply_init_from(config, fresh)
+  _assert_trees_equal(loaded["encoder"], state["params"]["encoder"])
+
+
+def test_a_mae_run_of_another_image_size_is_refused_naming_the_field(tmp_path):
+  """Image size changes no parameter shape (sin-cos positions), so only the check catches it."""
+  from fdjax.tasks import au, dfer
+
+  workdir, _ = _mae_run(tmp_path, ("model.image_size", 48))
+  with pytest.raises(ValueError, match=r"image_size=48 but config.model .* image_size=32"):
+    dfer.load_pretrained(_vit_mae_config(workdir), {})
+  bp4d = os.path.join(os.path.dirname(TINY), os.pardir, os.pardir, "experiments/au/bp4d.py")
+  config = config_lib.load_config(
+    f"{bp4d}:variant=vit_mae_finetune,size=tiny,runlocal=True",
+    [("model.init_from", workdir), ("model.image_size", 48)],
+  )
+  au.load_pretrained(config, {})  # The same run matches once the size agrees.

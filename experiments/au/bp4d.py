@@ -12,7 +12,14 @@ CLIP ViT-B/16 from a local Hugging Face directory, on the real data:
         --config.data.raw_dir=/path/to/BP4D --config.data.data_dir=/path/to/tfds \\
         --workdir runs/bp4d_b16 --folds all
 
-Arguments: variant (clip_linear, clip_text, clip_adapter, clip_lora, vivit_scratch), size
+A `mae_video` pretraining run's encoder (experiments/pretrain/voxceleb2.py), fine-tuned with
+layer-wise lr decay (or `variant=vit_mae_probe`, linearly probed) on the three folds:
+
+    fdjax train --config experiments/au/bp4d.py:variant=vit_mae_finetune \
+        --config.model.init_from=runs/videomae_b --workdir runs/bp4d_videomae_ft --folds all
+
+Arguments: variant (clip_linear, clip_text, clip_adapter, clip_lora, vivit_scratch,
+vit_mae_probe, vit_mae_finetune), size
 (base, small, tiny), frames (T consecutive frames, 8), fold (1-3), runlocal, steps. See
 experiments/au/common.py.
 """

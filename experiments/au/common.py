@@ -1,7 +1,8 @@
 """The config shared by the action-unit (au) experiments: BP4D and DISFA layouts.
 
 The variants and sizes are those of the expression experiments (experiments/dfer/common.py:
-clip_linear, clip_text, clip_adapter, clip_lora, vivit_scratch; base = CLIP ViT-B/16 from
+clip_linear, clip_text, clip_adapter, clip_lora, vivit_scratch, vit_mae_probe,
+vit_mae_finetune; base = CLIP ViT-B/16 from
 `--config.model.clip_checkpoint=DIR`, tiny = the CPU-sized CLIP from its random initialisation),
 with one logit per action unit. A training example is T consecutive frames centred on a coded
 frame, and the target is that frame's AU occurrence; the text classifier compares the clip

@@ -7,6 +7,10 @@ Variants (`variant=`):
   clip_adapter   clip_linear plus bottleneck adapters in every image-encoder block (trained)
   clip_lora      clip_linear plus LoRA on the image encoder's query and value projections
   vivit_scratch  a ViViT factorised space-time transformer trained from scratch
+  vit_mae_probe     linear probe of a `mae_video` pretraining run's encoder: the encoder frozen
+                    (no backward pass into it), mean-pooled tokens, fc_norm and a linear head
+  vit_mae_finetune  the same encoder fine-tuned whole, with layer-wise lr decay 0.75
+                    (`config.optim.layer_decay`, MAE / VideoMAE fine-tuning)
 
 Sizes (`size=`): `base` is CLIP ViT-B/16 at 224 pixels (or ViViT-B/16x2); real runs start from a
 local Hugging Face CLIP directory, `--config.model.clip_checkpoint=/path/to/clip-vit-base-patch16`
@@ -24,6 +28,13 @@ at the `tiny` size `clip_adapter` trains 62,279 of 177,991 (35.0%: the head domi
 180k-parameter CLIP). `fdjax.tasks.dfer.parameter_counts` recomputes these from shapes alone,
 and every run logs its own counts (metrics.jsonl, split "params").
 
+The vit_mae variants take the pretraining run as `--config.model.init_from=runs/mae_b` (its
+`encoder` subtree, or its EMA when it kept one; fdjax/pretrained.py); `init_from` is empty by
+default, which trains from a random encoder: a baseline, not a fine-tuning. Sizes map to the
+MAE encoders of `fdjax.models.video_mae.ENCODER_VARIANTS`: base = B (224 px), small = S, tiny =
+tiny (32 px); the run's encoder fields must match (an error names the one that differs, e.g.
+`--config.model.image_size=160` for a mae_dfer run).
+
 `clip_workdir` starts the CLIP towers from a finished fdjax run of the same size (for example
 one trained on another dataset), the way `clip_checkpoint` starts them from Hugging Face weights.
 
@@ -36,7 +47,12 @@ from ml_collections import ConfigDict
 from fdjax.config import base_config
 from fdjax.models.clip import peft_freeze_patterns
 
-VARIANTS = ("clip_linear", "clip_text", "clip_adapter", "clip_lora", "vivit_scratch")
+VARIANTS = (
+  "clip_linear", "clip_text", "clip_adapter", "clip_lora", "vivit_scratch", "vit_mae_probe",
+  "vit_mae_finetune",
+)  # fmt: skip
+# MAE encoder variant per size (fdjax.models.video_mae.ENCODER_VARIANTS).
+MAE_SIZES = {"base": "B", "small": "S", "tiny": "tiny"}
 SIZES = ("base", "small", "tiny")
 # CLIP tower variant per size (fdjax.models.clip.CLIP_VARIANTS).
 CLIP_SIZES = {"base": "B/16", "small": "small", "tiny": "tiny"}
@@ -91,6 +107,15 @@ def video_model_config(variant: str, size: str, num_frames: int) -> tuple[Config
   # Weights to start from, `SOURCE[:SUBTREE]` specs (fdjax/pretrained.py), e.g.
   # `runs/dfew_fold1:temporal_head`; "" = none beyond clip_checkpoint / clip_workdir.
   m.init_from = ""
+  if variant.startswith("vit_mae"):
+    probe = variant == "vit_mae_probe"
+    m.kind = "vit_mae"  # fdjax.models.video_mae.VideoViTClassifier.
+    m.variant = MAE_SIZES[size]  # Named encoder size; must match the pretraining run's.
+    m.image_size = 32 if size == "tiny" else 224  # Frame side in pixels (160: a mae_dfer run).
+    m.dropout = 0.0 if probe else 0.1  # Dropout on the clip embedding before the head.
+    m.stop_backbone_gradient = probe  # Linear probe: no backward pass into the encoder.
+    m.remat = size == "base" and not probe  # Recompute block activations in the backward pass.
+    return m, (r"^encoder/",) if probe else ()
   if variant == "vivit_scratch":
     m.kind = "vivit"  # fdjax.models.vivit.VideoVisionTransformer, from scratch.
     m.variant = "B/16x2" if size == "base" else "tiny"  # Named ViViT size.
@@ -165,6 +190,12 @@ def video_config(dataset: ConfigDict, args: ConfigDict, task: str) -> ConfigDict
   c.log_every = 50
   c.eval_every = 2000 if args.size == "base" else 0
   c.checkpoint.every = 1000 if args.size == "base" else 0
+  if args.variant == "vit_mae_probe":
+    c.optim.weight_decay = 0.0  # A linear probe is not regularised by decay (MAE's probe).
+  if args.variant == "vit_mae_finetune":
+    c.optim.layer_decay = 0.75  # Block i of L: lr x 0.75^(L - i) (VideoMAE fine-tuning).
+    if args.size == "base":
+      c.optim.lr = 1e-3 * c.batch_size / 256  # VideoMAE's base lr 1e-3 per 256 clips.
   if args.runlocal:
     c.total_steps = args.steps or 30
     c.batch_size = 8

@@ -19,7 +19,20 @@ CLIP ViT-B/16 from a local Hugging Face directory, on the real data stored at 25
         --config.data.raw_dir=/path/to/DFEW --config.data.data_dir=/path/to/tfds \\
         --config.data.builder_config=256px_32f --workdir runs/dfew_b16 --folds all
 
-Arguments: variant (clip_linear, clip_text, clip_adapter, clip_lora, vivit_scratch), size
+A masked-autoencoder encoder (a `mae_video` run, experiments/pretrain/voxceleb2.py), probed
+linearly or fine-tuned with layer-wise lr decay on all five folds; `init_from` is the pretraining
+workdir as is (its `encoder`, its EMA if it kept one):
+
+    fdjax train --config experiments/pretrain/voxceleb2.py:variant=videomae,size=B \
+        --workdir runs/videomae_b
+    fdjax train --config experiments/dfer/dfew.py:variant=vit_mae_finetune \
+        --config.model.init_from=runs/videomae_b --workdir runs/dfew_videomae_ft --folds all
+
+(`variant=vit_mae_probe` for the linear probe; `size=tiny` with a `size=tiny` pretraining for the
+CPU-sized demo.)
+
+Arguments: variant (clip_linear, clip_text, clip_adapter, clip_lora, vivit_scratch,
+vit_mae_probe, vit_mae_finetune), size
 (base, small, tiny), frames (T, 16), fold (1-5), runlocal (tiny data and steps, for tests), steps
 (override total_steps). See experiments/dfer/common.py.
 """

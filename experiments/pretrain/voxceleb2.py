@@ -25,8 +25,10 @@ or `dataset=dfew` as an argument, which sets those three keys. ViT-B MARLIN on r
         --config.data.raw_dir=/path/to/voxceleb2 --config.data.data_dir=/path/to/tfds \\
         --workdir runs/marlin_b
 
-The pretrained encoder is the `encoder` subtree of the run's parameters; it loads into
-`fdjax.models.video_mae.VideoViTClassifier` for fine-tuning.
+The pretrained encoder is the `encoder` subtree of the run's parameters (its EMA when
+`config.ema.decay > 0`); it loads into `fdjax.models.video_mae.VideoViTClassifier` for linear
+probing or fine-tuning by `--config.model.init_from=<this workdir>` with the `vit_mae_probe` and
+`vit_mae_finetune` variants of experiments/dfer/ and experiments/au/.
 """
 
 from ml_collections import ConfigDict

@@ -259,6 +259,20 @@ class VideoViTClassifier(nn.Module):
   encoder: VideoViTEncoder  # the encoder (its parameters: the `encoder` subtree)
   num_classes: int = 0  # classifier outputs; 0 returns the clip embedding [B, width]
   dropout: float = 0.0  # dropout on the clip embedding before the classifier (training only)
+  stop_backbone_gradient: bool = False  # no backward pass into the encoder (linear probe)
+
+  @property
+  def image_size(self) -> int:
+    """Frame side in pixels (the encoder's)."""
+    return self.encoder.image_size
+
+  @property
+  def pixel_mean(self) -> tuple[float, float, float]:
+    return self.encoder.pixel_mean
+
+  @property
+  def pixel_std(self) -> tuple[float, float, float]:
+    return self.encoder.pixel_std
 
   @nn.compact
   def __call__(
@@ -270,6 +284,9 @@ class VideoViTClassifier(nn.Module):
     if frame_mask is not None:
       raise ValueError("VideoViTClassifier takes whole clips: pass no frame_mask")
     tokens = self.encoder(video)  # [B, N, D]
+    if self.stop_backbone_gradient:
+      # A linear probe: the encoder is frozen, so its backward pass would be wasted work.
+      tokens = jax.lax.stop_gradient(tokens)
     pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(self.encoder.dtype)
     embedding = layer_norm(self.encoder.layer_norm_eps, self.encoder.dtype, "fc_norm")(pooled)
     aux = {"clip_embedding": embedding, "tokens": tokens}
@@ -304,6 +321,7 @@ def video_mae_model(variant: str, **overrides: Any) -> VideoMAE:
 
 
 def video_vit_classifier(variant: str, **overrides: Any) -> VideoViTClassifier:
-  """A `VideoViTClassifier` of a named variant; encoder fields and `num_classes`, `dropout`."""
+  """A `VideoViTClassifier` of a named variant; encoder fields and `num_classes`, `dropout`,
+  `stop_backbone_gradient`."""
   encoder, rest = _split_fields(variant, overrides)
   return VideoViTClassifier(encoder=VideoViTEncoder(**encoder), **rest)

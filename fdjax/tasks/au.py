@@ -4,7 +4,8 @@ The task family of the AU detectors (JAA-Net, ME-GraphAU, Hugging Rain Man) on B
 DISFA-layout data, multi-label. It follows the task contract of `fdjax/tasks/__init__.py` and
 shares the model, batches and evaluation loop of `fdjax.tasks.dfer`:
 
-- model: the same `clip` (`VideoClassifier`) or `vivit` models with one logit per AU;
+- model: the same `clip` (`VideoClassifier`), `vivit` or `vit_mae` (`VideoViTClassifier`, a
+  `mae_video` run's encoder by `config.model.init_from`) models with one logit per AU;
 - loss: sigmoid binary cross-entropy per AU, averaged over AUs and clips, with per-AU positive
   weights `(1 - p_a) / p_a` from the training split's frame-level base rates `p_a` (capped at
   `config.loss.max_positive_weight`), so rare AUs are not drowned by their absence

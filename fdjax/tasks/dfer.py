@@ -5,8 +5,12 @@ FERV39k-layout data. It follows the task contract of `fdjax/tasks/__init__.py`:
 
 - model (`config.model.kind`): `clip`, a `fdjax.models.temporal.VideoClassifier` (CLIP image
   encoder per frame, optionally with adapters or LoRA, then a temporal transformer head with a
-  linear or a text-prompt classifier), or `vivit`, a `fdjax.models.vivit.VideoVisionTransformer`
-  trained from scratch. The other keys of `config.model` are that module's fields;
+  linear or a text-prompt classifier), `vivit`, a `fdjax.models.vivit.VideoVisionTransformer`
+  trained from scratch, or `vit_mae`, a `fdjax.models.video_mae.VideoViTClassifier` (variant
+  tiny/S/B/L, encoder fields overridable) whose encoder comes from a `mae_video` pretraining
+  run named by `config.model.init_from` (checked against the run's encoder: `load_pretrained`),
+  linear-probed (`stop_backbone_gradient` and the encoder frozen) or fine-tuned (with
+  `config.optim.layer_decay`). The other keys of `config.model` are that module's fields;
   `clip_checkpoint` names a local Hugging Face CLIP directory to start from, `clip_workdir` a
   finished fdjax run of the same CLIP size whose towers to start from (`load_pretrained`);
 - loss: softmax cross-entropy, optionally class-balanced (weights from the training split's
@@ -60,10 +64,21 @@ from fdjax import step as step_lib
 from fdjax.metrics import classification
 from fdjax.models import clip as clip_lib
 from fdjax.models.temporal import VideoClassifier
+from fdjax.models.video_mae import ENCODER_VARIANTS, VideoViTClassifier, video_vit_classifier
 from fdjax.models.vivit import VIVIT_VARIANTS, VideoVisionTransformer, vivit_model
 from fdjax.tasks import BATCH_DIM, ExportDim
 
-MODEL_KINDS = ("clip", "vivit")
+MODEL_KINDS = ("clip", "vivit", "vit_mae")
+# Encoder fields that must agree between a `mae_video` run and the `vit_mae` model it loads into.
+MAE_ENCODER_CHECKED = (
+  "image_size",
+  "patch_size",
+  "tubelet_size",
+  "width",
+  "depth",
+  "num_heads",
+  "mlp_dim",
+)
 # Keys of `config.model` that configure the task rather than the module's fields.
 TASK_MODEL_KEYS = (
   "kind",
@@ -169,6 +184,13 @@ def build_video_model(config: Any, num_outputs: int, output_names: Sequence[str]
         f"config.model.variant={variant!r}: expected one of {sorted(VIVIT_VARIANTS)}"
       )
     return vivit_model(variant, num_classes=num_outputs, dtype=dtype, **fields)
+  if kind == "vit_mae":
+    variant = fields.pop("variant")
+    if variant not in ENCODER_VARIANTS:
+      raise ValueError(
+        f"config.model.variant={variant!r}: expected one of {sorted(ENCODER_VARIANTS)}"
+      )
+    return video_vit_classifier(variant, num_classes=num_outputs, dtype=dtype, **fields)
   clip_lib.clip_variant(fields["variant"])  # a clear error for an unknown name
   if fields.get("classifier") == "text":
     fields["class_token_ids"] = class_token_ids(config, output_names)
@@ -177,7 +199,7 @@ def build_video_model(config: Any, num_outputs: int, output_names: Sequence[str]
 
 def image_size(model: nn.Module) -> int:
   """The frame side in pixels that `model` takes."""
-  if isinstance(model, VideoVisionTransformer):
+  if isinstance(model, (VideoVisionTransformer, VideoViTClassifier)):
     return model.image_size
   return clip_lib.clip_variant(model.variant)["vision"]["image_size"]
 
@@ -242,11 +264,40 @@ def load_pretrained(config: Any, params: dict) -> dict:
   The image tower always, the text tower when the classifier uses it; LoRA, adapters and the
   temporal head keep their fresh initialisation (the source's own LoRA and adapters are not
   taken). Shapes must agree: is config.model.variant the checkpoint's size?
+
+  For `vit_mae` nothing is loaded here: `config.model.init_from` (merged by the trainer next)
+  names the pretraining run, and this checks that run's encoder first (`check_mae_sources`).
   """
+  if config.model.kind == "vit_mae":
+    check_mae_sources(config)
+    return params
   key = "clip_checkpoint" if config.model.get("clip_checkpoint") else "clip_workdir"
   return pretrained.merge_specs(
     params, pretrained_specs(config), where=f"config.model.{key}", keep_fresh=PEFT_PARAMS
   )
+
+
+def check_mae_sources(config: Any) -> None:
+  """A clear error for a `config.model.init_from` run of task `mae_video` whose encoder is not
+  the `vit_mae` model's: the field (image size, patch, tubelet, width, depth, heads, MLP) that
+  differs, with both values. An image size or a patch that differs but keeps the shapes would
+  otherwise load silently into a model that tokenises the frames differently."""
+  from fdjax.tasks import load_task, mae_video
+
+  model = load_task(config.task).build_model(config)  # dfer's or au's: the outputs differ
+  for spec in pretrained.parse_spec(config.model.get("init_from", "")):
+    source = pretrained.run_config(spec.source)
+    if source is None or source.get("task") != "mae_video":
+      continue
+    encoder = mae_video.build_model(source).encoder
+    for field in MAE_ENCODER_CHECKED:
+      theirs, ours = getattr(encoder, field), getattr(model.encoder, field)
+      if theirs != ours:
+        raise ValueError(
+          f"config.model.init_from={spec.source!r}: the mae_video run's encoder has "
+          f"{field}={theirs} but config.model (variant {config.model.variant!r}) has "
+          f"{field}={ours}; set config.model.variant or config.model.{field} to match the run"
+        )
 
 
 def parameter_counts(config: Any) -> tuple[int, int]:
@@ -288,6 +339,13 @@ def forward_flops(config: Any, model: nn.Module) -> tuple[float, float]:
     )
     temporal = _transformer_flops(steps + 1, model.width, model.mlp_dim, model.temporal_depth)
     return float(embed + spatial + temporal), 2.0 * model.width * model.num_classes
+  if isinstance(model, VideoViTClassifier):
+    enc = model.encoder
+    steps, side, _ = enc.grid(frames)
+    tokens = steps * side * side
+    embed = 2 * tokens * enc.width * 3 * enc.tubelet_size * enc.patch_size**2
+    encoder = embed + _transformer_flops(tokens, enc.width, enc.mlp_dim, enc.depth)
+    return float(encoder), 2.0 * enc.width * model.num_classes
   towers = clip_lib.clip_variant(model.variant)
   vision = towers["vision"]
   patches = (vision["image_size"] // vision["patch_size"]) ** 2
@@ -630,6 +688,11 @@ def saliency_fn(
       "target": target,
     }
   if method == "rollout":
+    if isinstance(model, VideoViTClassifier):
+      raise ValueError(
+        "--method rollout needs a class token to roll attention out from, and the vit_mae "
+        "model mean-pools its tokens; use --method gradxinput"
+      )
     saliency = explain.attention_rollout(model, params, example["frames"])
     return {"saliency": saliency, "what": "attention rollout", "target": None}
   raise ValueError(f"--method {method!r}: expected one of {explain.METHODS}")

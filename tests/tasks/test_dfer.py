@@ -1,5 +1,6 @@
 """The dfer task: prompts and tokenizers, class balancing, evaluation against scikit-learn,
-export, loading a Hugging Face CLIP, PEFT trainable fractions, and a short run that learns."""
+export, loading a Hugging Face CLIP, PEFT trainable fractions, a short run that learns, and the
+vit_mae backbone: its FLOPs, its refusals, and a linear probe on a mae_video run's encoder."""
 
 import json
 import os
@@ -311,7 +312,16 @@ def test_a_short_clip_adapter_run_learns_its_training_clips(tmp_path):
   "experiment", ["dfer/dfew.py", "dfer/mafw.py", "dfer/ferv39k.py", "au/bp4d.py", "au/disfa.py"]
 )
 @pytest.mark.parametrize(
-  "variant", ["clip_linear", "clip_text", "clip_adapter", "clip_lora", "vivit_scratch"]
+  "variant",
+  [
+    "clip_linear",
+    "clip_text",
+    "clip_adapter",
+    "clip_lora",
+    "vivit_scratch",
+    "vit_mae_probe",
+    "vit_mae_finetune",
+  ],
 )
 def test_every_experiment_variant_builds_its_model(experiment, variant):
   config = config_lib.load_config(
@@ -319,7 +329,7 @@ def test_every_experiment_variant_builds_its_model(experiment, variant):
   )
   trainable, total = dfer.parameter_counts(config)
   assert 0 < trainable <= total
-  if variant == "vivit_scratch":
+  if variant in ("vivit_scratch", "vit_mae_finetune"):
     assert trainable == total and config.optim.freeze == ()
   else:
     assert trainable < total
@@ -334,3 +344,65 @@ def test_small_size_is_the_64_pixel_clip_with_a_wider_head():
   assert dfer.image_size(model) == 64
   trainable, total = dfer.parameter_counts(config)
   assert 0 < trainable < total
+
+
+def test_vit_mae_flops_count_the_encoder_once_when_probed_and_thrice_when_fine_tuned():
+  """Joint space-time tokens: 4 frames / tubelets of 2 x (32 / 8)^2 = 32 tokens, width 64,
+  MLP 128, 2 blocks; a probe runs no backward pass through the encoder."""
+  probe = _config("variant=vit_mae_probe,size=tiny,runlocal=True,frames=4")
+  finetune = _config("variant=vit_mae_finetune,size=tiny,runlocal=True,frames=4")
+  embed = 2 * 32 * 64 * 3 * 2 * 8 * 8
+  block = 2 * 32 * 4 * 64 * 64 + 4 * 32 * 32 * 64 + 4 * 32 * 64 * 128
+  backbone, head = dfer.forward_flops(probe, dfer.build_model(probe))
+  assert (backbone, head) == (embed + 2 * block, 2 * 64 * 7)
+  assert dfer.flops_per_example(probe) == backbone + 3 * head
+  assert dfer.flops_per_example(finetune) == 3 * (backbone + head)
+  assert dfer.image_size(dfer.build_model(probe)) == 32
+
+
+def test_vit_mae_saliency_refuses_rollout_and_gives_gradient_x_input():
+  """Attention rollout needs a class token, which the mean-pooled vit_mae lacks; gradient x
+  input goes through the encoder even for a probe trained without its backward pass."""
+  config = _config("variant=vit_mae_probe,size=tiny,runlocal=True,frames=4")
+  model, params = _init(config)
+  example = {
+    "frames": np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+    "class_names": list(config.data.class_names),
+  }
+  with pytest.raises(ValueError, match="use --method gradxinput"):
+    dfer.saliency_fn(config, model, params, example, method="rollout", target=0)
+  # A zero head gives a zero logit gradient: give the head weights so saliency is non-trivial.
+  params = {**params, "head": {**params["head"], "kernel": jnp.ones_like(params["head"]["kernel"])}}
+  found = dfer.saliency_fn(config, model, params, example, method="gradxinput", target=0)
+  assert found["saliency"].shape == (4, 32, 32) and float(found["saliency"].max()) > 0
+
+
+def test_a_linear_probe_trains_the_head_on_a_mae_runs_frozen_encoder(tmp_path):
+  """The whole downstream path as a user types it: a short mae_video pretraining on the DFEW
+  twin, then `variant=vit_mae_probe --config.model.init_from=<that workdir>`: the probe's
+  encoder is the run's, bit for bit, before and after training (frozen, no weight decay),
+  while fc_norm and the head train."""
+  from fdjax import trainer
+
+  pretrain_dir, probe_dir = str(tmp_path / "mae"), str(tmp_path / "probe")
+  pretrain = config_lib.load_config(
+    os.path.join(ROOT, "experiments", "pretrain", "voxceleb2.py")
+    + ":variant=videomae,size=tiny,dataset=dfew,runlocal=True,steps=10",
+    [("workdir", pretrain_dir), ("compilation_cache_dir", "")],
+  )
+  trainer.train_and_evaluate(pretrain, pretrain_dir)
+  _, _, mae_params, _ = trainer.restore_params(pretrain, pretrain_dir)
+  config = _config(
+    "variant=vit_mae_probe,size=tiny,runlocal=True,frames=4,steps=10",
+    ("model.init_from", pretrain_dir),
+    ("workdir", probe_dir),
+    ("compilation_cache_dir", ""),
+  )
+  _, fresh = _init(config, seed=config.seed)
+  trainer.train_and_evaluate(config, probe_dir)
+  _, _, probed, _ = trainer.restore_params(config, probe_dir)
+  for name, tree in (("encoder", mae_params["encoder"]), ("head", fresh["head"])):
+    equal = [
+      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(probed[name]), jax.tree.leaves(tree))
+    ]
+    assert all(equal) if name == "encoder" else not all(equal), name
