@@ -79,7 +79,7 @@ def test_build_rejects_video_options_for_other_datasets(capsys):
 
 
 def test_synth_names_the_sizes_a_twin_has(tmp_path, capsys):
-  assert cli.main(["synth", "dfew", "--out", str(tmp_path / "raw"), "--size", "large"]) == 2
+  assert cli.main(["synth", "mafw", "--out", str(tmp_path / "raw"), "--size", "large"]) == 2
   error = capsys.readouterr().err
-  assert "the synthetic dfew twin has no size 'large'; its sizes: demo, tiny" in error
+  assert "the synthetic mafw twin has no size 'large'; its sizes: demo, tiny" in error
   assert not (tmp_path / "raw").exists()
