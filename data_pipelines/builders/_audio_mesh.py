@@ -307,11 +307,12 @@ def build(
   )
   tfds.display_progress_bar(False)  # `Progress` prints a plainer line with the skip count
   try:
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-        manual_dir=raw_dir, download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD
+    with common.shuffler_without_tensorflow():
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+          manual_dir=raw_dir, download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD
+        )
       )
-    )
   finally:
     tfds.display_progress_bar(True)
   sizes = {name: split.num_examples for name, split in builder.info.splits.items()}

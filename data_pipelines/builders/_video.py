@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
+from data_pipelines.builders import common
 from data_pipelines.builders.common import ExampleValidator, InvalidExample, check_shape
 from data_pipelines.ops import video as video_ops
 
@@ -491,9 +492,10 @@ def build_dataset(
   builder = builder_cls(
     config=config, data_dir=data_dir, file_format="array_record", skip_invalid=skip_invalid
   )
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(raw_dir))
-  )
+  with common.shuffler_without_tensorflow():
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(raw_dir))
+    )
   skipped = dict(builder.info.metadata.get("skipped", {}))
   if any(skipped.values()):
     logging.warning("%s: skipped invalid examples per split: %s", builder.name, skipped)

@@ -100,3 +100,66 @@ def check_lengths_agree(
       f"audio/mesh length mismatch: {num_samples} samples at {sample_rate} Hz is "
       f"{audio_frames:.2f} frames at {fps} fps, but there are {num_frames} frames",
     )
+
+
+class _NeverRaised(Exception):
+  """Stands for TensorFlow's ResourceExhaustedError, which plain file objects never raise."""
+
+
+class _GFile:
+  """`tf.io.gfile` as TFDS's shuffler uses it (GFile, exists, remove), on `etils.epath`."""
+
+  @staticmethod
+  def GFile(path, mode="r"):  # noqa: N802 (TensorFlow's name)
+    from etils import epath
+
+    return epath.Path(path).open(mode)
+
+  @staticmethod
+  def exists(path) -> bool:
+    from etils import epath
+
+    return epath.Path(path).exists()
+
+  @staticmethod
+  def remove(path) -> None:
+    from etils import epath
+
+    epath.Path(path).unlink()
+
+
+class _TensorFlowForShuffler:
+  """The part of TensorFlow that `tensorflow_datasets.core.shuffle` touches."""
+
+  class io:  # noqa: N801 (TensorFlow's name)
+    gfile = _GFile
+
+  class errors:  # noqa: N801
+    ResourceExhaustedError = _NeverRaised
+
+
+@contextlib.contextmanager
+def shuffler_without_tensorflow() -> Iterator[None]:
+  """Lets a TFDS build spill its shuffle buffer to disk without TensorFlow installed.
+
+  TFDS writes array_record files without TensorFlow, except for one path: when a split's
+  serialized examples exceed the shuffler's in-memory buffer (1 GB in TFDS 4.9), the shuffler
+  spills them into bucket files through `tf.io.gfile`, and the build dies with
+  "No module named 'tensorflow'" (the real DFEW or VoxCeleb2 at 128 px, or the `large` twins).
+  Inside this context, and only when TensorFlow is absent, the shuffler's `tf` is a stand-in
+  whose `io.gfile` opens, tests and removes files through `etils.epath`, the file layer TFDS
+  uses everywhere else. With TensorFlow installed nothing changes.
+  """
+  import importlib.util
+
+  from tensorflow_datasets.core import shuffle
+
+  if importlib.util.find_spec("tensorflow") is not None:
+    yield
+    return
+  previous = shuffle.tf
+  shuffle.tf = _TensorFlowForShuffler
+  try:
+    yield
+  finally:
+    shuffle.tf = previous

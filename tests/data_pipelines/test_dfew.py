@@ -150,3 +150,29 @@ def test_a_frame_count_that_disagrees_with_the_list_file_is_invalid(raw_dir, tmp
   with pytest.raises(common.InvalidExample, match="frames") as info:
     dfew.build(copy, str(tmp_path / "data"), frame_size=16, max_frames=4)
   assert info.value.path == clip.path
+
+
+def test_a_build_larger_than_the_shuffle_buffer_needs_no_tensorflow(raw_dir, built, tmp_path):
+  # TFDS spills a split bigger than its in-memory shuffle buffer (1 GB) into bucket files via
+  # tf.io.gfile; with the buffer at zero bytes every example spills, as on the real datasets.
+  import importlib.util
+
+  from tensorflow_datasets.core import shuffle
+
+  assert importlib.util.find_spec("tensorflow") is None  # the path this test is about
+  data_dir, sizes = built
+  saved = shuffle.MAX_MEM_BUFFER_SIZE
+  shuffle.MAX_MEM_BUFFER_SIZE = 0
+  try:
+    spilled = dfew.build(raw_dir, str(tmp_path), frame_size=FRAME_SIZE, max_frames=MAX_FRAMES)
+  finally:
+    shuffle.MAX_MEM_BUFFER_SIZE = saved
+  assert spilled == sizes
+  assert shuffle.tf is not common._TensorFlowForShuffler  # the stand-in is gone afterwards
+  for split in ("fold1_train", "fold1_test"):
+    a = pipeline.tfds_source(CONFIG, data_dir, split)
+    b = pipeline.tfds_source(CONFIG, str(tmp_path), split)
+    assert len(a) == len(b) > 0
+    for i in range(len(a)):  # the same examples in the same (hash-sorted) order
+      np.testing.assert_array_equal(a[i]["video"], b[i]["video"])
+      assert a[i]["label"] == b[i]["label"]
