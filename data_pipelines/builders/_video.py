@@ -492,6 +492,12 @@ def build_dataset(
   builder = builder_cls(
     config=config, data_dir=data_dir, file_format="array_record", skip_invalid=skip_invalid
   )
+  return prepare(builder, raw_dir)
+
+
+def prepare(builder: VideoBuilder, raw_dir: str) -> dict[str, int]:
+  """Writes `builder`'s splits from the raw files in `raw_dir`; returns the split sizes (and
+  logs the invalid examples skipped per split, if any)."""
   with common.shuffler_without_tensorflow():
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(raw_dir))

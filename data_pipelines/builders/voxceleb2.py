@@ -53,7 +53,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from data_pipelines.builders import _video, common
+from data_pipelines.builders import _video
 from data_pipelines.builders.common import InvalidExample, check_shape
 from data_pipelines.ops import audio as audio_ops
 from data_pipelines.ops import video as video_ops
@@ -366,11 +366,7 @@ def build(
   builder = Voxceleb2(
     config=config, data_dir=data_dir, file_format="array_record", skip_invalid=skip_invalid
   )
-  with common.shuffler_without_tensorflow():
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(raw_dir))
-    )
-  return {split: info.num_examples for split, info in builder.info.splits.items()}
+  return _video.prepare(builder, raw_dir)
 
 
 inspect = Voxceleb2.inspect_built
