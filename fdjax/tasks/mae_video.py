@@ -48,7 +48,7 @@ from fdjax import masking
 from fdjax import sharding as sharding_lib
 from fdjax import step as step_lib
 from fdjax.models.video_mae import VideoMAE, video_mae_model
-from fdjax.tasks.dfer import _transformer_flops, open_split
+from fdjax.tasks.dfer import _transformer_flops, open_split, split_name
 
 Array = jax.Array
 
@@ -315,12 +315,6 @@ def _transform_options(config: Any, model: VideoMAE) -> dict:
     image_size=model.encoder.image_size,
     face_parts=needs_face_parts(config),
   )
-
-
-def split_name(config: Any, which: str) -> str:
-  """The TFDS split of `which` ("train" or "eval"), `{fold}` filled from `data.fold`."""
-  template = config.data.train_split if which == "train" else config.data.eval_split
-  return template.format(fold=config.data.get("fold", 1))
 
 
 def train_data(config: Any, *, process_index: int, process_count: int):
