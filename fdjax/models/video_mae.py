@@ -72,8 +72,8 @@ def sincos_positions(length: int, width: int) -> np.ndarray:
   return table.astype(np.float32)
 
 
-def _gather(x: Array, indices: Array) -> Array:
-  """x [B, N, D], indices int [B, K] -> [B, K, D]."""
+def gather_tokens(x: Array, indices: Array) -> Array:
+  """The tokens `indices` int [B, K] of x [B, N, D] -> [B, K, D]."""
   return jnp.take_along_axis(x, indices[..., None], axis=1)
 
 
@@ -135,7 +135,7 @@ class VideoViTEncoder(nn.Module):
     x = x.reshape(batch, -1, self.width)  # [B, N, D], tokens in (t, y, x) order
     x = x + jnp.asarray(sincos_positions(x.shape[1], self.width), self.dtype)
     if visible is not None:
-      x = _gather(x, visible)  # [B, K, D]
+      x = gather_tokens(x, visible)  # [B, K, D]
     x = nn.with_logical_constraint(x, ("batch", None, "embed"))
     x = Transformer(
       depth=self.depth,

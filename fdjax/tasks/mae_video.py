@@ -47,7 +47,7 @@ from data_pipelines.ops import video as video_ops
 from fdjax import masking
 from fdjax import sharding as sharding_lib
 from fdjax import step as step_lib
-from fdjax.models.video_mae import VideoMAE, video_mae_model
+from fdjax.models.video_mae import VideoMAE, gather_tokens, video_mae_model
 from fdjax.tasks.dfer import _transformer_flops, open_split, split_name
 
 Array = jax.Array
@@ -165,10 +165,6 @@ def targets(video: Array, model: VideoMAE, target: str) -> tuple[Array, Array]:
   return appearance, motion
 
 
-def _take(x: Array, indices: Array) -> Array:
-  return jnp.take_along_axis(x, indices[..., None], axis=1)
-
-
 def make_loss_fn(config: Any):
   """The masked reconstruction loss of `config.mask` and `config.loss` (module docstring)."""
   if config.mask.kind not in masking.KINDS:
@@ -184,13 +180,13 @@ def _loss(model, params, batch, rng, train, *, config):
     {"params": params}, video, visible, masked, method=VideoMAE.reconstruct
   )  # [B, M, P]
   appearance, motion = targets(video, model, config.loss.target)
-  truth = _take(appearance, masked)  # [B, M, P]
+  truth = gather_tokens(appearance, masked)  # [B, M, P]
   reconstruction = jnp.mean(jnp.square(pixels - truth))
   metrics = {"reconstruction_loss": reconstruction}
   loss = reconstruction
   weight = config.loss.frame_difference_weight
   if weight > 0:
-    motion_loss = jnp.mean(jnp.square(aux["motion"] - _take(motion, masked)))
+    motion_loss = jnp.mean(jnp.square(aux["motion"] - gather_tokens(motion, masked)))
     metrics["motion_loss"] = motion_loss
     loss = (1.0 - weight) * reconstruction + weight * motion_loss
   if config.loss.adversarial_weight > 0:
@@ -382,7 +378,7 @@ def _eval_fn(model: VideoMAE, config: Any, mesh: jax.sharding.Mesh):
       {"params": params}, batch["video"], visible, masked, method=VideoMAE.reconstruct
     )
     appearance, _ = targets(batch["video"], model, config.loss.target)
-    per_clip = jnp.mean(jnp.square(pixels - _take(appearance, masked)), axis=(1, 2))
+    per_clip = jnp.mean(jnp.square(pixels - gather_tokens(appearance, masked)), axis=(1, 2))
     return per_clip, pixels, visible, masked
 
   return jax.jit(run, out_shardings=NamedSharding(mesh, PartitionSpec()))
