@@ -26,6 +26,8 @@ linear probes on twin frames with their ground truth:
   the audio's loudness.
 - `pearson(a, b)`: Pearson correlation of two equally long sequences (NaN when either is
   constant).
+- `fit_twin_probes(source)`: both probes fitted on a built twin split (a stage's evaluation
+  fits them on the training split, then reads generated frames).
 
 All take frames `[..., H, W, 3]` as uint8 or as floats in [0, 1], any square size, and run in
 numpy on the host: fitting on a few thousand frames takes seconds.
@@ -221,6 +223,43 @@ def fit_identity_probe(frames: ArrayLike, identities: ArrayLike) -> IdentityProb
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     loss.append(-log_probs[np.arange(len(index)), index].mean())
   return IdentityProbe(ridge, names, float(temperatures[int(np.argmin(loss))]))
+
+
+def fit_twin_probes(
+  source, every: int = 2, max_examples: int | None = None
+) -> tuple[MouthProbe, IdentityProbe]:
+  """Both probes fitted on a built twin split (`hdtf`'s examples: `video`, `mouth_open`,
+  `identity`, `has_ground_truth`), e.g. `pipeline.tfds_source("hdtf", data_dir, "train")`.
+
+  Takes every `every`-th frame of up to `max_examples` evenly spread examples with ground
+  truth; a split without ground truth (the real data) raises naming what is missing.
+  """
+  count = len(source)
+  picks = (
+    range(count)
+    if max_examples is None
+    else np.unique(np.linspace(0, count - 1, min(count, max_examples)).astype(int))
+  )
+  frames, mouth, identities = [], [], []
+  for i in picks:
+    example = source[int(i)]
+    if not bool(example["has_ground_truth"]):
+      continue
+    video = np.asarray(example["video"])[::every]
+    frames.append(video)
+    mouth.append(np.asarray(example["mouth_open"])[::every])
+    identity = example["identity"]
+    identities += [identity.decode() if isinstance(identity, bytes) else str(identity)] * len(video)
+  if not frames:
+    raise ValueError(
+      f"none of the {count} examples has ground truth (has_ground_truth): the probes need the "
+      "synthetic twin's per-frame mouth opening"
+    )
+  frames = np.concatenate(frames)
+  return (
+    fit_mouth_probe(frames, np.concatenate(mouth)),
+    fit_identity_probe(frames, np.array(identities)),
+  )
 
 
 def pearson(a: ArrayLike, b: ArrayLike) -> float:

@@ -141,3 +141,20 @@ def test_pearson_matches_numpy():
   assert np.isnan(talking_face.pearson(np.ones(5), a[:5]))
   with pytest.raises(ValueError, match="equal length"):
     talking_face.pearson(a, b[:-1])
+
+
+def test_fit_twin_probes_reads_a_built_split(twin):
+  source = [
+    {"video": f, "mouth_open": m, "identity": i.encode(), "has_ground_truth": True}
+    for f, m, i, _ in twin["train"]
+  ]
+  source.append(
+    {**source[0], "has_ground_truth": False, "mouth_open": np.zeros(len(source[0]["video"]))}
+  )
+  mouth_probe, identity_probe = talking_face.fit_twin_probes(source, every=1)
+  frames, mouth, identities = _stack(twin["train"])
+  direct = talking_face.fit_mouth_probe(frames, mouth)
+  np.testing.assert_allclose(mouth_probe(frames[:30]), direct(frames[:30]), atol=1e-5)
+  assert sorted(identity_probe.identities) == sorted(set(identities))
+  with pytest.raises(ValueError, match="none of the 1 examples has ground truth"):
+    talking_face.fit_twin_probes(source[-1:])
