@@ -1,0 +1,254 @@
+"""fdjax/metrics/video.py and its networks against the references: scikit-image (PSNR, SSIM),
+pytorch-fid (the Fréchet distance), torch-fidelity's FID Inception-v3 and cd-fvd's PyTorch I3D
+(the converters, with random weights)."""
+
+import importlib
+import importlib.util
+import sys
+import types
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from fdjax.metrics import video
+from fdjax.models import fid_inception, i3d
+from fdjax.models.hf_convert import CheckpointError
+
+
+def _pytorch_fid_frechet_distance():
+  """pytorch-fid's own `calculate_frechet_distance`. Its module imports torchvision (for its
+  image loader), which cannot load beside the CPU-only torch here; stand-ins satisfy those
+  imports, and the function under test uses numpy and scipy only."""
+  torchvision = types.ModuleType("torchvision")
+  torchvision.transforms = types.ModuleType("torchvision.transforms")
+  inception = types.ModuleType("pytorch_fid.inception")
+  inception.InceptionV3 = type("InceptionV3", (), {"BLOCK_INDEX_BY_DIM": {2048: 3}})
+  stand_ins = {
+    "torchvision": torchvision,
+    "torchvision.transforms": torchvision.transforms,
+    "pytorch_fid.inception": inception,
+  }
+  with mock.patch.dict(sys.modules, stand_ins):
+    sys.modules.pop("pytorch_fid.fid_score", None)
+    return importlib.import_module("pytorch_fid.fid_score").calculate_frechet_distance
+
+
+def _torch_fidelity_inception_module():
+  """torch-fidelity's `feature_extractor_inceptionv3` without its package `__init__` (which
+  imports torchvision-based extractors); the module itself needs only torch."""
+  spec = importlib.util.find_spec("torch_fidelity")
+  package = types.ModuleType("torch_fidelity")
+  package.__path__ = list(spec.submodule_search_locations)
+  with mock.patch.dict(sys.modules, {"torch_fidelity": package}):
+    return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+
+
+def _randomise_batch_norms(module: torch.nn.Module, generator: torch.Generator) -> None:
+  for m in module.modules():
+    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+      n = m.num_features
+      m.weight.data = 0.5 + torch.rand(n, generator=generator)
+      m.bias.data = 0.1 * torch.randn(n, generator=generator)
+      m.running_mean.data = 0.1 * torch.randn(n, generator=generator)
+      m.running_var.data = 0.5 + torch.rand(n, generator=generator)
+
+
+def _relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+  return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+def test_clip_psnr_and_ssim_are_frame_means_of_scikit_image():
+  rng = np.random.default_rng(0)
+  truth = rng.uniform(0, 1, (2, 3, 20, 23, 3))  # [clips, T, H, W, C]
+  prediction = np.clip(
+    truth + rng.normal(0, 0.1 + 0.05 * np.arange(3)[:, None, None, None], truth.shape), 0, 1
+  )
+  with jax.enable_x64(True):
+    psnr = np.asarray(video.clip_psnr(jnp.asarray(prediction), jnp.asarray(truth)))
+    ssim = np.asarray(video.clip_ssim(jnp.asarray(prediction), jnp.asarray(truth)))
+  for c in range(2):
+    frames = range(truth.shape[1])
+    expected_psnr = np.mean(
+      [peak_signal_noise_ratio(truth[c, t], prediction[c, t], data_range=1.0) for t in frames]
+    )
+    expected_ssim = np.mean(
+      [
+        structural_similarity(
+          truth[c, t],
+          prediction[c, t],
+          data_range=1.0,
+          channel_axis=-1,
+          gaussian_weights=True,
+          sigma=1.5,
+          use_sample_covariance=False,
+        )
+        for t in frames
+      ]
+    )
+    assert abs(psnr[c] - expected_psnr) < 1e-6
+    assert abs(ssim[c] - expected_ssim) < 1e-6
+  assert 0.1 < ssim.min() < ssim.max() < 0.95
+
+
+def test_clip_psnr_reads_uint8_frames_as_0_to_255():
+  rng = np.random.default_rng(1)
+  truth = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+  prediction = np.clip(truth.astype(int) + rng.integers(-9, 10, truth.shape), 0, 255).astype(
+    np.uint8
+  )
+  expected = np.mean([peak_signal_noise_ratio(truth[t], prediction[t]) for t in range(4)])
+  assert abs(float(video.clip_psnr(prediction, truth)) - expected) < 1e-3  # float32 inside
+
+
+@pytest.mark.parametrize(
+  "n, dim", [(60, 8), (5, 12)], ids=["full_rank", "fewer_samples_than_dimensions"]
+)
+def test_frechet_distance_equals_pytorch_fid(n, dim):
+  reference = _pytorch_fid_frechet_distance()
+  rng = np.random.default_rng(n)
+  a = rng.normal(0, 1, (n, dim))
+  b = rng.normal(0.3, 1, (n, dim)) @ rng.normal(0, 0.5, (dim, dim)) + 0.1 * rng.normal(
+    0, 1, (n, dim)
+  )
+  stats_a, stats_b = video.feature_statistics(a), video.feature_statistics(b)
+  ours = video.frechet_distance(*stats_a, *stats_b)
+  expected = reference(*stats_a, *stats_b)
+  assert abs(ours - expected) < 1e-6 * max(1.0, abs(expected))
+  assert ours == pytest.approx(video.frechet_distance_of_features(a, b))
+  assert abs(video.frechet_distance_of_features(a, a)) < 1e-6
+  assert ours > 0.1
+
+
+def test_frechet_distance_without_a_square_root_takes_pytorch_fids_eps_path():
+  """A product with no square root (nilpotent): both add eps to the diagonals, then both refuse
+  the result's large imaginary part, with the same magnitude."""
+  reference = _pytorch_fid_frechet_distance()
+  sigma1, sigma2 = np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[0.0, 1.0], [1.0, 0.0]])
+  with pytest.raises(ValueError, match="Imaginary component") as expected:
+    reference(np.zeros(2), sigma1, np.ones(2), sigma2)
+  with pytest.raises(ValueError, match="imaginary component") as ours:
+    video.frechet_distance(np.zeros(2), sigma1, np.ones(2), sigma2)
+  assert float(str(ours.value).split()[-1]) == float(str(expected.value).split()[-1]) > 1e-3
+
+
+def test_frechet_distance_refuses_different_dimensions():
+  with pytest.raises(ValueError, match="different dimensions"):
+    video.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_bilinear_resize_equals_torch_interpolate():
+  rng = np.random.default_rng(2)
+  frames = rng.uniform(0, 1, (2, 13, 21, 3)).astype(np.float32)
+  for size in (7, 40):
+    ours = np.asarray(video.resize_bilinear(jnp.asarray(frames), size))
+    expected = F.interpolate(
+      torch.from_numpy(frames).permute(0, 3, 1, 2),
+      size=(size, size),
+      mode="bilinear",
+      align_corners=False,
+    ).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, expected.numpy(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def inception_checkpoint(tmp_path_factory):
+  """A random-weight FID Inception state dict written as pytorch-fid's file would be, and the
+  torch-fidelity network that loaded it."""
+  reference = _torch_fidelity_inception_module()
+  generator = torch.Generator().manual_seed(0)
+  with (
+    mock.patch.object(reference.FeatureExtractorInceptionV3, "load_state_dict"),
+    mock.patch.object(reference, "load_state_dict_from_url", return_value={}),
+  ):
+    network = reference.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+  _randomise_batch_norms(network, generator)
+  path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-random.pth"
+  torch.save(network.state_dict(), path)
+  # the file loads back into the reference the ordinary way, strictly
+  network = reference.FeatureExtractorInceptionV3(
+    "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+  )
+  return path, network
+
+
+def test_fid_inception_converter_matches_the_reference_network(inception_checkpoint):
+  path, network = inception_checkpoint
+  model, variables = fid_inception.load(path)
+  rng = np.random.default_rng(3)
+  frames = rng.uniform(0, 1, (2, 40, 48, 3)).astype(np.float32)
+  ours = video.inception_features(model, variables, frames)
+  # pytorch-fid's InceptionV3 forward: resize to 299 (bilinear), 2x - 1, the blocks, pool3.
+  x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+  x = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
+  with torch.no_grad():
+    for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1"):
+      x = getattr(network, name)(x)
+    for name in ("Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a"):
+      x = getattr(network, name)(x)
+    for name in (
+      "Mixed_6b",
+      "Mixed_6c",
+      "Mixed_6d",
+      "Mixed_6e",
+      "Mixed_7a",
+      "Mixed_7b",
+      "Mixed_7c",
+    ):
+      x = getattr(network, name)(x)
+    expected = network.AvgPool(x).flatten(1).numpy()
+  assert ours.shape == (2, 2048)
+  assert _relative_error(ours, expected) < 1e-4
+  assert np.std(expected) > 0  # random weights give features that differ across inputs
+
+
+def test_i3d_converter_matches_the_pytorch_i3d_of_fvd(tmp_path):
+  from cdfvd.third_party.i3d.pytorch_i3d import InceptionI3d
+
+  torch.manual_seed(0)
+  network = InceptionI3d(400, in_channels=3)
+  _randomise_batch_norms(network, torch.Generator().manual_seed(1))
+  network.eval()
+  path = tmp_path / "i3d_pretrained_400.pt"
+  torch.save(network.state_dict(), path)
+  model, variables = i3d.load(path)
+  rng = np.random.default_rng(4)
+  clips = rng.integers(0, 256, (1, 9, 24, 32, 3), dtype=np.uint8)  # [N, T, H, W, C]
+  ours = video.i3d_features(model, variables, clips, size=193)
+  # cd-fvd's preprocess_i3d (at 193 px, the smallest the network takes) and the network.
+  x = torch.from_numpy(clips).float().flatten(0, 1).permute(0, 3, 1, 2)
+  x = F.interpolate(x, size=(193, 193), mode="bilinear", align_corners=False)
+  x = 2.0 * x.view(1, 9, 3, 193, 193).transpose(1, 2) / 255.0 - 1
+  with torch.no_grad():
+    expected = network(x).numpy()
+  assert ours.shape == (1, 400)
+  assert _relative_error(ours, expected) < 1e-4
+  assert np.std(expected) > 0
+
+
+def test_checkpoint_loaders_name_the_file_and_what_is_wrong(tmp_path, inception_checkpoint):
+  missing = tmp_path / "absent.pth"
+  with pytest.raises(FileNotFoundError, match=f"{missing}: no such FID Inception-v3 checkpoint"):
+    fid_inception.load(missing)
+  garbage = tmp_path / "garbage.pt"
+  garbage.write_bytes(b"this is not a checkpoint")
+  with pytest.raises(ValueError, match=f"{garbage}: not a readable PyTorch I3D checkpoint"):
+    i3d.load(garbage)
+  path, _ = inception_checkpoint
+  with pytest.raises(
+    CheckpointError,
+    match=r"not a InceptionI3d checkpoint: \d+ of \d+ tensors missing: Conv3d_1a_7x7",
+  ):
+    i3d.load(path)  # an Inception-v3 file given to the I3D loader
+  state = torch.load(path)
+  del state["Mixed_6b.branch7x7_2.bn.running_var"]
+  state["extra.weight"] = torch.zeros(1)
+  partial = tmp_path / "partial.pth"
+  torch.save(state, partial)
+  with pytest.raises(CheckpointError, match="1 of .* missing: Mixed_6b.branch7x7_2.bn.running_var"):
+    fid_inception.load(partial)
