@@ -20,6 +20,7 @@ audio-visual sync with `fdjax.models.syncnet` loaded from a local checkpoint. Th
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -30,6 +31,8 @@ import scipy.fft
 
 from fdjax.metrics.video import resize_bilinear
 from fdjax.models.syncnet import FRAME_SIZE, MFCC_STEPS, VIDEO_FRAMES
+
+Array = jax.Array
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -137,22 +140,24 @@ def syncnet_windows(frames: Any, audio: Any) -> tuple[np.ndarray, np.ndarray]:
   return video, np.moveaxis(cepstra[:, steps], 1, 0)
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _embed(model: nn.Module, variables: Any, video: Array, cepstra: Array) -> tuple[Array, Array]:
+  audio_embeddings, video_embeddings = model.apply(variables, cepstra, video)
+  return video_embeddings, audio_embeddings
+
+
 def syncnet_embeddings(
   model: nn.Module, variables: Any, frames: Any, audio: Any, batch_size: int = 20
 ) -> tuple[np.ndarray, np.ndarray]:
   """(video embeddings, audio embeddings), each [W, D], of a clip (see `syncnet_windows`)."""
   video, cepstra = syncnet_windows(frames, audio)
-
-  @jax.jit
-  def embed(video, cepstra):
-    return model.apply(variables, cepstra, video)
-
-  pairs = [
-    embed(video[i : i + batch_size], cepstra[i : i + batch_size])
-    for i in range(0, len(video), batch_size)
-  ]
-  audio_embeddings = np.concatenate([np.asarray(a) for a, _ in pairs])
-  video_embeddings = np.concatenate([np.asarray(v) for _, v in pairs])
+  with jax.default_matmul_precision("highest"):  # as the video metrics' networks
+    pairs = [
+      _embed(model, variables, video[i : i + batch_size], cepstra[i : i + batch_size])
+      for i in range(0, len(video), batch_size)
+    ]
+  video_embeddings = np.concatenate([np.asarray(v) for v, _ in pairs])
+  audio_embeddings = np.concatenate([np.asarray(a) for _, a in pairs])
   return video_embeddings, audio_embeddings
 
 

@@ -22,6 +22,7 @@ networks against the PyTorch reference networks (tests/metrics/test_video_metric
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -116,11 +117,21 @@ def resize_bilinear(frames: Array, size: int) -> Array:
   return jnp.einsum("pw,...owc->...opc", cols, frames, precision=precision)
 
 
-def _batched(apply: Callable[[Any], Array], inputs: np.ndarray, batch_size: int) -> np.ndarray:
-  outputs = [
-    np.asarray(apply(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)
-  ]
-  return np.concatenate(outputs, axis=0)
+def _batched(
+  apply: Callable[[np.ndarray], Array], inputs: np.ndarray, batch_size: int
+) -> np.ndarray:
+  # The evaluation networks run at full float32 precision (no TF32 / bf16 passes on GPUs), so
+  # a score does not depend on the accelerator it was computed on.
+  with jax.default_matmul_precision("highest"):
+    outputs = [apply(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+  return np.concatenate([np.asarray(o) for o in outputs], axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "size"))
+def _network_features(model: nn.Module, variables: Any, batch: Array, size: int) -> Array:
+  """Resize each frame to size x size, scale to [-1, 1], and take the network's first output."""
+  x = resize_bilinear(_as_unit(batch).astype(jnp.float32), size)
+  return model.apply(variables, 2.0 * x - 1.0)[0]
 
 
 def inception_features(
@@ -131,12 +142,7 @@ def inception_features(
   size: int = INCEPTION_SIZE,
 ) -> np.ndarray:
   """[N, H, W, 3] frames (uint8, or float in [0, 1]) -> pool3 features [N, 2048]."""
-
-  @jax.jit
-  def apply(batch):
-    x = resize_bilinear(_as_unit(batch).astype(jnp.float32), size)
-    return model.apply(variables, 2.0 * x - 1.0)[0]
-
+  apply = functools.partial(_network_features, model, variables, size=size)
   return _batched(apply, np.asarray(frames), batch_size)
 
 
@@ -148,12 +154,7 @@ def i3d_features(
   size: int = I3D_SIZE,
 ) -> np.ndarray:
   """[N, T, H, W, 3] clips (uint8 0..255, or float in [0, 1]) -> logits [N, 400]."""
-
-  @jax.jit
-  def apply(batch):
-    x = resize_bilinear(_as_unit(batch).astype(jnp.float32), size)
-    return model.apply(variables, 2.0 * x - 1.0)[0]
-
+  apply = functools.partial(_network_features, model, variables, size=size)
   return _batched(apply, np.asarray(clips), batch_size)
 
 
