@@ -134,3 +134,57 @@ def test_syncnet_loader_and_windows_refuse_bad_input(tmp_path, syncnet_checkpoin
     syncnet.load(tmp_path / "absent.model")
   with pytest.raises(ValueError, match="too short for SyncNet"):
     sync.syncnet_windows(np.zeros((5, 224, 224, 3), np.uint8), np.zeros(5 * 640))
+
+
+def _write_clip(path, frames, audio):
+  """An mp4 with H.264 video at 25 fps and AAC audio at 16 kHz, through PyAV."""
+  import av
+
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("libx264", rate=25)
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    sound = container.add_stream("aac", rate=16000)
+    sound.layout = "mono"
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode(None))
+    chunk = av.AudioFrame.from_ndarray(audio[None].astype(np.float32), format="fltp", layout="mono")
+    chunk.sample_rate = 16000
+    container.mux(sound.encode(chunk))
+    container.mux(sound.encode(None))
+
+
+def test_eval_video_command_scores_a_folder_of_clips(tmp_path, syncnet_checkpoint):
+  from data_pipelines.ops.video import decode_audio, decode_video
+  from fdjax import cli
+  from fdjax.metrics import video
+
+  rng = np.random.default_rng(5)
+  (tmp_path / "real").mkdir()
+  (tmp_path / "generated").mkdir()
+  real = rng.integers(0, 256, (9, 224, 224, 3), dtype=np.uint8)
+  generated = np.clip(real.astype(int) + rng.integers(-30, 31, real.shape), 0, 255).astype(np.uint8)
+  audio = 0.1 * np.sin(np.arange(9 * 640) * 0.05)
+  _write_clip(tmp_path / "real" / "clip0.mp4", real, audio)
+  _write_clip(tmp_path / "generated" / "clip0.mp4", generated, audio)
+  out = tmp_path / "metrics.json"
+  argv = [
+    "eval-video",
+    "--generated",
+    str(tmp_path / "generated"),
+    "--real",
+    str(tmp_path / "real"),
+  ]
+  assert cli.main([*argv, "--syncnet", str(syncnet_checkpoint[0]), "--out", str(out)]) == 0
+  metrics = __import__("json").loads(out.read_text())
+  decoded_real = decode_video(tmp_path / "real" / "clip0.mp4")
+  decoded = decode_video(tmp_path / "generated" / "clip0.mp4")
+  assert metrics["paired_clips"] == 1
+  assert metrics["psnr"] == pytest.approx(float(video.clip_psnr(decoded, decoded_real)), rel=1e-6)
+  assert metrics["ssim"] == pytest.approx(float(video.clip_ssim(decoded, decoded_real)), rel=1e-6)
+  model, variables = syncnet.load(syncnet_checkpoint[0])
+  expected = sync.lse(model, variables, decoded, decode_audio(tmp_path / "generated" / "clip0.mp4"))
+  assert metrics["lse_d"] == pytest.approx(expected.min_distance, rel=1e-6)
+  assert metrics["lse_c"] == pytest.approx(expected.confidence, rel=1e-6, abs=1e-6)
+  assert set(metrics) >= {"real_lse_d", "real_lse_c", "av_offset_frames"}
+  assert cli.main(["eval-video", "--generated", str(tmp_path / "absent")]) == 2
