@@ -94,8 +94,8 @@ def variables_from_state_dict(state: StateDict, module: nn.Module, *args: Any) -
   if missing:
     shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
     raise CheckpointError(
-      f"{state.source}: not a {type(module).__name__} checkpoint: {len(missing)} of "
-      f"{len(keys)} tensors missing: {shown}"
+      f"{state.source}: {len(missing)} of the {len(keys)} tensors of {type(module).__name__} "
+      f"missing: {shown}"
     )
   leaves = traverse_util.flatten_dict(dict(expected))
   flat = {

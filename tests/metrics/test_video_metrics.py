@@ -242,7 +242,7 @@ def test_checkpoint_loaders_name_the_file_and_what_is_wrong(tmp_path, inception_
   path, _ = inception_checkpoint
   with pytest.raises(
     CheckpointError,
-    match=r"not a InceptionI3d checkpoint: \d+ of \d+ tensors missing: Conv3d_1a_7x7",
+    match=r"\d+ of the \d+ tensors of InceptionI3d missing: Conv3d_1a_7x7",
   ):
     i3d.load(path)  # an Inception-v3 file given to the I3D loader
   state = torch.load(path)
@@ -250,5 +250,22 @@ def test_checkpoint_loaders_name_the_file_and_what_is_wrong(tmp_path, inception_
   state["extra.weight"] = torch.zeros(1)
   partial = tmp_path / "partial.pth"
   torch.save(state, partial)
-  with pytest.raises(CheckpointError, match="1 of .* missing: Mixed_6b.branch7x7_2.bn.running_var"):
+  with pytest.raises(
+    CheckpointError,
+    match="1 of the .* tensors of FIDInceptionV3 missing: Mixed_6b.branch7x7_2.bn.running_var",
+  ):
+    fid_inception.load(partial)
+  state = torch.load(path)
+  state["extra.weight"] = torch.zeros(1)
+  state["fc.bias"] = torch.zeros(1000)
+  torch.save(state, partial)
+  with pytest.raises(
+    CheckpointError, match=r"'fc.bias' has shape \(1000,\), the model expects \(1008,\)"
+  ):
+    fid_inception.load(partial)
+  state["fc.bias"] = torch.zeros(1008)
+  torch.save({"state_dict": state}, partial)  # a wrapped state dict is unwrapped
+  with pytest.raises(
+    CheckpointError, match="unexpected tensors the model has no place for: 'extra.weight'"
+  ):
     fid_inception.load(partial)
