@@ -127,11 +127,13 @@ def _batched(
   return np.concatenate([np.asarray(o) for o in outputs], axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "size"))
-def _network_features(model: nn.Module, variables: Any, batch: Array, size: int) -> Array:
-  """Resize each frame to size x size, scale to [-1, 1], and take the network's first output."""
+@functools.partial(jax.jit, static_argnames=("model", "size", "output"))
+def _network_features(
+  model: nn.Module, variables: Any, batch: Array, size: int, output: int
+) -> Array:
+  """Resize each frame to size x size, scale to [-1, 1], and take the network's `output`."""
   x = resize_bilinear(_as_unit(batch).astype(jnp.float32), size)
-  return model.apply(variables, 2.0 * x - 1.0)[0]
+  return model.apply(variables, 2.0 * x - 1.0)[output]
 
 
 def inception_features(
@@ -142,7 +144,7 @@ def inception_features(
   size: int = INCEPTION_SIZE,
 ) -> np.ndarray:
   """[N, H, W, 3] frames (uint8, or float in [0, 1]) -> pool3 features [N, 2048]."""
-  apply = functools.partial(_network_features, model, variables, size=size)
+  apply = functools.partial(_network_features, model, variables, size=size, output=0)
   return _batched(apply, np.asarray(frames), batch_size)
 
 
@@ -152,9 +154,12 @@ def i3d_features(
   clips: Any,
   batch_size: int = 4,
   size: int = I3D_SIZE,
+  pre_logits: bool = False,
 ) -> np.ndarray:
-  """[N, T, H, W, 3] clips (uint8 0..255, or float in [0, 1]) -> logits [N, 400]."""
-  apply = functools.partial(_network_features, model, variables, size=size)
+  """[N, T, H, W, 3] clips (uint8 0..255, or float in [0, 1]) -> logits [N, 400] (FVD's), or
+  with `pre_logits` the pooled Mixed_5c features [N, 1024] some FVD variants take."""
+  output = 1 if pre_logits else 0
+  apply = functools.partial(_network_features, model, variables, size=size, output=output)
   return _batched(apply, np.asarray(clips), batch_size)
 
 

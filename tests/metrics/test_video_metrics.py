@@ -224,11 +224,17 @@ def test_i3d_converter_matches_the_pytorch_i3d_of_fvd(tmp_path):
   x = torch.from_numpy(clips).float().flatten(0, 1).permute(0, 3, 1, 2)
   x = F.interpolate(x, size=(193, 193), mode="bilinear", align_corners=False)
   x = 2.0 * x.view(1, 9, 3, 193, 193).transpose(1, 2) / 255.0 - 1
+  pooled = []  # the reference's pooled Mixed_5c output, seen in the same forward pass
+  network.avg_pool.register_forward_hook(lambda module, inputs, output: pooled.append(output))
   with torch.no_grad():
     expected = network(x).numpy()
+  expected_pre_logits = pooled[0].mean(dim=(2, 3, 4)).numpy()
   assert ours.shape == (1, 400)
   assert _relative_error(ours, expected) < 1e-4
   assert np.std(expected) > 0
+  pre_logits = video.i3d_features(model, variables, clips, size=193, pre_logits=True)
+  assert pre_logits.shape == (1, 1024)
+  assert _relative_error(pre_logits, expected_pre_logits) < 1e-4
 
 
 def test_checkpoint_loaders_name_the_file_and_what_is_wrong(tmp_path, inception_checkpoint):
