@@ -122,9 +122,13 @@ def _batched(
 ) -> np.ndarray:
   # The evaluation networks run at full float32 precision (no TF32 / bf16 passes on GPUs), so
   # a score does not depend on the accelerator it was computed on.
+  count = len(inputs)
+  if count > batch_size and count % batch_size:  # whole batches: one compilation
+    padding = np.zeros((batch_size - count % batch_size, *inputs.shape[1:]), inputs.dtype)
+    inputs = np.concatenate([inputs, padding])
   with jax.default_matmul_precision("highest"):
     outputs = [apply(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-  return np.concatenate([np.asarray(o) for o in outputs], axis=0)
+  return np.concatenate([np.asarray(o) for o in outputs], axis=0)[:count]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "size", "output"))
