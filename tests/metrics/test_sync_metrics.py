@@ -188,3 +188,15 @@ def test_eval_video_command_scores_a_folder_of_clips(tmp_path, syncnet_checkpoin
   assert metrics["lse_c"] == pytest.approx(expected.confidence, rel=1e-6, abs=1e-6)
   assert set(metrics) >= {"real_lse_d", "real_lse_c", "av_offset_frames"}
   assert cli.main(["eval-video", "--generated", str(tmp_path / "absent")]) == 2
+
+
+def test_state_dict_from_variables_writes_the_reference_layout_back(syncnet_checkpoint):
+  from fdjax.models import torch_convert
+
+  path, network = syncnet_checkpoint
+  _, variables = syncnet.load(path)
+  written = torch_convert.state_dict_from_variables(variables)
+  reference = {k: v.numpy() for k, v in network.state_dict().items() if "num_batches" not in k}
+  assert set(written) == set(reference)
+  for key, value in reference.items():
+    np.testing.assert_array_equal(written[key], value, err_msg=key)
