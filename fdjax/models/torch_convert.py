@@ -49,9 +49,12 @@ def read_torch_state_dict(path: str | os.PathLike, *, what: str) -> StateDict:
   for wrapper in _WRAPPERS:
     if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
       state = state[wrapper]
-  if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+  if not isinstance(state, Mapping):
+    raise ValueError(f"{path}: expected a {what} state dict, found {type(state).__name__}")
+  not_tensors = [str(k) for k, v in state.items() if not torch.is_tensor(v)]
+  if not_tensors:
     raise ValueError(
-      f"{path}: expected a {what} state dict of tensors, found {type(state).__name__}"
+      f"{path}: not a state dict of the {what} weights (entries {not_tensors[:5]} are not tensors)"
     )
   if state and all(k.startswith("module.") for k in state):
     state = {k[len("module.") :]: v for k, v in state.items()}

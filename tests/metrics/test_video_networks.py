@@ -131,6 +131,11 @@ def test_checkpoint_loaders_name_the_file_and_what_is_wrong(tmp_path, inception_
   garbage.write_bytes(b"this is not a checkpoint")
   with pytest.raises(ValueError, match=f"{garbage}: not a readable PyTorch I3D checkpoint"):
     i3d.load(garbage)
+  torch.save({"epoch": 3, "optimizer": {}}, garbage)
+  with pytest.raises(
+    ValueError, match=r"not a state dict of the I3D weights \(entries \['epoch', 'optimizer'\]"
+  ):
+    i3d.load(garbage)
   path, _ = inception_checkpoint
   with pytest.raises(
     CheckpointError,
