@@ -111,8 +111,8 @@ def test_syncnet_converter_and_lse_match_the_reference_pipeline(syncnet_checkpoi
     expected_audio = network.forward_aud(cc_in).numpy()
   assert video_embeddings.shape == audio_embeddings.shape == (3, 1024)
   scale = np.abs(expected_video).max()
-  assert np.max(np.abs(video_embeddings - expected_video)) < 1e-4 * scale
-  assert np.max(np.abs(audio_embeddings - expected_audio)) < 1e-4 * np.abs(expected_audio).max()
+  assert np.max(np.abs(video_embeddings - expected_video)) < 1e-5 * scale
+  assert np.max(np.abs(audio_embeddings - expected_audio)) < 1e-5 * np.abs(expected_audio).max()
   ours = sync.lse(model, variables, frames, audio, vshift=2)
   expected = sync.sync_scores(expected_video, expected_audio, vshift=2)
   np.testing.assert_allclose(ours.mean_distances, expected.mean_distances, rtol=1e-5)

@@ -89,7 +89,7 @@ def test_fid_inception_converter_matches_the_reference_network(inception_checkpo
       x = getattr(network, name)(x)
     expected = network.AvgPool(x).flatten(1).numpy()
   assert ours.shape == (2, 2048)
-  assert _relative_error(ours, expected) < 1e-4
+  assert _relative_error(ours, expected) < 1e-5
   assert np.std(expected) > 0  # random weights give features that differ across inputs
 
 
@@ -116,11 +116,11 @@ def test_i3d_converter_matches_the_pytorch_i3d_of_fvd(tmp_path):
     expected = network(x).numpy()
   expected_pre_logits = pooled[0].mean(dim=(2, 3, 4)).numpy()
   assert ours.shape == (1, 400)
-  assert _relative_error(ours, expected) < 1e-4
+  assert _relative_error(ours, expected) < 1e-5
   assert np.std(expected) > 0
   pre_logits = video.i3d_features(model, variables, clips, size=193, pre_logits=True)
   assert pre_logits.shape == (1, 1024)
-  assert _relative_error(pre_logits, expected_pre_logits) < 1e-4
+  assert _relative_error(pre_logits, expected_pre_logits) < 1e-5
 
 
 def test_checkpoint_loaders_name_the_file_and_what_is_wrong(tmp_path, inception_checkpoint):
