@@ -25,6 +25,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# PyTorch references of the video and sync metrics (tests/metrics). Their declared torchvision
+	# cannot load beside the CPU-only torch, and the parts the tests run need only torch, so they
+	# are installed without their dependencies.
+	$(BIN)/python -m pip install -q --no-deps pytorch-fid==0.3.0 torch-fidelity==0.4.0 cd-fvd==0.1.1 syncnet-python==0.2.3
 	touch $@ $(VENV)/.installed
 
 system-deps:

@@ -10,6 +10,7 @@
     fdjax sweep ... / fdjax sweep report DIR (fdjax.sweep)
     fdjax fit flame --meshes SEQ --out PARAMS.npz (fdjax.fit)
     fdjax stabilize --mesh_seq SEQ --out OUT --workdir W (fdjax.stabilize)
+    fdjax eval-video --generated DIR [--real DIR] ... (fdjax.metrics.evaluate_video)
 
 Subcommands are imported only when used, so `fdjax data ...` does not pay for JAX start-up.
 """
@@ -23,7 +24,8 @@ import os
 import sys
 
 USAGE = (
-  "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep,fit,stabilize} ...  "
+  "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep,fit,stabilize,"
+  "eval-video} ...  "
   "(fdjax CMD --help)"
 )
 
@@ -38,6 +40,7 @@ DELEGATED = {
   "explain": ("fdjax.explain", "main"),
   "fit": ("fdjax.fit", "main"),
   "stabilize": ("fdjax.stabilize", "main"),
+  "eval-video": ("fdjax.metrics.evaluate_video", "main"),
 }
 
 
