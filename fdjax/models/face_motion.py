@@ -202,16 +202,10 @@ class Generator(nn.Module):
 
   def _flow_and_mask(self, x: Array, name: str, mask_bias: float) -> tuple[Array, Array]:
     """A flow (offsets in [-1, 1] coordinates, starting at zero) and a sigmoid mask."""
-    out = nn.Conv(
-      3,
-      (3, 3),
-      kernel_init=nn.initializers.zeros,
-      bias_init=nn.initializers.constant(mask_bias),
-      dtype=self.dtype,
-      name=name,
-    )(x)
+    out = nn.Conv(3, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype, name=name)(x)
     flow = out[..., :2].astype(jnp.float32)
-    return flow, nn.sigmoid(out[..., 2:].astype(jnp.float32))
+    # The mask's logit starts at `mask_bias` (the flow at zero: the identity warp).
+    return flow, nn.sigmoid(out[..., 2:].astype(jnp.float32) + mask_bias)
 
 
 class PatchDiscriminator(nn.Module):
