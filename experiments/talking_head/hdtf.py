@@ -72,8 +72,8 @@ def motion_ae_config(arg: str | None) -> ConfigDict:
 
   c.model = ConfigDict()  # fdjax.models.face_motion.FaceMotionAE fields.
   c.model.init_from = ""  # Weights to start from (fdjax/pretrained.py specs); "" = none.
-  c.model.image_size = args.size  # S: frames are S x S.
   tiny = args.runlocal
+  c.model.image_size = 32 if tiny else args.size  # S: frames are S x S (runlocal: 32).
   c.model.widths = (8, 16) if tiny else ((32, 64, 128) if args.size == 64 else (32, 64, 128, 256))
   c.model.motion_widths = (
     (8, 16) if tiny else (16, 32, 64, 128) + ((256,) if args.size == 128 else ())

@@ -47,23 +47,18 @@ def relative_codes(portrait_code: Array, driving_codes: Array) -> Array:
   return portrait_code[..., None, :] + driving_codes - driving_codes[..., :1, :]
 
 
-def identity_grid(height: int, width: int, dtype: Any = jnp.float32) -> Array:
-  """Pixel-centre coordinates in [-1, 1] (x right, y down): [H, W, 2] as (x, y)."""
-  ys = (jnp.arange(height, dtype=dtype) + 0.5) / height * 2 - 1
-  xs = (jnp.arange(width, dtype=dtype) + 0.5) / width * 2 - 1
-  return jnp.stack(jnp.meshgrid(xs, ys, indexing="xy"), axis=-1)
-
-
-def warp(features: Array, grid: Array) -> Array:
-  """Bilinear sampling of `features` [B, h, w, C] at `grid` [B, H, W, 2] ((x, y) in [-1, 1],
-  pixel centres as `identity_grid`; outside the image the border value) -> [B, H, W, C]."""
+def warp(features: Array, flow: Array) -> Array:
+  """Backward warping: output pixel (i, j) samples `features` [B, H, W, C] bilinearly at
+  (i, j) + `flow` [B, H, W, 2] ((dx, dy) in units of half the image, the [-1, 1] convention:
+  dx = 2 moves a whole width; beyond the border the border value) -> [B, H, W, C]. A zero flow
+  gives back `features` exactly."""
   b, h, w, c = features.shape
-  x = (grid[..., 0] + 1) * w / 2 - 0.5  # [B, H, W] in pixels
-  y = (grid[..., 1] + 1) * h / 2 - 0.5
-  x = jnp.clip(x, 0, w - 1)
-  y = jnp.clip(y, 0, h - 1)
-  x0 = jnp.clip(jnp.floor(x), 0, w - 2).astype(jnp.int32) if w > 1 else jnp.zeros_like(x, int)
-  y0 = jnp.clip(jnp.floor(y), 0, h - 2).astype(jnp.int32) if h > 1 else jnp.zeros_like(y, int)
+  rows = jnp.arange(h, dtype=flow.dtype)[None, :, None]
+  columns = jnp.arange(w, dtype=flow.dtype)[None, None, :]
+  x = jnp.clip(columns + flow[..., 0] * (w / 2), 0, w - 1)  # [B, H, W] in pixels
+  y = jnp.clip(rows + flow[..., 1] * (h / 2), 0, h - 1)
+  x0 = jnp.clip(jnp.floor(x), 0, max(w - 2, 0)).astype(jnp.int32)
+  y0 = jnp.clip(jnp.floor(y), 0, max(h - 2, 0)).astype(jnp.int32)
   x1, y1 = jnp.minimum(x0 + 1, w - 1), jnp.minimum(y0 + 1, h - 1)
   fx, fy = (x - x0)[..., None], (y - y0)[..., None]
   flat = features.reshape(b, h * w, c)
@@ -175,8 +170,7 @@ class Generator(nn.Module):
       x = self._modulate(x, z, f"modulate_{i}")
       x = _act(nn.Conv(self.widths[i], (3, 3), dtype=self.dtype, name=f"conv_{i}")(x))
       flow, mask = self._flow_and_mask(x, f"flow_{i}", mask_bias=0.0)
-      grid = identity_grid(*feature.shape[1:3], flow.dtype) + flow
-      warped = warp(feature.astype(flow.dtype), grid)
+      warped = warp(feature.astype(flow.dtype), flow)
       x = jnp.concatenate([x, mask * warped], axis=-1)
       x = _act(nn.Conv(self.widths[i], (3, 3), dtype=self.dtype, name=f"refine_{i}")(x))
       flows.append(flow)
@@ -186,8 +180,7 @@ class Generator(nn.Module):
     # Full resolution: warp the source image, blend with a generated image.
     flow, mask = self._flow_and_mask(x, "flow_image", mask_bias=2.0)
     image = appearance["image"]
-    grid = identity_grid(*image.shape[1:3], flow.dtype) + flow
-    warped = warp(image.astype(flow.dtype), grid)
+    warped = warp(image.astype(flow.dtype), flow)
     generated = nn.sigmoid(nn.Conv(3, (3, 3), dtype=self.dtype, name="to_rgb")(x))
     out = mask * warped + (1 - mask) * generated
     flows.append(flow)
@@ -201,7 +194,7 @@ class Generator(nn.Module):
     return x * (1 + scale) + shift
 
   def _flow_and_mask(self, x: Array, name: str, mask_bias: float) -> tuple[Array, Array]:
-    """A flow (offsets in [-1, 1] coordinates, starting at zero) and a sigmoid mask."""
+    """A flow (`warp`'s offsets, starting at zero) and a sigmoid mask."""
     out = nn.Conv(3, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype, name=name)(x)
     flow = out[..., :2].astype(jnp.float32)
     # The mask's logit starts at `mask_bias` (the flow at zero: the identity warp).
