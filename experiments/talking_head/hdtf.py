@@ -74,14 +74,17 @@ def motion_ae_config(arg: str | None) -> ConfigDict:
   c.model.init_from = ""  # Weights to start from (fdjax/pretrained.py specs); "" = none.
   tiny = args.runlocal
   c.model.image_size = 32 if tiny else args.size  # S: frames are S x S (runlocal: 32).
-  c.model.widths = (8, 16) if tiny else ((32, 64, 128) if args.size == 64 else (32, 64, 128, 256))
+  # 64 px is sized to train on a CPU in about 15 minutes; 128 px adds a scale and width.
+  small = args.size == 64
+  c.model.widths = (8, 16) if tiny else ((16, 32, 64) if small else (32, 64, 128, 256))
   c.model.motion_widths = (
-    (8, 16) if tiny else (16, 32, 64, 128) + ((256,) if args.size == 128 else ())
+    (8, 16) if tiny else ((8, 16, 32, 64) if small else (16, 32, 64, 128, 256))
   )
-  c.model.motion_hidden = 32 if tiny else 256  # Motion encoder's MLP width.
+  c.model.motion_hidden = 32 if tiny else 128  # Motion encoder's MLP width.
   c.model.latent_dim = 32 if tiny else 128  # L: the latent of the motion directions.
   c.model.motion_dim = 20  # D: the motion code stage 2 models.
-  c.model.discriminator_widths = (8, 16) if tiny else (32, 64, 128)  # PatchGAN channels.
+  # PatchGAN channels.
+  c.model.discriminator_widths = (8, 16) if tiny else ((16, 32, 64) if small else (32, 64, 128))
 
   c.loss = ConfigDict()
   c.loss.scales = 3  # Image scales of the L1 term (full, 1/2, 1/4).
@@ -89,16 +92,16 @@ def motion_ae_config(arg: str | None) -> ConfigDict:
   c.loss.ssim_weight = 0.5  # 1 - SSIM.
   c.loss.adversarial_weight = 0.01  # Generator's PatchGAN term (0: no discriminator).
 
-  c.batch_size = 8 if tiny else 16
+  c.batch_size = 8 if tiny or small else 16
   c.optim.optimizer = "adam"
   c.optim.b1, c.optim.b2 = 0.5, 0.999  # GAN-style Adam (LIA, FOMM).
-  c.optim.lr = 2e-4 if not tiny else 1e-3
+  c.optim.lr = 1e-3 if tiny else 5e-4
   c.optim.schedule = "cosine"
-  c.optim.warmup_steps = 50
+  c.optim.warmup_steps = 20
   c.optim.end_lr_factor = 0.1
-  c.ema.decay = 0.995  # Evaluation, export and stage 2 use the EMA.
+  c.ema.decay = 0.99  # Evaluation, export and stage 2 use the EMA.
   c.ema.start_step = 100
-  c.total_steps = 3000 if args.size == 64 else 6000
+  c.total_steps = 1000 if small else 20000
   c.log_every = 50
   c.eval_every = 0
   c.checkpoint.every = 500

@@ -87,10 +87,15 @@ def test_the_model_api_encodes_and_decodes_and_starts_near_the_source():
   model, params = _init(config)
   source = jnp.asarray(_frames(size=32), jnp.float32) / 255.0
   variables = {"params": params}
-  appearance = model.apply(variables, source, method=FaceMotionAE.encode_appearance)
-  code = model.apply(variables, source, method=FaceMotionAE.encode_motion)
+
+  @jax.jit
+  def roundtrip(variables, source):
+    appearance = model.apply(variables, source, method=FaceMotionAE.encode_appearance)
+    code = model.apply(variables, source, method=FaceMotionAE.encode_motion)
+    return code, model.apply(variables, appearance, code, method=FaceMotionAE.decode)
+
+  code, image = roundtrip(variables, source)
   assert code.shape == (2, 20)
-  image = model.apply(variables, appearance, code, method=FaceMotionAE.decode)
   assert image.shape == source.shape
   # The flows start at zero and the last mask at sigmoid(2): mostly the unwarped source.
   share = float(jax.nn.sigmoid(2.0))
@@ -103,9 +108,11 @@ def test_the_loss_is_multiscale_l1_plus_ssim_and_the_adversarial_parts_stop_grad
   config = _config()
   model, params = _init(config)
   batch = {"source": _frames(seed=1), "driving": _frames(seed=2)}
-  loss, aux = face_motion_ae.make_loss_fn(config)(model, params, batch, jax.random.key(0), True)
-  prediction, _ = model.apply(
-    {"params": params},
+  loss_fn = face_motion_ae.make_loss_fn(config)
+  loss, aux = jax.jit(lambda p, b: loss_fn(model, p, b, jax.random.key(0), True))(params, batch)
+  apply = jax.jit(lambda p, s, d: model.apply({"params": p}, s, d)[0])
+  prediction = apply(
+    params,
     jnp.asarray(batch["source"], jnp.float32) / 255,
     jnp.asarray(batch["driving"], jnp.float32) / 255,
   )
@@ -122,12 +129,14 @@ def test_the_loss_is_multiscale_l1_plus_ssim_and_the_adversarial_parts_stop_grad
     generator, discriminator = face_motion_ae.adversarial_losses(model, params, fake, real)
     return generator if which == "generator" else discriminator
 
-  grads = jax.grad(part)(params, "generator")
+  grads = jax.jit(jax.grad(part), static_argnums=1)(params, "generator")
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["discriminator"]))
-  grads = jax.grad(
-    lambda p: face_motion_ae.adversarial_losses(
-      model, p, model.apply({"params": p}, real, real)[0], real
-    )[1]
+  grads = jax.jit(
+    jax.grad(
+      lambda p: face_motion_ae.adversarial_losses(
+        model, p, model.apply({"params": p}, real, real)[0], real
+      )[1]
+    )
   )(params)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["generator"]))
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["discriminator"]))
