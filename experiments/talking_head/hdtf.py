@@ -68,7 +68,8 @@ def motion_ae_config(arg: str | None) -> ConfigDict:
   # Cross-identity reenactment judged by fdjax.metrics.talking_face's probes (needs two
   # identities in the evaluation split).
   c.data.reenactment = args.dataset == "hdtf"
-  c.data.probe_clips = 64 if not args.runlocal else 8  # Training clips fitting the mouth probe.
+  # Training clips (every 2nd frame) fitting the mouth probe.
+  c.data.probe_clips = 64 if not args.runlocal else 8
 
   c.model = ConfigDict()  # fdjax.models.face_motion.FaceMotionAE fields.
   c.model.init_from = ""  # Weights to start from (fdjax/pretrained.py specs); "" = none.

@@ -20,7 +20,8 @@ the trained model. Task contract: `fdjax/tasks/__init__.py`; docs/design.md sect
   cross-identity reenactment (each clip drives the first clip of another identity, relative
   motion) judged by `fdjax.metrics.talking_face`'s probes: the identity probe (fitted on the
   evaluation clips' real frames) should find the portrait's identity, and the mouth-opening
-  probe (fitted on training clips with ground truth) should follow the driver's `mouth_open`.
+  probe (fitted on training clips with ground truth, `talking_face.fit_twin_probes`) should
+  follow the driver's `mouth_open`.
 """
 
 from __future__ import annotations
@@ -400,22 +401,11 @@ def reenactment_metrics(config, model, params, clips: list[dict], *, mesh, rules
     "identity_probe_real_accuracy": float(np.mean(np.asarray(identity_probe(real)) == real_labels)),
   }
   if all("mouth_open" in clips[d] for d, _ in pairs):
-    probe_frames, probe_mouth = mouth_probe_data(config)
-    mouth_probe = talking_face.fit_mouth_probe(probe_frames, probe_mouth)
+    train = open_split(config, split_name(config, "train"))
+    mouth_probe, _ = talking_face.fit_twin_probes(train, max_examples=config.data.probe_clips)
     truth = np.concatenate([clips[d]["mouth_open"] for d, _ in pairs])
     estimate = np.asarray(mouth_probe(reenacted), np.float64)
     metrics["mouth_correlation"] = float(talking_face.pearson(estimate, truth))
     driver_estimate = np.asarray(mouth_probe(driving), np.float64)
     metrics["mouth_probe_real_correlation"] = float(talking_face.pearson(driver_estimate, truth))
   return metrics
-
-
-def mouth_probe_data(config: Any) -> tuple[np.ndarray, np.ndarray]:
-  """Frames [N, S, S, 3] u8 and their `mouth_open` [N] from the first `data.probe_clips`
-  training clips with ground truth (`data.eval_frames` frames each)."""
-  clips = eval_clips(config, split_name(config, "train"), config.data.probe_clips)
-  clips = [c for c in clips if "mouth_open" in c]
-  if not clips:
-    raise ValueError("the mouth probe needs training clips with ground truth (mouth_open)")
-  frames = np.concatenate([c["driving"] for c in clips])
-  return frames, np.concatenate([c["mouth_open"] for c in clips])
