@@ -96,7 +96,7 @@ def motion_ae_config(arg: str | None) -> ConfigDict:
   c.batch_size = 8 if tiny or small else 16
   c.optim.optimizer = "adam"
   c.optim.b1, c.optim.b2 = 0.5, 0.999  # GAN-style Adam (LIA, FOMM).
-  c.optim.lr = 1e-3 if tiny else 5e-4
+  c.optim.lr = 1e-3
   c.optim.schedule = "cosine"
   c.optim.warmup_steps = 20
   c.optim.end_lr_factor = 0.1

@@ -4,12 +4,16 @@ the talking-head line; task `fdjax.tasks.face_motion_ae`, docs/design.md section
 After LIA (Wang et al., "Latent Image Animator", ICLR 2022): an appearance encoder turns a
 source image into a feature pyramid and a latent `w_s` [B, L]; a motion encoder turns a frame
 into magnitudes `code` [B, D] (D ~ 20) along D learned directions that are kept orthonormal
-(the QR decomposition of a free [L, D] matrix), so the target latent is
-`z = w_s + directions @ code`. The generator decodes `z` from the coarsest scale up: at every
-scale it predicts a flow and an occlusion mask, warps the appearance features of that scale by
-the flow (bilinear), mixes them into its own features and refines; at full resolution it warps
-the source image itself and blends it with a generated image by a last mask. A PatchGAN
-discriminator (`discriminate`) rides along for the adversarial term.
+(the QR decomposition of a free [L, D] matrix). The source's own code `code_s` is part of its
+appearance, and the generator navigates from the source by the difference of codes:
+`z = w_s + directions @ (code - code_s)` (LIA navigates by the driving code alone; the
+difference makes a code of the source itself decode to the source and puts every frame's code
+in one space, which the relative reenactment below and stage 2 rely on). The generator
+decodes `z` from the coarsest scale up: at every scale it predicts a flow and an occlusion
+mask, warps the appearance features of that scale by the flow (bilinear), mixes them into its
+own features and refines; at full resolution it warps the source image itself and blends it
+with a generated image by a last mask. A PatchGAN discriminator (`discriminate`) rides along
+for the adversarial term.
 
 API used by stage 2 and `fdjax generate` (pure functions of the parameters through
 `model.apply(variables, ..., method=...)`):
@@ -259,9 +263,11 @@ class FaceMotionAE(nn.Module):
       )
 
   def encode_appearance(self, image: Array) -> dict[str, Any]:
-    """image [B, S, S, 3] in [0, 1] -> {"features": pyramid, "latent": [B, L], "image"}."""
+    """image [B, S, S, 3] in [0, 1] -> {"features": pyramid, "latent": [B, L], "image",
+    "code": the image's own motion code [B, D]}."""
     self._check(image, "image")
-    return self.appearance_encoder(image.astype(self.dtype))
+    appearance = self.appearance_encoder(image.astype(self.dtype))
+    return {**appearance, "code": self.encode_motion(image)}
 
   def encode_motion(self, frames: Array) -> Array:
     """frames [B, S, S, 3] in [0, 1] -> motion code [B, D] (float32)."""
@@ -270,7 +276,8 @@ class FaceMotionAE(nn.Module):
 
   def decode_with_aux(self, appearance: dict[str, Any], code: Array):
     """`decode` plus the generator's flows and masks."""
-    z = appearance["latent"].astype(jnp.float32) + self.directions(code.astype(jnp.float32))
+    motion = code.astype(jnp.float32) - appearance["code"].astype(jnp.float32)
+    z = appearance["latent"].astype(jnp.float32) + self.directions(motion)
     image, aux = self.generator(z.astype(self.dtype), appearance)
     return image.astype(jnp.float32), aux
 
