@@ -360,14 +360,20 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
     "num_frames": len(driving),
   }
   if config.data.reenactment:
-    metrics.update(reenactment_metrics(config, model, params, clips, mesh=mesh, rules=rules))
+    metrics.update(
+      reenactment_metrics(config, model, params, clips, reconstruction, mesh=mesh, rules=rules)
+    )
   return metrics
 
 
-def reenactment_metrics(config, model, params, clips: list[dict], *, mesh, rules) -> dict:
+def reenactment_metrics(
+  config, model, params, clips: list[dict], reconstruction: np.ndarray, *, mesh, rules
+) -> dict:
   """Each clip drives another identity's portrait (its first frame) with relative motion; the
   identity probe's share of reenacted frames given the portrait's identity (and the driver's),
-  and the Pearson correlation of the mouth probe on them with the driver's `mouth_open`."""
+  and the Pearson correlation of the mouth probe on them with the driver's `mouth_open` (and on
+  the same-clip `reconstruction` [N, S, S, 3] of every clip's driving frames, and on the real
+  driving frames: the probe's ceiling)."""
   from fdjax.metrics import talking_face
 
   identities = [c["identity"] for c in clips]
@@ -408,4 +414,8 @@ def reenactment_metrics(config, model, params, clips: list[dict], *, mesh, rules
     metrics["mouth_correlation"] = float(talking_face.pearson(estimate, truth))
     driver_estimate = np.asarray(mouth_probe(driving), np.float64)
     metrics["mouth_probe_real_correlation"] = float(talking_face.pearson(driver_estimate, truth))
+    if all("mouth_open" in c for c in clips):
+      estimate = np.asarray(mouth_probe(reconstruction), np.float64)
+      truth = np.concatenate([c["mouth_open"] for c in clips])
+      metrics["reconstruction_mouth_correlation"] = float(talking_face.pearson(estimate, truth))
   return metrics

@@ -197,7 +197,8 @@ def test_a_short_run_on_the_tiny_twin_lowers_the_loss_evaluates_and_loads(tmp_pa
     assert np.isfinite(metrics[key]), key
   assert metrics["psnr_gain"] == pytest.approx(metrics["psnr"] - metrics["repeat_source_psnr"])
   assert metrics["num_clips"] == 2  # the tiny twin's test split: 2 identities, a clip each
-  for key in ("identity_portrait_accuracy", "identity_driver_share", "mouth_correlation"):
+  reenactment = ("identity_portrait_accuracy", "identity_driver_share", "mouth_correlation")
+  for key in (*reenactment, "reconstruction_mouth_correlation", "mouth_probe_real_correlation"):
     assert key in metrics, key
   model, params, saved = face_motion_ae.load(str(tmp_path))
   assert saved.task == "face_motion_ae" and model.image_size == 32
