@@ -13,9 +13,9 @@ linear probes on twin frames with their ground truth:
   (R - G) / (R + G + B), both at half resolution, and sorted order statistics of both (the
   darkest and brightest pixels: the mouth's cavity and teeth, wherever the mouth sits). The
   probe is fitted on the frames and on blurred copies of them (sigma 1.5 px), so a generated,
-  softer frame reads the same as a sharp one. On the demo twin (24 training identities, 64 px)
-  the probe's Pearson correlation with the truth on 8 held-out identities' frames is 0.88
-  pooled over them and 0.965 within a clip; docs/design.md section 5 has the numbers.
+  softer frame reads the same as a sharp one. On the demo twin (40 training identities, 64 px)
+  the probe's Pearson correlation with the truth on 12 held-out identities' frames is 0.925
+  pooled over them and 0.969 within a clip; docs/design.md section 5 has the numbers.
 - `fit_identity_probe(frames, identities) -> IdentityProbe`: ridge classifier (one-hot
   targets) on the face's centre, downsampled to 12 x 12 colour pixels normalised per frame,
   plus the face's mean chromaticity; `probe(frames)` gives identities, `probe.probabilities`

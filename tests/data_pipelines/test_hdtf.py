@@ -282,5 +282,5 @@ def test_the_twin_sizes_hold_at_least_two_identities_per_split():
   for size in hdtf_twin.SIZES.values():
     assert set(size.identities) == set(hdtf.SPLITS) and min(size.identities.values()) >= 2
   names = hdtf_twin.identities(hdtf_twin.SIZES["demo"])
-  assert len({n for n, _ in names}) == len(names) == 32
+  assert len({n for n, _ in names}) == len(names) == 52
   assert all(hdtf.identity_split(n) == s for n, s in names)
