@@ -48,6 +48,7 @@ def test_frames_are_uint8_images_and_deterministic_given_the_rng(person):
     (4, "brows"),
     (5, "eyes"),
     (43, "eyes"),
+    (6, "cheeks"),
     (12, "mouth"),
     (15, "mouth"),
     (20, "mouth"),
@@ -67,6 +68,7 @@ def test_each_action_unit_moves_its_own_region(person, au, region):
   rows = {
     "brows": (identity.brow_height - 0.2, identity.eye_height - 0.06),
     "eyes": (identity.eye_height - 0.12, identity.eye_height + 0.1),
+    "cheeks": (identity.eye_height + 0.02, identity.mouth_height - 0.1),
     "mouth": (identity.mouth_height - 0.15, 1.2),
   }
   lo, hi = (int(centre + v * radius) for v in rows[region])
