@@ -384,7 +384,7 @@ def render_frame(
     tissue(side * 0.28, brow_v0 + 0.07, 0.13, 0.035, 0.15 * max(au[1], au[2]))
     # AU15: the depressor bulge and shadow below the lip corners; AU26: hollow cheeks.
     tissue(
-      side * (identity.mouth_width + 0.03), identity.mouth_height + 0.12, 0.05, 0.05, -0.35 * au[15]
+      side * (identity.mouth_width + 0.03), identity.mouth_height + 0.12, 0.06, 0.06, -0.5 * au[15]
     )
     tissue(side * 0.42, 0.48, 0.09, 0.12, -0.22 * au[26])
   # AU4: the furrowed glabella between the brows.
@@ -397,7 +397,8 @@ def render_frame(
   # AU26 (and AU25): the dropped jaw darkens the chin's underside and the lip-chin fold; AU17
   # pushes the chin boss up (the boss itself is drawn below) with a fold above it.
   tissue(0.0, 0.86, 0.25, 0.07, -0.30 * au[26])
-  tissue(0.0, identity.mouth_height + 0.16, 0.12, 0.035, -0.30 * max(au[26], au[17]))
+  tissue(0.0, identity.mouth_height + 0.16, 0.12, 0.035, -0.30 * au[26] - 0.35 * au[17])
+  tissue(0.0, 0.74, 0.12, 0.06, 0.25 * au[17])
 
   # Hairline.
   def hairline(fu, fv):
@@ -486,8 +487,8 @@ def render_frame(
     tissue(side * (corner_u + 0.05), corner_v, 0.035, 0.05, -0.40 * au[14])
     tissue(side * (corner_u + 0.06), corner_v + 0.06, 0.05, 0.07, -0.25 * au[20])
   pressed = max(au[23], au[24])
-  tissue(0.0, identity.mouth_height - 0.10, 0.14, 0.03, 0.15 * pressed)
-  tissue(0.0, identity.mouth_height + 0.11, 0.14, 0.03, 0.15 * pressed)
+  tissue(0.0, identity.mouth_height - 0.10, 0.14, 0.03, 0.25 * pressed)
+  tissue(0.0, identity.mouth_height + 0.11, 0.14, 0.03, 0.25 * pressed)
 
   # Nose: shading along the bridge and the nostrils (AU9/AU10 lift and flare them).
   nostril_v = 0.21 - 0.025 * au[9] - 0.015 * au[10]
