@@ -214,3 +214,13 @@ def test_parts_follow_action_units_and_pose(person):
   _, yawed = _parts(person, neutral, turned)
   shift = np.nonzero(yawed == fr.PART_NOSE)[1].mean() - np.nonzero(rest == fr.PART_NOSE)[1].mean()
   assert abs(shift) > 3
+
+
+def test_expressions_are_visible_to_a_linear_classifier_on_small_frames():
+  """The DFEW twin's emotions read from pixels at 32 px, as real faces' do: a linear probe on
+  apex-minus-first frames of 25 clips per class (random people, scenes, poses) reaches a UAR
+  of 0.64-0.71 over seeds (chance 0.14); before the renderer shaded the tissue the AUs move,
+  with thin brows and lips, 0.29-0.41."""
+  from data_pipelines.synthetic import visibility
+
+  assert visibility.expression_uar(per_class=25, side=32, seed=0) > 0.55
