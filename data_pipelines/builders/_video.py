@@ -454,7 +454,7 @@ class ActionUnitBuilder(VideoBuilder, skip_registration=True):
     cls, data_dir: str, out_png: str | None = None, config: str | None = None
   ) -> dict:
     """Counts, shapes, AU base rates and a contact sheet of this dataset, as built."""
-    report = inspect_dataset(cls.name, data_dir, out_png, config)
+    report = inspect_dataset(cls.name, data_dir, out_png, config, aus=cls.AUS)
     report["aus"] = list(cls.AUS)
     return report
 
@@ -533,12 +533,15 @@ def inspect_dataset(
   config: str | None = None,
   max_examples: int = 256,
   class_names: Sequence[str] | None = None,
+  aus: Sequence[int] | None = None,
 ) -> dict:
-  """Counts per split, shapes and dtypes, statistics, and a contact sheet of sample frames.
+  """Counts per split, shapes and dtypes, statistics, and sheets of sample frames.
 
   Statistics (label histogram or AU base rates, frame counts, pixel mean/std) are computed on
-  up to `max_examples` evenly spaced examples per split. The contact sheet shows up to six
-  clips of the first split, eight uniformly spaced frames each.
+  up to `max_examples` evenly spaced examples per split. The contact sheet (`out_png`) shows up
+  to six clips of the first split, eight uniformly spaced frames each; beside it,
+  `<out_png stem>_apex.png` shows what the labels look like (`apex_sheet`): a row per class
+  (or per AU, numbered by `aus`) of that class's or AU's frames from the sampled examples.
   """
   builder = tfds.builder_from_directory(find_built(name, data_dir, config))
   report: dict = {
@@ -547,7 +550,7 @@ def inspect_dataset(
     "splits": {},
     "skipped": dict(builder.info.metadata.get("skipped", {})) if builder.info.metadata else {},
   }
-  sheet_source = None
+  sheet_source, sheet_examples = None, []
   for split in builder.info.splits:
     source = builder.as_data_source(split=split)
     if sheet_source is None:
@@ -556,6 +559,8 @@ def inspect_dataset(
     entry: dict = {"num_examples": count}
     picks = np.unique(np.linspace(0, count - 1, min(count, max_examples)).astype(int))
     examples = [source[int(i)] for i in picks] if count else []
+    if source is sheet_source:
+      sheet_examples = examples
     if examples:
       entry["features"] = {
         key: (list(np.shape(value)), str(np.asarray(value).dtype))
@@ -572,13 +577,70 @@ def inspect_dataset(
         names = class_names or [str(i) for i in range(labels.max() + 1)]
         entry["label_counts"] = {n: int((labels == i).sum()) for i, n in enumerate(names)}
       if "aus" in examples[0]:
-        aus = np.stack([np.asarray(e["aus"]) for e in examples])
-        entry["au_base_rate"] = [round(float(x), 3) for x in aus.mean(0)]
+        occurrence = np.stack([np.asarray(e["aus"]) for e in examples])
+        entry["au_base_rate"] = [round(float(x), 3) for x in occurrence.mean(0)]
     report["splits"][split] = entry
   if out_png and sheet_source is not None and len(sheet_source):
     contact_sheet(sheet_source, out_png, class_names)
     report["contact_sheet"] = out_png
+    apex_png = os.path.splitext(out_png)[0] + "_apex.png"
+    names = apex_sheet(sheet_examples, apex_png, class_names, aus)
+    if names:
+      report["apex_sheet"], report["apex_rows"] = apex_png, names
   return report
+
+
+def apex_frame(video: np.ndarray) -> np.ndarray:
+  """The frame of a clip that differs most from its first frame (its expression's apex)."""
+  video = np.asarray(video)
+  change = np.abs(video.astype(np.int16) - video[:1].astype(np.int16)).mean(axis=(1, 2, 3))
+  return video[int(change.argmax())]
+
+
+def apex_sheet(
+  examples: Sequence[dict],
+  out_png: str,
+  class_names: Sequence[str] | None = None,
+  aus: Sequence[int] | None = None,
+  per_row: int = 8,
+) -> list[str]:
+  """Saves a grid with one row per class (or AU) of `per_row` examples showing it.
+
+  Clip datasets (`label`): each tile is a clip's apex frame (`apex_frame`), next to which the
+  row's first tile shows that clip's first frame, so a row reads neutral -> expression.
+  Action-unit datasets (`aus`, the middle frame's occurrence): each tile is the middle frame of
+  a window where the AU is present. Rows with no example are left out. Returns the rows' names
+  (nothing is written when there is none).
+  """
+  rows: list[tuple[str, list[np.ndarray]]] = []
+  if examples and "label" in examples[0]:
+    labels = np.array([int(e["label"]) for e in examples])
+    for label in range(int(labels.max()) + 1):
+      members = [e for e, lab in zip(examples, labels) if lab == label][: per_row - 1]
+      if members:
+        name = class_names[label] if class_names else str(label)
+        first = np.asarray(members[0]["video"])[0]
+        rows.append((name, [first] + [apex_frame(e["video"]) for e in members]))
+  elif examples and "aus" in examples[0]:
+    present = np.stack([np.asarray(e["aus"]) for e in examples]) > 0.5
+    for k in range(present.shape[1]):
+      members = [e for e, on in zip(examples, present[:, k]) if on][:per_row]
+      if members:
+        name = f"AU{aus[k]}" if aus is not None else f"AU #{k}"
+        rows.append((name, [np.asarray(e["video"])[len(e["video"]) // 2] for e in members]))
+  if not rows:
+    return []
+  side = rows[0][1][0].shape[0]
+  label_width = 8 * max(len(name) for name, _ in rows) + 8
+  sheet = Image.new("RGB", (label_width + per_row * side, len(rows) * side))
+  draw = ImageDraw.Draw(sheet)
+  for r, (name, frames) in enumerate(rows):
+    draw.text((4, r * side + side // 2 - 6), name, fill=(255, 255, 0))
+    for c, frame in enumerate(frames):
+      sheet.paste(Image.fromarray(np.asarray(frame, np.uint8)), (label_width + c * side, r * side))
+  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+  sheet.save(out_png)
+  return [name for name, _ in rows]
 
 
 def contact_sheet(

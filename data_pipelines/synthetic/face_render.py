@@ -27,6 +27,18 @@ dimples them, AU15 pulls them down, AU17 raises the chin and lower lip, AU20 str
 lips sideways, AU23/AU24 tighten and press the lips thin, AU25 parts them, AU26 drops the
 jaw, and AU43 closes the eyes (blinks).
 
+Real faces show expressions through shading as much as through contours, and a low-resolution
+frame shows little else, so each AU also shades the tissue it bunches or stretches, with
+broad Gaussian brightening and darkening of the skin (`tissue` in `render_frame`): raised
+cheeks catch the light with a shadow below them (AU6, a little with AU12), lowered brows
+shade the lids and furrow the glabella (AU4), raised brows bunch the forehead (AU1/AU2), the
+nose root wrinkles (AU9), shadows form under the raised upper lip (AU10), below the lip corners
+(AU15), in the dimples (AU14), beside stretched lips (AU20), around pressed lips (AU23/AU24) and
+under the dropped jaw with hollowed cheeks (AU26); the nasolabial folds are broad and deepen
+with AU12, AU9, AU10, AU6, AU20. Lips are redder and brows darker than the skin, as in
+photographs. Sensor noise is light (std 0.003-0.015) and the labelled twins' heads drift little
+within a clip (`EXPRESSION_POSE_DRIFT`), as in face-aligned crops.
+
 Beside the frame, `render_frame` / `render_clip` can return a face-part map (`return_parts`):
 per pixel the id of its part in `FACE_PARTS`, labelled from the same implicit shapes the frame
 is drawn with (so it follows the pose and the AUs), for part-aware masking in self-supervised
@@ -126,7 +138,10 @@ def random_identity(rng: np.random.Generator) -> Identity:
   """A random person."""
   skin = _SKIN_TONES[rng.integers(len(_SKIN_TONES))] * rng.uniform(0.93, 1.07, 3)
   hair = _HAIR_COLOURS[rng.integers(len(_HAIR_COLOURS))] * rng.uniform(0.85, 1.15, 3)
-  lips = np.clip(skin * np.array([0.95, 0.62, 0.62]) * rng.uniform(0.85, 1.0), 0, 1)
+  # Lips and brows stand out from the skin as they do in photographs (redder, darker lips;
+  # brows darker than the skin even under fair hair), so their movements show at low resolution.
+  lips = np.clip(skin * np.array([0.85, 0.45, 0.47]) * rng.uniform(0.8, 0.95), 0, 1)
+  brows = np.minimum(hair * 0.6 + 0.02, skin * rng.uniform(0.3, 0.45))
   return Identity(
     face_aspect=float(rng.uniform(0.70, 0.84)),
     face_scale=float(rng.uniform(0.36, 0.42)),
@@ -134,17 +149,17 @@ def random_identity(rng: np.random.Generator) -> Identity:
     skin=np.clip(skin, 0, 1).astype(np.float32),
     hair=np.clip(hair, 0, 1).astype(np.float32),
     lips=lips.astype(np.float32),
-    brows=np.clip(hair * 0.7 + 0.02, 0, 1).astype(np.float32),
+    brows=np.clip(brows, 0, 1).astype(np.float32),
     iris=_IRIS_COLOURS[rng.integers(len(_IRIS_COLOURS))],
     eye_spacing=float(rng.uniform(0.27, 0.33)),
     eye_height=float(rng.uniform(-0.16, -0.08)),
     eye_size=float(rng.uniform(0.11, 0.14)),
     brow_height=float(rng.uniform(-0.36, -0.30)),
-    brow_thickness=float(rng.uniform(0.028, 0.045)),
+    brow_thickness=float(rng.uniform(0.045, 0.065)),
     brow_arch=float(rng.uniform(0.01, 0.05)),
     mouth_width=float(rng.uniform(0.20, 0.26)),
     mouth_height=float(rng.uniform(0.46, 0.54)),
-    lip_thickness=float(rng.uniform(0.035, 0.055)),
+    lip_thickness=float(rng.uniform(0.05, 0.07)),
     hairline=float(rng.uniform(-0.78, -0.62)),
   )
 
@@ -168,14 +183,16 @@ def random_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     light=(light / np.linalg.norm(light)).astype(np.float32),
     ambient=float(rng.uniform(0.35, 0.6)),
     tint=rng.uniform(0.9, 1.1, 3).astype(np.float32),
-    noise_std=float(rng.uniform(0.005, 0.03)),
+    noise_std=float(rng.uniform(0.003, 0.015)),
   )
 
 
-def random_pose_track(num_frames: int, rng: np.random.Generator) -> np.ndarray:
+def random_pose_track(num_frames: int, rng: np.random.Generator, drift: float = 1.0) -> np.ndarray:
   """Head pose per frame `[T, 6]`: yaw, pitch, roll (radians), dx, dy (frame fractions), scale.
 
-  A random base pose plus slow sinusoidal drift, as a seated person moves while talking.
+  A random base pose plus slow sinusoidal drift, as a seated person moves while talking;
+  `drift` scales the drift's amplitude (the expression twins use a small one: their clips are
+  face-aligned crops, as DFEW's and BP4D's are).
   """
   t = np.arange(num_frames, dtype=np.float32)[:, None]
   base = np.array(
@@ -190,6 +207,7 @@ def random_pose_track(num_frames: int, rng: np.random.Generator) -> np.ndarray:
     np.float32,
   )
   amplitude = np.array([0.04, 0.02, 0.02, 0.005, 0.005, 0.005], np.float32) * rng.uniform(0, 1, 6)
+  amplitude *= drift
   period = rng.uniform(20, 80, 6).astype(np.float32)
   phase = rng.uniform(0, 2 * np.pi, 6).astype(np.float32)
   return (base + amplitude * np.sin(2 * np.pi * t / period + phase)).astype(np.float32)
@@ -330,8 +348,9 @@ def render_frame(
     if window is not None:
       face_parts[window][distance_fn(u[window], v[window]) <= 0] = part
 
-  # Cheeks: AU6 lifts and rounds them.
-  cheek_v = 0.18 - 0.07 * au[6]
+  # Cheeks: AU6 lifts and rounds them, and AU12's pull raises them a little too.
+  cheek_lift = min(1.0, au[6] + 0.35 * au[12])
+  cheek_v = 0.18 - 0.08 * cheek_lift
   cheek_colour = identity.skin * np.array([1.08, 0.88, 0.86], np.float32)
   for side in (-1.0, 1.0):
     f = feature(side * 0.36 - 0.3, side * 0.36 + 0.3, cheek_v - 0.3, cheek_v + 0.3)
@@ -339,6 +358,47 @@ def render_frame(
       fu, fv, fs = f
       cheek = np.exp(-((fu - side * 0.36) ** 2 + (fv - cheek_v) ** 2) / (2 * 0.11**2))
       _paint(fs, cheek * (0.25 + 0.35 * au[6]), cheek_colour)
+
+  # Shading of the soft tissue the muscles bunch up, the broad light and dark areas by which
+  # expressions read in a photograph and at low resolution (where the creases drawn below are
+  # thinner than a pixel): each is a Gaussian brightening (> 0) or darkening (< 0) of the skin.
+  def tissue(cu: float, cv: float, su: float, sv: float, strength: float) -> None:
+    if abs(strength) < 0.005:
+      return
+    f = feature(cu - 2.5 * su, cu + 2.5 * su, cv - 2.5 * sv, cv + 2.5 * sv)
+    if f:
+      fu, fv, fs = f
+      fs *= (
+        1.0 + strength * np.exp(-0.5 * (((fu - cu) / su) ** 2 + ((fv - cv) / sv) ** 2))[..., None]
+      )
+
+  eye_v, brow_v0 = identity.eye_height, identity.brow_height
+  for side in (-1.0, 1.0):
+    # AU6/AU12: the raised cheek catches the light, with a shadow under it and a bulge of
+    # the lower lid (AU6, AU7) under the eye.
+    tissue(side * 0.36, cheek_v - 0.02, 0.10, 0.08, 0.22 * cheek_lift)
+    tissue(side * 0.34, cheek_v + 0.16, 0.13, 0.045, -0.30 * cheek_lift)
+    tissue(side * identity.eye_spacing, eye_v + 0.09, 0.09, 0.025, -0.30 * max(au[6], au[7]))
+    # AU4: the lowered brows shade the upper lids; AU1/AU2 lift them into the light.
+    tissue(side * 0.28, brow_v0 + 0.09, 0.13, 0.035, -0.35 * au[4])
+    tissue(side * 0.28, brow_v0 + 0.07, 0.13, 0.035, 0.15 * max(au[1], au[2]))
+    # AU15: the depressor bulge and shadow below the lip corners; AU26: hollow cheeks.
+    tissue(
+      side * (identity.mouth_width + 0.03), identity.mouth_height + 0.12, 0.06, 0.06, -0.5 * au[15]
+    )
+    tissue(side * 0.42, 0.48, 0.09, 0.12, -0.22 * au[26])
+  # AU4: the furrowed glabella between the brows.
+  tissue(0.0, brow_v0 + 0.03, 0.06, 0.06, -0.40 * au[4])
+  # AU1/AU2: the forehead bunches into broad furrows.
+  tissue(0.0, brow_v0 - 0.17, 0.28, 0.05, -0.25 * max(au[1], au[2]))
+  # AU9: the wrinkled nose root; AU10: the raised upper lip's shadow.
+  tissue(0.0, -0.03, 0.08, 0.05, -0.35 * au[9])
+  tissue(0.0, identity.mouth_height - 0.12, 0.10, 0.04, -0.20 * au[10])
+  # AU26 (and AU25): the dropped jaw darkens the chin's underside and the lip-chin fold; AU17
+  # pushes the chin boss up (the boss itself is drawn below) with a fold above it.
+  tissue(0.0, 0.86, 0.25, 0.07, -0.30 * au[26])
+  tissue(0.0, identity.mouth_height + 0.16, 0.12, 0.035, -0.30 * au[26] - 0.35 * au[17])
+  tissue(0.0, 0.74, 0.12, 0.06, 0.25 * au[17])
 
   # Hairline.
   def hairline(fu, fv):
@@ -416,10 +476,19 @@ def render_frame(
     def fold_distance(fu, fv, s=side):
       t = np.clip((fv - 0.16) / max(corner_v - 0.16, 1e-3), 0, 1)
       fold_u = s * (0.13 + (corner_u + 0.05 - 0.13) * t)
-      return np.maximum(np.abs(fu - fold_u) - 0.007, np.abs(fv - (corner_v + 0.16) / 2) - fold_half)
+      return np.maximum(np.abs(fu - fold_u) - 0.014, np.abs(fv - (corner_v + 0.16) / 2) - fold_half)
 
     lo, hi = sorted((side * 0.12, side * (corner_u + 0.07)))
-    crease((lo, hi, 0.14, corner_v + 0.02), fold_distance, 0.5 * fold, 1.5)
+    crease((lo, hi, 0.14, corner_v + 0.02), fold_distance, 0.7 * fold, 2.5)
+
+  # Around the lip corners: AU14's dimples deepen into shadows, AU20 stretches the skin beside
+  # them, and AU23/AU24's pressed lips push a bulge of skin out above and below.
+  for side in (-1.0, 1.0):
+    tissue(side * (corner_u + 0.05), corner_v, 0.035, 0.05, -0.40 * au[14])
+    tissue(side * (corner_u + 0.06), corner_v + 0.06, 0.05, 0.07, -0.25 * au[20])
+  pressed = max(au[23], au[24])
+  tissue(0.0, identity.mouth_height - 0.10, 0.14, 0.03, 0.25 * pressed)
+  tissue(0.0, identity.mouth_height + 0.11, 0.14, 0.03, 0.25 * pressed)
 
   # Nose: shading along the bridge and the nostrils (AU9/AU10 lift and flare them).
   nostril_v = 0.21 - 0.025 * au[9] - 0.015 * au[10]
@@ -765,6 +834,11 @@ def au_intensity(track: np.ndarray, aus: tuple[int, ...]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Whole clips, as the synthetic twins use them.
 
+# Pose drift within a clip of the labelled twins, relative to `random_pose_track`'s: their clips
+# are face crops (DFEW's are aligned by a face detector, BP4D's subjects sit before a fixed
+# camera), so the head moves less than the expression does.
+EXPRESSION_POSE_DRIFT = 0.3
+
 
 def render_expression_clip(
   name: str,
@@ -778,7 +852,8 @@ def render_expression_clip(
   identity = identity or random_identity(rng)
   scene = random_scene(rng, height, width)
   track = expression_track(name, num_frames, rng)
-  return render_clip(identity, scene, track, random_pose_track(num_frames, rng), rng)
+  poses = random_pose_track(num_frames, rng, drift=EXPRESSION_POSE_DRIFT)
+  return render_clip(identity, scene, track, poses, rng)
 
 
 def render_au_clip(
@@ -791,5 +866,6 @@ def render_au_clip(
   """A clip of `identity` with independent, co-occurring AUs: `(frames, track [T, A])`."""
   scene = random_scene(rng, height, width)
   track = random_au_track(num_frames, rng)
-  frames = render_clip(identity, scene, track, random_pose_track(num_frames, rng), rng)
+  poses = random_pose_track(num_frames, rng, drift=EXPRESSION_POSE_DRIFT)
+  frames = render_clip(identity, scene, track, poses, rng)
   return frames, track

@@ -108,6 +108,10 @@ class VideoVisionTransformer(nn.Module):
   pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB mean for normalisation
   pixel_std: tuple[float, float, float] = IMAGENET_STD  # RGB std for normalisation
   remat: bool = False  # recompute block activations in the backward pass
+  # Subtract each clip's mean frame (over its real frames) from every frame after normalising:
+  # what stays still (background, identity, light) leaves the input and what moves (the
+  # expression) stays.
+  subtract_mean_frame: bool = False
   attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
@@ -148,6 +152,11 @@ class VideoVisionTransformer(nn.Module):
     steps = frames // self.tubelet_size
 
     x = normalize_video(video, self.pixel_mean, self.pixel_std, self.dtype)
+    if self.subtract_mean_frame:
+      weights = jnp.ones((batch, frames), x.dtype) if frame_mask is None else frame_mask
+      weights = weights.astype(x.dtype)[:, :, None, None, None]
+      mean = (x * weights).sum(1, keepdims=True) / jnp.maximum(weights.sum(1, keepdims=True), 1)
+      x = x - mean
     x = tubelet_embedding(self.width, self.tubelet_size, self.patch_size, self.dtype)(
       x
     )  # [B, T', h, w, D]

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_pipelines import pipeline, video
 from data_pipelines.builders import _video, bp4d, common
@@ -118,6 +119,12 @@ def test_inspect_reports_au_base_rates(built, tmp_path):
   rates = report["splits"]["fold1_train"]["au_base_rate"]
   assert len(rates) == 12 and 0 < np.mean(rates) < 1
   assert os.path.isfile(tmp_path / "sheet.png")
+  # The apex sheet has a row per AU present in the sampled windows, frames of that AU.
+  apex = np.asarray(Image.open(report["apex_sheet"]))
+  rows = report["apex_rows"]
+  assert rows and set(rows) <= {f"AU{a}" for a in bp4d.AUS}, rows
+  side = report["splits"]["fold1_train"]["features"]["video"][0][1]
+  assert apex.shape[0] == len(rows) * side
 
 
 def test_bad_codes_and_missing_frames_fail_naming_the_file_or_are_skipped(raw_dir, built, tmp_path):

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_pipelines import pipeline, video
 from data_pipelines.builders import common, dfew
@@ -107,6 +108,12 @@ def test_inspect_reports_counts_and_writes_a_contact_sheet(built, tmp_path):
   assert sum(report["splits"]["fold1_test"]["label_counts"].values()) == 7
   assert report["skipped"] == {split: 0 for split in sizes}
   assert os.path.getsize(tmp_path / "sheet.png") > 1000
+  # The apex sheet: a row per class (each of the 7 has clips in fold 1's test split), first
+  # frame then apex frames, which differ from the first frame where the expression shows.
+  apex = np.asarray(Image.open(report["apex_sheet"]))
+  side = report["splits"]["fold1_test"]["features"]["video"][0][1]
+  assert report["apex_sheet"] == str(tmp_path / "sheet_apex.png")
+  assert report["apex_rows"] == list(dfew.CLASS_NAMES) and apex.shape[0] == 7 * side
 
 
 def _broken_copy(raw_dir, tmp_path):

@@ -48,6 +48,7 @@ def test_frames_are_uint8_images_and_deterministic_given_the_rng(person):
     (4, "brows"),
     (5, "eyes"),
     (43, "eyes"),
+    (6, "cheeks"),
     (12, "mouth"),
     (15, "mouth"),
     (20, "mouth"),
@@ -67,6 +68,7 @@ def test_each_action_unit_moves_its_own_region(person, au, region):
   rows = {
     "brows": (identity.brow_height - 0.2, identity.eye_height - 0.06),
     "eyes": (identity.eye_height - 0.12, identity.eye_height + 0.1),
+    "cheeks": (identity.eye_height + 0.02, identity.mouth_height - 0.1),
     "mouth": (identity.mouth_height - 0.15, 1.2),
   }
   lo, hi = (int(centre + v * radius) for v in rows[region])
@@ -212,3 +214,13 @@ def test_parts_follow_action_units_and_pose(person):
   _, yawed = _parts(person, neutral, turned)
   shift = np.nonzero(yawed == fr.PART_NOSE)[1].mean() - np.nonzero(rest == fr.PART_NOSE)[1].mean()
   assert abs(shift) > 3
+
+
+def test_expressions_are_visible_to_a_linear_classifier_on_small_frames():
+  """The DFEW twin's emotions read from pixels at 32 px, as real faces' do: a linear probe on
+  apex-minus-first frames of 25 clips per class (random people, scenes, poses) reaches a UAR
+  of 0.64-0.71 over seeds (chance 0.14); before the renderer shaded the tissue the AUs move,
+  with thin brows and lips, 0.29-0.41."""
+  from data_pipelines.synthetic import visibility
+
+  assert visibility.expression_uar(per_class=25, side=32, seed=0) > 0.55

@@ -124,3 +124,25 @@ def test_every_parameter_maps_to_the_mesh_by_logical_names():
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)["params"]
   assert shardings["tubelet_embedding"]["kernel"].spec == P(None, None, None, None, "fsdp")
   assert shardings["temporal_encoder"]["layers_0"]["fc2"]["kernel"].spec == P("tensor", "fsdp")
+
+
+def test_subtracting_the_mean_frame_removes_what_stays_still():
+  """With `subtract_mean_frame`, a static image added to every frame (a background, a face at
+  rest) changes nothing; only what moves reaches the model. Masked frames do not count."""
+  rng = np.random.default_rng(0)
+  video = rng.integers(40, 150, (2, 4, 32, 32, 3)).astype(np.float32)
+  still = video + rng.integers(0, 100, (2, 1, 32, 32, 3)).astype(np.float32)
+  for subtract in (True, False):
+    model = vivit_model("tiny", subtract_mean_frame=subtract, max_frames=4)
+    params = model.init(jax.random.key(0), video)
+    a, _ = model.apply(params, video)
+    b, _ = model.apply(params, still)
+    assert np.allclose(a, b, atol=1e-4) == subtract
+  model = vivit_model("tiny", subtract_mean_frame=True, max_frames=4)
+  params = model.init(jax.random.key(0), video)
+  mask = np.array([[True, True, False, False]] * 2)
+  padded = video.copy()
+  padded[:, 2:] = 255.0  # frames past the clip's end: neither the mean nor the output sees them
+  a, _ = model.apply(params, video, frame_mask=mask)
+  b, _ = model.apply(params, padded, frame_mask=mask)
+  np.testing.assert_allclose(a, b, atol=1e-4)
