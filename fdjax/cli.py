@@ -10,6 +10,7 @@
     fdjax sweep ... / fdjax sweep report DIR (fdjax.sweep)
     fdjax fit flame --meshes SEQ --out PARAMS.npz (fdjax.fit)
     fdjax stabilize --mesh_seq SEQ --out OUT --workdir W (fdjax.stabilize)
+    fdjax generate --portrait IMG --audio WAV --workdir W --out clip.mp4 (fdjax.generate)
 
 Subcommands are imported only when used, so `fdjax data ...` does not pay for JAX start-up.
 """
@@ -23,8 +24,8 @@ import os
 import sys
 
 USAGE = (
-  "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep,fit,stabilize} ...  "
-  "(fdjax CMD --help)"
+  "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep,fit,stabilize,"
+  "generate} ...  (fdjax CMD --help)"
 )
 
 # Subcommands implemented elsewhere: name -> (module, function taking argv).
@@ -38,6 +39,7 @@ DELEGATED = {
   "explain": ("fdjax.explain", "main"),
   "fit": ("fdjax.fit", "main"),
   "stabilize": ("fdjax.stabilize", "main"),
+  "generate": ("fdjax.generate", "main"),
 }
 
 
