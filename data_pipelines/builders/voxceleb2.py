@@ -176,6 +176,22 @@ def read_parts(clip: Clip, shape: tuple[int, int, int]) -> np.ndarray | None:
   return parts
 
 
+def frame_aligned_audio(path: str, num_frames: int, fps: float) -> np.ndarray:
+  """The clip's speech `[N] float32` at `SAMPLE_RATE`, exactly the samples of its `num_frames`
+  frames (N = `frame_start_sample(num_frames)`; the AAC encoder's padding cut, a short tail
+  zero-filled). Audio shorter or longer than the video by more than one frame (plus the
+  encoder's last `AAC_FRAME`) raises `InvalidExample` naming the file."""
+  audio = video_ops.decode_audio(path, SAMPLE_RATE)
+  expected = audio_ops.frame_start_sample(num_frames, SAMPLE_RATE, fps)
+  if not -SAMPLE_RATE / fps <= len(audio) - expected <= SAMPLE_RATE / fps + AAC_FRAME:
+    raise InvalidExample(
+      path,
+      f"audio/video length mismatch: {len(audio)} samples at {SAMPLE_RATE} Hz is "
+      f"{len(audio) * fps / SAMPLE_RATE:.2f} frames at {fps:g} fps, but {num_frames} decode",
+    )
+  return np.pad(audio, (0, max(0, expected - len(audio))))[:expected]
+
+
 def crop_parts(parts: np.ndarray, frame_size: int, crop_fraction: float) -> np.ndarray:
   """The frames' centred crop of a part map `[T, H, W]`, resized nearest-neighbour."""
   box = video_ops.center_square_box(*parts.shape[1:3], crop_fraction)
@@ -234,15 +250,7 @@ class Voxceleb2(_video.VideoBuilder):
     frames = list(video_ops.iter_video_frames(clip.path))
     num_frames, height, width = len(frames), *frames[0].shape[:2]
     fps = video_ops.video_fps(clip.path) or 25.0
-    audio = video_ops.decode_audio(clip.path, SAMPLE_RATE)
-    expected = audio_ops.frame_start_sample(num_frames, SAMPLE_RATE, fps)
-    if not -SAMPLE_RATE / fps <= len(audio) - expected <= SAMPLE_RATE / fps + AAC_FRAME:
-      raise InvalidExample(
-        clip.path,
-        f"audio/video length mismatch: {len(audio)} samples at {SAMPLE_RATE} Hz is "
-        f"{len(audio) * fps / SAMPLE_RATE:.2f} frames at {fps:g} fps, but {num_frames} decode",
-      )
-    audio = np.pad(audio, (0, max(0, expected - len(audio))))[:expected]
+    audio = frame_aligned_audio(clip.path, num_frames, fps)
     parts = read_parts(clip, (num_frames, height, width))
     examples = []
     for start in window_starts(num_frames, config.max_frames, self.windows_per_clip):

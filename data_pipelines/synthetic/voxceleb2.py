@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 import scipy.ndimage
@@ -97,10 +98,14 @@ def _voice(rng: np.random.Generator) -> talking_mesh.Subject:
 
 
 def speech_track(
-  audio: np.ndarray, num_frames: int, gain: float, rng: np.random.Generator
+  audio: np.ndarray,
+  num_frames: int,
+  gain: float,
+  rng: np.random.Generator,
+  expression_share: float = EXPRESSION_SHARE,
 ) -> np.ndarray:
   """AU activations `[T, A]` of a talking face: the mouth driven by `audio`, blinks, and
-  (for `EXPRESSION_SHARE` of the clips) one brief expression.
+  (for `expression_share` of the clips) one brief expression.
 
   Per frame, the audio's openness in [0, 1] (log energy, `talking_mesh.articulation`), smoothed
   over about 40 ms as coarticulation does and scaled by the speaker's `gain`, parts the lips
@@ -121,7 +126,7 @@ def speech_track(
   track[:, index[26]] = 0.5 * np.clip((openness - 0.3) / 0.7, 0.0, 1.0)
   track[:, index[20]] = 0.3 * spread * openness
   track[:, index[43]] = face_render._blinks(num_frames, rng, BLINKS_PER_SECOND / FPS)
-  if rng.random() < EXPRESSION_SHARE:
+  if rng.random() < expression_share:
     aus = _EXPRESSIONS[rng.integers(len(_EXPRESSIONS))]
     t = np.arange(num_frames, dtype=np.float32)
     length = rng.uniform(0.3, 0.8) * num_frames
@@ -150,18 +155,28 @@ def write_clip(
   scene: face_render.Scene,
   num_frames: int,
   seed: int,
+  *,
+  pose_track: Callable[[int, np.random.Generator], np.ndarray] = face_render.random_pose_track,
+  expression_share: float = EXPRESSION_SHARE,
+  with_parts: bool = True,
 ) -> None:
-  """Writes one clip: `<stem>.mp4` (video and audio), `<stem>.parts.npz` and `<stem>.json`."""
+  """Writes one talking clip: `<stem>.mp4` (video and audio), `<stem>.json` (ground truth) and,
+  `with_parts`, `<stem>.parts.npz`. The talking-face twins (VoxCeleb2, HDTF) all write their
+  clips here; they differ in the head motion (`pose_track(num_frames, rng) -> [T, 6]`) and in
+  how often a brief expression shows (`expression_share`)."""
   from fdjax.render.mesh import write_video  # H.264 + AAC muxing, written once in fdjax
 
   rng = np.random.default_rng(seed)
   audio = talking_mesh.speech_audio(num_frames / FPS, SAMPLE_RATE, voice, seed)
-  track = speech_track(audio, num_frames, gain, rng)
-  poses = face_render.random_pose_track(num_frames, rng)
-  frames, parts = face_render.render_clip(identity, scene, track, poses, rng, return_parts=True)
-  os.makedirs(os.path.dirname(path_stem), exist_ok=True)
+  track = speech_track(audio, num_frames, gain, rng, expression_share)
+  poses = pose_track(num_frames, rng)
+  os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
+  if with_parts:  # the part map draws no randomness: the frames are the same either way
+    frames, parts = face_render.render_clip(identity, scene, track, poses, rng, return_parts=True)
+    np.savez_compressed(path_stem + ".parts.npz", parts=parts)
+  else:
+    frames = face_render.render_clip(identity, scene, track, poses, rng)
   write_video(frames, path_stem + ".mp4", FPS, audio=audio, sample_rate=SAMPLE_RATE)
-  np.savez_compressed(path_stem + ".parts.npz", parts=parts)
   truth = {
     "fps": FPS,
     "sample_rate": SAMPLE_RATE,
