@@ -10,8 +10,8 @@ with `--config.model.encoder.checkpoint=DIR`, a local HF wav2vec2/HuBERT directo
 `dataset=` (hdtf; voxceleb2 works too, without the twin's ground-truth measures), `runlocal=True`
 (the tiny twin, a few steps), `steps=`.
 
-    fdjax train --config experiments/talking_head/hdtf_audio2motion.py:motion_ae=runs/stage1 \\
-        --workdir runs/stage2
+    fdjax train --workdir runs/stage2 \\
+        --config experiments/talking_head/hdtf.py:stage=audio2motion,motion_ae=runs/stage1
     fdjax generate --portrait face.png --audio speech.wav --workdir runs/stage2 --out clip.mp4
 
 The data (HDTF's layout, or its synthetic twin when none is given) must be built at the
@@ -27,8 +27,17 @@ SIZES = ("tiny", "small", "base")
 
 def get_config(arg=None):
   args = parse_arg(
-    arg, motion_ae="", size="small", encoder="tiny", dataset="hdtf", runlocal=False, steps=0
+    arg,
+    stage="audio2motion",  # As experiments/talking_head/hdtf.py:stage=audio2motion names it.
+    motion_ae="",
+    size="small",
+    encoder="tiny",
+    dataset="hdtf",
+    runlocal=False,
+    steps=0,
   )
+  if args.stage != "audio2motion":
+    raise ValueError(f"stage={args.stage!r}: this file is stage audio2motion")
   if args.size not in SIZES:
     raise ValueError(f"size={args.size!r}: expected one of {SIZES}")
   if args.encoder not in ("tiny", "base"):
