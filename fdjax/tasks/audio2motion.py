@@ -170,7 +170,7 @@ def clip_window(
   """Frames `[start, start + num_frames)` of a clip with their audio (normalised over the
   window), padded at the end and masked where the clip is shorter."""
   video = np.asarray(example["video"])
-  total = int(example.get("num_frames", video.shape[0]))
+  total = video.shape[0]  # this window's frames (`num_frames` may count the whole clip)
   frames = video[start : min(start + num_frames, total)]
   if frames.shape[1:3] != tuple(image_size):
     frames = resize_frames(frames, image_size)
@@ -198,7 +198,7 @@ def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _train_transform(example, rng, *, num_frames, **options):
-  total = int(example.get("num_frames", np.asarray(example["video"]).shape[0]))
+  total = len(example["video"])
   start = int(rng.integers(0, max(total - num_frames, 0) + 1))
   return clip_window(example, start, num_frames, **options)
 
@@ -357,8 +357,8 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
   averaged; diffused units). Where the data has ground truth (`has_ground_truth`, the twin):
   frames rendered by stage 1 from the first frame are read by the twin's mouth probe (fitted on
   `data.probe_frames` training frames) and `mouth_correlation` (mean over clips of the Pearson
-  correlation of the generated mouth opening with the truth), `av_offset_frames` (median over
-  clips of the lag maximising it, within `data.av_max_lag`; positive: generated late) are
+  correlation of the generated mouth opening with the truth), `av_offset_frames` (the lag
+  maximising it, clips pooled, within `data.av_max_lag`; positive: generated late) are
   reported, with the same for the probe on the true frames (`truth/...`: the probe's ceiling)
   and on stage 1's reconstruction (`reconstruction/...`: stage 1's)."""
   del mesh, rules, workdir, step
@@ -374,9 +374,11 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
   squared, static, spread, counted = [], [], [], 0
   has_truth = all(bool(e.get("has_ground_truth", False)) for e in examples)
   probe = _fit_mouth_probe(config) if has_truth else None
-  mouth: dict[str, list[tuple[float, float]]] = {"": [], "truth/": [], "reconstruction/": []}
+  # Per source of frames: the probe's mouth opening of each clip; and the true openings.
+  mouth: dict[str, list[np.ndarray]] = {"": [], "truth/": [], "reconstruction/": []}
+  true_mouth: list[np.ndarray] = []
   for example in examples:
-    total = int(example.get("num_frames", np.asarray(example["video"]).shape[0]))
+    total = len(example["video"])
     clip = clip_window(example, 0, total, **options)
     video = clip["video"][None]
     truth = np.asarray(stage1_codes(model, params, video))[0]  # [T, D]
@@ -412,7 +414,8 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
         ("truth/", clip["video"]),
         ("reconstruction/", rebuilt),
       ):
-        mouth[prefix].append(_mouth_sync(probe, frames, reference_mouth, config.data.av_max_lag))
+        mouth[prefix].append(np.asarray(probe(frames), np.float64))
+      true_mouth.append(reference_mouth.astype(np.float64))
   metrics = {
     "code_mse": float(np.concatenate(squared).mean()),
     "static_reference/code_mse": float(np.concatenate(static).mean()),
@@ -421,22 +424,15 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
     "num_frames": float(counted),
     "num_samples": float(num_samples),
   }
-  for prefix, rows in mouth.items():
-    if rows:
-      correlations, lags = np.asarray(rows).T
-      metrics[f"{prefix}mouth_correlation"] = float(np.mean(correlations))
-      metrics[f"{prefix}av_offset_frames"] = float(np.median(lags))
+  if probe is not None:
+    from fdjax.metrics import talking_face
+
+    for prefix, estimates in mouth.items():
+      correlations = [talking_face.pearson(e, t) for e, t in zip(estimates, true_mouth)]
+      lag, _ = talking_face.av_offset(estimates, true_mouth, config.data.av_max_lag)
+      metrics[f"{prefix}mouth_correlation"] = float(np.nanmean(correlations))
+      metrics[f"{prefix}av_offset_frames"] = float(lag)
   return metrics
-
-
-def _mouth_sync(probe, frames, truth, max_lag) -> tuple[float, float]:
-  """(Pearson correlation of the probe's mouth opening on `frames` with `truth`, the
-  audio-visual offset in frames)."""
-  from fdjax.metrics import talking_face
-
-  estimate = np.asarray(probe(frames), np.float32)
-  lag, _ = talking_face.av_offset(estimate, truth, max_lag)
-  return float(talking_face.pearson(estimate, truth)), float(lag)
 
 
 def _fit_mouth_probe(config: Any):
@@ -449,9 +445,11 @@ def _fit_mouth_probe(config: Any):
   frames, targets = [], []
   for index in range(len(source)):
     example = source[index]
-    total = int(example.get("num_frames", np.asarray(example["video"]).shape[0]))
+    total = len(example["video"])
     chosen = np.linspace(0, total - 1, min(per_clip, total)).round().astype(int)
-    frames.append(np.asarray(example["video"])[chosen])
+    video = np.asarray(example["video"])[chosen]
+    size = _image_size(config)
+    frames.append(video if video.shape[1:3] == size else resize_frames(video, size))
     targets.append(np.asarray(example["mouth_open"], np.float32)[chosen])
     if sum(len(t) for t in targets) >= config.data.probe_frames:
       break

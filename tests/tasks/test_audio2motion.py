@@ -18,7 +18,7 @@ from test_export import JAX_ONLY_EPILOGUE, JAX_ONLY_PROLOGUE, run_jax_only
 
 from fdjax import cli, export, trainer
 from fdjax import config as config_lib
-from fdjax.tasks import audio2motion
+from fdjax.tasks import audio2motion, face_motion_ae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPEC = os.path.join(
@@ -29,9 +29,9 @@ STAGE1 = os.path.join(
 )
 CODE_WIDTH, SIZE = 20, 64
 OVERRIDES = [
-  "--config.model.decoder.sample_scale=10.0",
   "--config.total_steps=20",
   "--config.optim.lr=3e-3",
+  "--config.data.eval_max_examples=1",  # one compile of the sampler
 ]
 
 
@@ -40,7 +40,17 @@ def run(tmp_path_factory):
   stage1 = str(tmp_path_factory.mktemp("stage1"))
   trainer.train_and_evaluate(config_lib.load_config(STAGE1), stage1)
   workdir = str(tmp_path_factory.mktemp("stage2"))
-  config = config_lib.load_config(SPEC + f",motion_ae={stage1}", OVERRIDES)
+  spec = SPEC + f",motion_ae={stage1}"
+  # x_0 at about unit spread: the sample scale from the code deltas of a training batch.
+  video = _first_batch(config_lib.load_config(spec, OVERRIDES))["video"]
+  model, params, _ = face_motion_ae.load(stage1)
+  frames = video.reshape(-1, *video.shape[2:]).astype(np.float32) / 255.0
+  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_motion"))
+  codes = encode(params, frames)
+  codes = np.asarray(codes).reshape(*video.shape[:2], -1)
+  scale = 1.0 / float((codes - codes[:, :1]).std())
+  overrides = [*OVERRIDES, f"--config.model.decoder.sample_scale={scale}"]
+  config = config_lib.load_config(spec, overrides)
   result = trainer.train_and_evaluate(config, workdir)
   return {"config": config, "result": result, "workdir": workdir, "stage1": stage1}
 
