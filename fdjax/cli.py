@@ -11,6 +11,7 @@
     fdjax fit flame --meshes SEQ --out PARAMS.npz (fdjax.fit)
     fdjax stabilize --mesh_seq SEQ --out OUT --workdir W (fdjax.stabilize)
     fdjax eval-video --generated DIR [--real DIR] ... (fdjax.metrics.evaluate_video)
+    fdjax generate --portrait IMG --audio WAV --workdir W --out clip.mp4 (fdjax.generate)
 
 Subcommands are imported only when used, so `fdjax data ...` does not pay for JAX start-up.
 """
@@ -25,8 +26,7 @@ import sys
 
 USAGE = (
   "usage: fdjax {train,eval,data,render,export,serve,explain,launch,sweep,fit,stabilize,"
-  "eval-video} ...  "
-  "(fdjax CMD --help)"
+  "eval-video,generate} ...  (fdjax CMD --help)"
 )
 
 # Subcommands implemented elsewhere: name -> (module, function taking argv).
@@ -41,6 +41,7 @@ DELEGATED = {
   "fit": ("fdjax.fit", "main"),
   "stabilize": ("fdjax.stabilize", "main"),
   "eval-video": ("fdjax.metrics.evaluate_video", "main"),
+  "generate": ("fdjax.generate", "main"),
 }
 
 

@@ -718,7 +718,9 @@ def export_checkpoint(
 
   A task whose `stream_fn(config, model)` returns functions (a causal audio2mesh model) also
   gets them in the artifact (`stream_init`, `stream_step`; `load(out_dir, "stream_step")`),
-  with its streaming metadata under `metadata["streaming"]`. Returns the signature written.
+  with its streaming metadata under `metadata["streaming"]`; those of `export_functions(config,
+  model)` (a talking-head run's `portrait_code`, `render`) likewise, with predict's dims and
+  constraints. Returns the signature written.
   """
   from fdjax import config as config_lib
   from fdjax import trainer
@@ -746,6 +748,19 @@ def export_checkpoint(
     external_weights=external_weights,
   )
   functions = {"predict": exported}
+  for name, (fn, specs) in task.export_functions(config, model).items():
+    if name == "predict":
+      raise ValueError(f"task {config.task}: export_functions may not name 'predict'")
+    functions[name], _ = export_function(
+      fn,
+      specs,
+      params,
+      dims=dims,
+      constraints=constraints,
+      platforms=platforms,
+      dtype=dtype,
+      external_weights=external_weights,
+    )
   streaming = task.stream_fn(config, model)
   if streaming is not None:
     # Streaming functions have fixed chunks: of the dims, in practice only the batch is theirs.

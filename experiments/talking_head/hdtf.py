@@ -1,6 +1,7 @@
 """Audio-driven talking-head video on HDTF (or its synthetic twin): the two-stage line.
 
-Stages (`stage=`), each a function of this file's `STAGES` with its own arguments:
+Stages (`stage=`), each a function of this file's `STAGES` with its own arguments (stage 2,
+`audio2motion`, is experiments/talking_head/hdtf_audio2motion.py's):
   motion_ae  stage 1, task `face_motion_ae`: a LIA-style appearance / motion autoencoder
              (`fdjax.models.face_motion.FaceMotionAE`, 20-d motion code) trained on random
              (source, driving) frame pairs of a clip; multi-scale L1 + SSIM + a PatchGAN term
@@ -28,6 +29,7 @@ HDTF lacks). `fdjax.tasks.face_motion_ae.load(workdir)` gives a trained run to s
 
 from ml_collections import ConfigDict
 
+from experiments.talking_head import hdtf_audio2motion
 from fdjax.config import base_config, parse_arg
 
 DATASETS = ("hdtf", "voxceleb2")
@@ -118,7 +120,7 @@ def motion_ae_config(arg: str | None) -> ConfigDict:
 
 
 # Stage name -> config function of the full argument string.
-STAGES = {"motion_ae": motion_ae_config}
+STAGES = {"motion_ae": motion_ae_config, "audio2motion": hdtf_audio2motion.get_config}
 
 
 def get_config(arg=None):

@@ -127,9 +127,15 @@ def _drop_flags(flags: Array | None, batch_size: int) -> Array:
   return jnp.zeros((batch_size,), bool) if flags is None else flags.astype(bool)
 
 
-def _check_noisy(x_t: Array, num_vertices: int) -> None:
-  if x_t.ndim != 3 or x_t.shape[-1] != num_vertices * 3:
-    raise ValueError(f"x_t must be [B, T, V*3] with V={num_vertices}, got shape {tuple(x_t.shape)}")
+def frame_width(denoiser: nn.Module) -> int:
+  """F, the width of one frame of x_t: `motion_width` (a motion code's D), else V * 3."""
+  return denoiser.motion_width or denoiser.num_vertices * 3
+
+
+def _check_noisy(x_t: Array, denoiser: nn.Module) -> None:
+  width = frame_width(denoiser)
+  if x_t.ndim != 3 or x_t.shape[-1] != width:
+    raise ValueError(f"x_t must be [B, T, F] with F={width}, got shape {tuple(x_t.shape)}")
 
 
 def _embedded_inputs(
@@ -154,7 +160,7 @@ def _embedded_inputs(
   when `previous` is None) the previous frames are the learned `null_previous [P, D]` and their
   audio `null_previous_audio`: a sequence's first window has nothing before it.
   """
-  _check_noisy(x_t, denoiser.num_vertices)
+  _check_noisy(x_t, denoiser)
   batch_size, num_frames = frame_mask.shape
   num_previous = denoiser.previous_frames
   if num_previous:
@@ -206,7 +212,7 @@ def _prediction(denoiser: nn.Module, x: Array) -> Array:
   (the previous frames, if any, are inputs, not predicted)."""
   x = x[:, denoiser.previous_frames :]
   prediction = dense(
-    denoiser.num_vertices * 3,
+    frame_width(denoiser),
     ("embed", "vertices"),
     dtype=denoiser.dtype,
     zero_init=True,
@@ -238,6 +244,8 @@ class TransformerDenoiser(nn.Module):
   """
 
   num_vertices: int = 5023  # V, mesh vertices
+  # Width of a frame of x_t when it is not vertex offsets (a motion code's D); 0: V * 3
+  motion_width: int = 0
   d_model: int = 128  # transformer width
   num_heads: int = 4  # attention heads (one ALiBi slope each)
   num_layers: int = 1  # transformer layers
@@ -364,6 +372,8 @@ class RecurrentDenoiser(nn.Module):
   Same call as `TransformerDenoiser`."""
 
   num_vertices: int = 5023  # V, mesh vertices
+  # Width of a frame of x_t when it is not vertex offsets (a motion code's D); 0: V * 3
+  motion_width: int = 0
   d_model: int = 128  # width of the embeddings and of the GRU state
   num_layers: int = 2  # stacked GRU layers
   bidirectional: bool = False  # each layer also reads the frames backwards (FaceDiffuser: no)
@@ -511,7 +521,7 @@ def guided_denoise_fn(
       return call(x_t)
     with nn.intercept_methods(_projection_interceptor(x_t)):
       # The noisy offsets themselves are never read: a placeholder of their shape.
-      return call(jnp.zeros(x_t.shape[:-1] + (denoiser.num_vertices * 3,), x_t.dtype))
+      return call(jnp.zeros(x_t.shape[:-1] + (frame_width(denoiser),), x_t.dtype))
 
   if guidance is None or not guidance.conditions:
     return lambda x_t, t: model_fn(x_t, t, inputs)
@@ -602,6 +612,10 @@ class DiffusionDecoder(nn.Module):
     return self.denoiser.num_vertices
 
   @property
+  def frame_width(self) -> int:
+    return frame_width(self.denoiser)
+
+  @property
   def audio_frames_per_frame(self) -> int:
     return self.denoiser.audio_frames_per_frame
 
@@ -653,6 +667,9 @@ class DiffusionDecoder(nn.Module):
       )
     return frame_mask.astype(bool)
 
+  def _check_template(self, template: Array, batch_size: int) -> None:
+    check_template(template, self.num_vertices, batch_size)
+
   def _to_vertices(self, sample: Array, template: Array, frame_mask: Array) -> tuple[Array, Array]:
     batch_size, num_frames = frame_mask.shape
     offsets = sample.reshape(batch_size, num_frames, self.num_vertices, 3) / self.sample_scale
@@ -695,7 +712,7 @@ class DiffusionDecoder(nn.Module):
         f"training examples of {num_frames} frames leave none to denoise after the "
         f"previous_frames={num_previous}: make data.window_frames larger"
       )
-    check_template(template, self.num_vertices, batch_size)
+    self._check_template(template, batch_size)
     frame_mask = self._mask(frame_mask, batch_size, num_frames)
     offsets = vertices.astype(jnp.float32) - template[:, None].astype(jnp.float32)
     sample = offsets.reshape(batch_size, num_frames, -1) * self.sample_scale  # [B, T, V*3]
@@ -787,7 +804,7 @@ class DiffusionDecoder(nn.Module):
         if frame_mask is not None
         else audio_features.shape[1] // self.audio_frames_per_frame
       )
-    check_template(template, self.num_vertices, batch_size)
+    self._check_template(template, batch_size)
     frame_mask = self._mask(frame_mask, batch_size, num_frames)
     windowed = bool(self.window_frames or self.previous_frames)
     if self.is_initializing():
@@ -798,7 +815,7 @@ class DiffusionDecoder(nn.Module):
     if windowed:
       sample = self._sample_windows(audio_features, style, frame_mask, guidance_scales, key)
     else:
-      shape = (batch_size, num_frames, self.num_vertices * 3)
+      shape = (batch_size, num_frames, self.frame_width)
       initial_noise, step_key = _initial_noise(key, shape)
       run = self._sampler_fn(style, guidance_scales)
       sample = run(audio_features, frame_mask, initial_noise, step_key)
@@ -832,7 +849,7 @@ class DiffusionDecoder(nn.Module):
         :, : (self.previous_frames + window) * self.audio_frames_per_frame
       ]
       num_frames, frame_mask = window, jnp.ones((batch_size, window), bool)
-    x_t = jnp.zeros((batch_size, num_frames, self.num_vertices * 3), jnp.float32)
+    x_t = jnp.zeros((batch_size, num_frames, self.frame_width), jnp.float32)
     timesteps = jnp.zeros((batch_size,), jnp.int32)
     self.denoiser(x_t, timesteps, audio_features, style, frame_mask)
 
@@ -871,7 +888,7 @@ class DiffusionDecoder(nn.Module):
     num_windows = max(1, -(-num_frames // window))
     features = self._padded_features(audio_features, num_frames, window)
     mask = jnp.pad(frame_mask, ((0, 0), (0, num_windows * window - num_frames)))
-    width = self.num_vertices * 3
+    width = self.frame_width
     window_fn = self._window_fn(style, guidance_scales)
 
     def body(previous, index):
@@ -894,7 +911,7 @@ class DiffusionDecoder(nn.Module):
     """`window_fn(audio_features, frame_mask, previous, first, key) -> x_0`, the body of
     `sample_window`, free of module state (it runs inside the scan over windows)."""
     run = self._sampler_fn(style, guidance_scales)
-    num_previous, width = self.previous_frames, self.num_vertices * 3
+    num_previous, width = self.previous_frames, self.frame_width
 
     def window_fn(audio_features, frame_mask, previous, first, key):
       batch_size, window = frame_mask.shape

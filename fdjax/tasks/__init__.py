@@ -147,6 +147,11 @@ class TaskModule(Protocol):
     `stream_init`, `stream_step`): `({name: (fn, input_specs)}, metadata)`, the metadata going
     to `signature["metadata"]["streaming"]`; or None. Default: None."""
 
+  def export_functions(self, config: Any, model: Any) -> dict:
+    """Further functions of the model `fdjax export` writes beside `predict`, taking the same
+    parameters and dims: `{name: (fn, input_specs)}` (a talking-head run's stage-1
+    `portrait_code` and `render` beside its sampler). Default: `{}`."""
+
   def load_pretrained(self, config: Any, params: Any) -> Any:
     """Parameters with pretrained parts filled in (e.g. from a local Hugging Face checkpoint);
     called on a fresh run only, before the first step. Shapes must not change. Default: the
@@ -216,6 +221,7 @@ DEFAULTS: dict[str, Callable[..., Any]] = {
   "export_defaults": lambda config: {},
   "symbolic_constraints": lambda config: [],
   "stream_fn": lambda config, model: None,
+  "export_functions": lambda config, model: {},
   "load_pretrained": lambda config, params: params,
   "init_fn": _default_init_fn,
 }
@@ -244,6 +250,7 @@ class Task:
   export_defaults: Callable[..., Any]
   symbolic_constraints: Callable[..., Any]
   stream_fn: Callable[..., Any]
+  export_functions: Callable[..., Any]
   load_pretrained: Callable[..., Any]
   init_fn: Callable[..., Any]
   flops_per_example: Callable[..., Any]
