@@ -295,13 +295,15 @@ def test_seeds_and_guidance_scales_are_inputs(sampler, served):
 
   # Scales (1, 1) as inputs are the unguided loop (a tuple (1, 1) in-process).
   np.testing.assert_allclose(base, in_process((1.0, 1.0)), atol=1e-5, rtol=0)
-  # Other scales change the sample (by far more than the tolerance), and equal the in-process
-  # guided loop of the same scales.
+  # Other scales change the sample, and equal the in-process guided loop of the same scales
+  # within a tolerance ten times below that change. (This briefly trained model reads its
+  # conditions weakly: scales (30, 10) move the sample by a few 1e-5 m, the artifact and the
+  # in-process loop differ by about 3e-8 m.)
   scales = {"audio_guidance_scale": 30.0, "style_guidance_scale": 10.0}
   guided_inputs = {**inputs, **{k: np.full(3, v, np.float32) for k, v in scales.items()}}
   guided = np.asarray(artifact(**guided_inputs))
-  assert np.abs(guided - base).max() > 1e-4
-  np.testing.assert_allclose(guided, in_process(tuple(scales.values())), atol=1e-5, rtol=0)
+  assert np.abs(guided - base).max() > 1e-5
+  np.testing.assert_allclose(guided, in_process(tuple(scales.values())), atol=1e-6, rtol=0)
 
 
 def test_fdjax_serve_answers_a_request_on_the_sampler(sampler, served):
