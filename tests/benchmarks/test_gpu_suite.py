@@ -22,7 +22,10 @@ def test_gpu_suite_dry_run_runs_every_benchmark_and_prints_mfu_lines(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [json.loads(line) for line in out.read_text().splitlines()]
-  assert [line["benchmark"] for line in lines] == ["audio2mesh_step"] * 2 + ["video_step", "mae_step"]
+  assert [line["benchmark"] for line in lines] == ["audio2mesh_step"] * 2 + [
+    "video_step",
+    "mae_step",
+  ]
   assert [line.get("training") for line in lines[:2]] == ["teacher_forcing", "autoregressive"]
   assert all(line["compute_dtype"] == "bfloat16" for line in lines)
   assert all(line["step_time_s"] > 0 for line in lines)
