@@ -285,7 +285,7 @@ def checkpoint_directory(source: str) -> str:
       f"{source}: neither an fdjax workdir with a checkpoint, nor an Orbax checkpoint "
       "directory, nor a Hugging Face directory (config.json and weights)"
     )
-  return item
+  return os.path.abspath(item)  # Orbax reads no metadata through a relative path
 
 
 def read_checkpoint_params(source: str, path: str = "") -> Any:

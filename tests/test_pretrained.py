@@ -351,3 +351,11 @@ def test_a_mae_run_of_another_image_size_is_refused_naming_the_field(tmp_path):
     [("model.init_from", workdir), ("model.image_size", 48)],
   )
   au.load_pretrained(config, {})  # The same run matches once the size agrees.
+
+
+def test_a_workdir_named_by_a_relative_path_is_read(run, monkeypatch):
+  # Orbax reads no metadata through a relative path; `runs/x` as users type it must work.
+  _, workdir, trained = run
+  monkeypatch.chdir(os.path.dirname(workdir))
+  relative = os.path.basename(workdir)
+  _assert_trees_equal(pretrained.read_checkpoint_params(relative, "encoder"), trained["encoder"])

@@ -94,8 +94,7 @@ def stage1(workdir: str) -> tuple[nn.Module, Any, tuple[int, int], int]:
 def load_stage1_params(workdir: str) -> Any:
   """The stage-1 run's parameters (its EMA when it keeps one), by its task's `load`."""
   _, config, _, _ = stage1(workdir)
-  # An absolute path: Orbax reads no checkpoint metadata through a relative one.
-  _, params, _ = import_task_module(config.task).load(os.path.abspath(workdir))
+  _, params, _ = import_task_module(config.task).load(workdir)
   return strip_boxes(jax.device_get(params))
 
 
