@@ -19,7 +19,7 @@ from typing import Any
 
 DEFAULT_ROOT = os.path.join("~", ".cache", "fdjax", "datasets")
 # Bumped whenever a synthetic twin's content changes, so stale caches are not reused.
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2  # 2: the shaded face renderer, the HDTF twin
 
 
 def data_root() -> str:
