@@ -23,7 +23,7 @@ linear probes on twin frames with their ground truth:
   backwards. The probe is fitted on the frames and on blurred copies of them (sigma 1.5 px), so
   a generated, softer frame reads the same as a sharp one. On twins of 40 training identities
   (one 1.6-2 s clip each, 64 px) the Pearson correlation with the truth on 8 held-out
-  identities is above 0.84 within every held-out clip and 0.83-0.84 pooled over them (three
+  identities is above 0.82 within every held-out clip and 0.82-0.83 pooled over them (three
   twin seeds); docs/design.md section 5 has the numbers.
 - `fit_identity_probe(frames, identities) -> IdentityProbe`: ridge classifier (one-hot
   targets) on the face's centre, downsampled to 12 x 12 colour pixels normalised per frame,
@@ -49,6 +49,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import scipy.ndimage
+import scipy.special
 from numpy.typing import ArrayLike
 
 PROBE_SIZE = 64  # frames are resized to this side before the features are taken
@@ -128,7 +129,7 @@ def mouth_features(frames: np.ndarray) -> np.ndarray:
   for signed in maps:
     strips = signed[:, :, first : first + MOUTH_STRIPS * _STRIP_WIDTH]
     for threshold in _THRESHOLDS:
-      lit = 1.0 / (1.0 + np.exp(-(strips - threshold) / _SOFTNESS))
+      lit = scipy.special.expit((strips - threshold) / _SOFTNESS)
       lit = lit.reshape(count, rows, MOUTH_STRIPS, _STRIP_WIDTH).mean(-1)
       features.append(-np.sort(-lit, axis=1)[:, :_ROWS_KEPT].reshape(count, -1))
   return np.concatenate(features, axis=1).astype(np.float32)
