@@ -7,15 +7,24 @@ portrait's person?" without a pretrained network (SyncNet, a face recogniser), b
 linear probes on twin frames with their ground truth:
 
 - `fit_mouth_probe(frames, mouth_open) -> MouthProbe`: ridge regression from features of the
-  mouth region (the lower middle of a face crop, resized to 64 px) to the mouth opening.
-  Features per frame, after a Gaussian blur (sigma 1.2 px) that removes the camera noise: the
-  region's luminance relative to its median (so skin tone and light cancel) and its redness
-  (R - G) / (R + G + B), both at half resolution, and sorted order statistics of both (the
-  darkest and brightest pixels: the mouth's cavity and teeth, wherever the mouth sits). The
-  probe is fitted on the frames and on blurred copies of them (sigma 1.5 px), so a generated,
-  softer frame reads the same as a sharp one. On the demo twin (40 training identities, 64 px)
-  the probe's Pearson correlation with the truth on 12 held-out identities' frames is 0.925
-  pooled over them and 0.969 within a clip; docs/design.md section 5 has the numbers.
+  mouth region (the lower middle of a face crop, resized to 64 px) to the mouth opening. The
+  features are normalised by the face's own appearance in the same frame and do not depend on
+  where the mouth sits: after a Gaussian blur (sigma 1.2 px) that removes the camera noise, each
+  pixel's colour is taken as the log ratio to the region's median colour (the skin: skin tone,
+  light and colour cast cancel), giving its luminance and redness (R over G) against the skin
+  and its luminance against the rows two above and below (a thin bright or dark line: the
+  teeth, the mouth's cavity, the line between closed lips). Each of the six signed maps (+/-
+  of the three) is turned into soft indicators of exceeding 0.1 and 0.3 (a sigmoid 0.05 wide),
+  and the feature is how many rows of four central column strips light up in each: the sorted
+  top 12 rows of each strip, a vertical extent. Extents rather than pixel values make the
+  features nearly independent of skin tone: with pale skin the open mouth shows as a dark
+  cavity below teeth about as bright as the skin, with dark skin as bright teeth over a cavity
+  about as dark as the lips, and a probe on raw pixel values read the latter's opening
+  backwards. The probe is fitted on the frames and on blurred copies of them (sigma 1.5 px), so
+  a generated, softer frame reads the same as a sharp one. On twins of 40 training identities
+  (one 1.6-2 s clip each, 64 px) the Pearson correlation with the truth on 8 held-out
+  identities is above 0.82 within every held-out clip and 0.82-0.83 pooled over them (three
+  twin seeds); docs/design.md section 5 has the numbers.
 - `fit_identity_probe(frames, identities) -> IdentityProbe`: ridge classifier (one-hot
   targets) on the face's centre, downsampled to 12 x 12 colour pixels normalised per frame,
   plus the face's mean chromaticity; `probe(frames)` gives identities, `probe.probabilities`
@@ -40,6 +49,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import scipy.ndimage
+import scipy.special
 from numpy.typing import ArrayLike
 
 PROBE_SIZE = 64  # frames are resized to this side before the features are taken
@@ -47,9 +57,15 @@ MOUTH_BOX = (0.54, 0.94, 0.22, 0.78)  # rows, columns of the mouth region (fract
 FACE_BOX = (0.2, 0.8, 0.25, 0.75)  # the face's centre, for the identity probe
 DENOISE_SIGMA = 1.2  # pixels of PROBE_SIZE
 AUGMENT_BLUR_SIGMA = 1.5  # the blurred copies the mouth probe also fits
-MOUTH_RIDGE = 0.01  # ridge penalty per training frame, on standardised features
+MOUTH_RIDGE = 0.05  # ridge penalty per training frame, on standardised features
 IDENTITY_RIDGE = 0.01
-_QUANTILES = np.linspace(0.0, 0.3, 16)
+MOUTH_STRIPS = 4  # central column strips of the mouth region whose vertical extents are taken
+_STRIP_WIDTH = 5  # pixels of PROBE_SIZE per strip
+_ROWS_KEPT = 12  # the most lit rows of each strip
+_THRESHOLDS = (0.1, 0.3)  # of the log ratios the soft indicators mark
+_SOFTNESS = 0.05  # the indicators' sigmoid width
+_LOG_FLOOR = 0.02  # added to colours before their log ratio (dark pixels stay finite)
+_LINE_SPAN = 2  # rows above and below a pixel that its line contrast compares with
 
 
 def _as_frames(frames: ArrayLike, what: str = "frames") -> tuple[np.ndarray, tuple[int, ...]]:
@@ -87,29 +103,36 @@ def _box(frames: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarr
   return frames[:, r0:r1, c0:c1]
 
 
-def mouth_features(frames: np.ndarray) -> np.ndarray:
-  """`[N, F]` features of the mouth region of `[N, PROBE_SIZE, PROBE_SIZE, 3]` float frames."""
+def _mouth_maps(frames: np.ndarray) -> list[np.ndarray]:
+  """The signed maps `[N, rows, cols]` of the mouth region the mouth features threshold."""
   region = scipy.ndimage.gaussian_filter(
     _box(frames, MOUTH_BOX), (0, DENOISE_SIGMA, DENOISE_SIGMA, 0)
   )
   count = len(region)
-  luminance = region.mean(-1)
-  median = np.median(luminance.reshape(count, -1), axis=1)[:, None, None]
-  relative = (luminance - median) / (median + 0.05)
-  redness = (region[..., 0] - region[..., 1]) / (region.sum(-1) + 0.05)
-  flat_relative, flat_redness = relative.reshape(count, -1), redness.reshape(count, -1)
-  return np.concatenate(
-    [
-      relative[:, ::2, ::2].reshape(count, -1),
-      redness[:, ::2, ::2].reshape(count, -1),
-      np.quantile(flat_relative, _QUANTILES, axis=1).T,  # the darkest: the open mouth
-      np.quantile(flat_relative, 1 - _QUANTILES / 3, axis=1).T,  # the brightest: teeth
-      np.quantile(flat_redness, 1 - _QUANTILES, axis=1).T,  # the reddest: lips
-      np.sort(relative.min(2), axis=1)[:, :8],  # the darkest rows
-      np.sort(relative.max(2), axis=1)[:, -8:],  # the brightest rows
-    ],
-    axis=1,
-  ).astype(np.float32)
+  skin = np.median(region.reshape(count, -1, 3), axis=1)[:, None, None, :]
+  ratio = np.log((region + _LOG_FLOOR) / (skin + _LOG_FLOOR))  # against the skin, per channel
+  luminance = ratio.mean(-1)
+  redness = ratio[..., 0] - ratio[..., 1]
+  padded = np.pad(luminance, ((0, 0), (_LINE_SPAN,) * 2, (0, 0)), mode="edge")
+  line = luminance - 0.5 * (padded[:, : -2 * _LINE_SPAN] + padded[:, 2 * _LINE_SPAN :])
+  return [line, -line, luminance, -luminance, redness, -redness]
+
+
+def mouth_features(frames: np.ndarray) -> np.ndarray:
+  """`[N, F]` features of the mouth region of `[N, PROBE_SIZE, PROBE_SIZE, 3]` float frames:
+  for each signed map and threshold, the sorted top rows of soft exceedance in central column
+  strips (see the module's docstring)."""
+  maps = _mouth_maps(frames)
+  count, rows, cols = maps[0].shape
+  first = (cols - MOUTH_STRIPS * _STRIP_WIDTH) // 2
+  features = []
+  for signed in maps:
+    strips = signed[:, :, first : first + MOUTH_STRIPS * _STRIP_WIDTH]
+    for threshold in _THRESHOLDS:
+      lit = scipy.special.expit((strips - threshold) / _SOFTNESS)
+      lit = lit.reshape(count, rows, MOUTH_STRIPS, _STRIP_WIDTH).mean(-1)
+      features.append(-np.sort(-lit, axis=1)[:, :_ROWS_KEPT].reshape(count, -1))
+  return np.concatenate(features, axis=1).astype(np.float32)
 
 
 def identity_features(frames: np.ndarray) -> np.ndarray:
