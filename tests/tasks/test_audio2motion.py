@@ -27,7 +27,9 @@ SPEC = os.path.join(
 STAGE1 = os.path.join(
   ROOT, "experiments/talking_head/hdtf.py:stage=motion_ae,runlocal=True,dataset=voxceleb2,steps=1"
 )
-CODE_WIDTH, SIZE = 20, 64
+# The stage-1 run's frame size and code width, as its runlocal config sets them.
+_STAGE1_MODEL = config_lib.load_config(STAGE1).model
+CODE_WIDTH, SIZE = _STAGE1_MODEL.motion_dim, _STAGE1_MODEL.image_size
 OVERRIDES = [
   "--config.total_steps=20",
   "--config.optim.lr=3e-3",
