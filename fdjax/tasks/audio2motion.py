@@ -32,7 +32,6 @@ Design in docs/design.md section 23.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import re
 from typing import Any
@@ -42,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import pipeline, prepare
+from data_pipelines import pipeline
 from data_pipelines.ops import audio as audio_ops
 from data_pipelines.ops import video as video_ops
 from fdjax import diffusion
@@ -51,6 +50,7 @@ from fdjax.models.audio2motion import MotionCodeDiffusion, TalkingHeadMotion
 from fdjax.state import strip_boxes
 from fdjax.tasks import BATCH_DIM, ExportDim, _speech_mesh, import_task_module
 from fdjax.tasks.audio2mesh import build_encoder
+from fdjax.tasks.dfer import open_split
 
 # Where the stage-1 parameters sit in this model's tree (frozen: `optim.freeze`).
 MOTION_AE = "motion_ae"
@@ -145,17 +145,6 @@ def dummy_batch(config: Any, batch_size: int) -> dict[str, np.ndarray]:
     "audio_mask": np.ones((batch_size, _speech_mesh.window_samples(config, frames)), bool),
     "frame_mask": np.ones((batch_size, frames), bool),
   }
-
-
-def open_split(config: Any, split: str):
-  """A random-access source over `split`, after building the dataset if it is not built yet."""
-  _, data_dir = prepare.ensure_dataset(config.data)
-  # Importing the builder registers it with TFDS, which `tfds.data_source` looks names up in.
-  importlib.import_module(f"data_pipelines.builders.{config.data.name}")
-  name = config.data.name
-  if config.data.builder_config:
-    name = f"{name}/{config.data.builder_config}"
-  return pipeline.tfds_source(name, data_dir, split)
 
 
 def clip_window(
