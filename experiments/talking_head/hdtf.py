@@ -88,6 +88,8 @@ def motion_ae_config(arg: str | None) -> ConfigDict:
   c.model.motion_dim = 20  # D: the motion code stage 2 models.
   # PatchGAN channels.
   c.model.discriminator_widths = (8, 16) if tiny else ((16, 32, 64) if small else (32, 64, 128))
+  # Initial logit of the last mask (warped source against generated image).
+  c.model.image_mask_bias = 2.0
 
   c.loss = ConfigDict()
   c.loss.scales = 3  # Image scales of the L1 term (full, 1/2, 1/4).

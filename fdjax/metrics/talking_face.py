@@ -58,6 +58,7 @@ FACE_BOX = (0.2, 0.8, 0.25, 0.75)  # the face's centre, for the identity probe
 DENOISE_SIGMA = 1.2  # pixels of PROBE_SIZE
 AUGMENT_BLUR_SIGMA = 1.5  # the blurred copies the mouth probe also fits
 MOUTH_RIDGE = 0.05  # ridge penalty per training frame, on standardised features
+CODE_RIDGE = 0.01  # the code probe's ridge penalty per training frame
 IDENTITY_RIDGE = 0.01
 MOUTH_STRIPS = 4  # central column strips of the mouth region whose vertical extents are taken
 _STRIP_WIDTH = 5  # pixels of PROBE_SIZE per strip
@@ -196,6 +197,41 @@ def fit_mouth_probe(frames: ArrayLike, mouth_open: ArrayLike) -> MouthProbe:
   features = np.concatenate([mouth_features(frames), mouth_features(blurred)])
   targets = np.concatenate([target.reshape(-1)] * 2)
   return MouthProbe(_Ridge.fit(features, targets, MOUTH_RIDGE))
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeProbe:
+  """Reads the mouth opening off motion codes (a talking-head stage 1's), up to a per-clip
+  offset: for within-clip correlations of sampled codes with the true opening."""
+
+  ridge: _Ridge
+
+  def __call__(self, codes: ArrayLike) -> np.ndarray:
+    """`[...]` the estimated opening (plus an offset) of codes `[..., D]`."""
+    codes = np.asarray(codes, np.float64)
+    return self.ridge(codes.reshape(-1, codes.shape[-1])).reshape(codes.shape[:-1])
+
+
+def fit_code_probe(codes: Sequence[ArrayLike], mouth_open: Sequence[ArrayLike]) -> CodeProbe:
+  """Fits a `CodeProbe` on clips' codes (each `[T_i, D]`) and true openings (each `[T_i]`),
+  both centred per clip, so what a clip's identity adds to every code of it is left out."""
+  if len(codes) != len(mouth_open) or not codes:
+    raise ValueError(
+      f"need as many code clips as opening clips (>= 1): {len(codes)}, {len(mouth_open)}"
+    )
+  features, targets = [], []
+  for i, (code, mouth) in enumerate(zip(codes, mouth_open)):
+    code, mouth = np.asarray(code, np.float64), np.asarray(mouth, np.float64)
+    if code.ndim != 2 or mouth.shape != code.shape[:1]:
+      raise ValueError(
+        f"clip {i}: codes {code.shape} must be [T, D] and openings [T], got {mouth.shape}"
+      )
+    features.append(code - code.mean(axis=0))
+    targets.append(mouth - mouth.mean())
+  targets = np.concatenate(targets)
+  if np.ptp(targets) == 0:
+    raise ValueError("the code probe needs clips whose mouth opening changes")
+  return CodeProbe(_Ridge.fit(np.concatenate(features), targets, CODE_RIDGE))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -159,6 +159,7 @@ class Generator(nn.Module):
   warped and blended with a generated image."""
 
   widths: Sequence[int]  # The appearance encoder's widths (finest first).
+  image_mask_bias: float = 2.0  # Initial logit of the last mask (> 0: the warped source).
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -182,7 +183,7 @@ class Generator(nn.Module):
       x = upsample(x)
       x = _act(nn.Conv(out_width, (3, 3), dtype=self.dtype, name=f"up_{i}")(x))
     # Full resolution: warp the source image, blend with a generated image.
-    flow, mask = self._flow_and_mask(x, "flow_image", mask_bias=2.0)
+    flow, mask = self._flow_and_mask(x, "flow_image", mask_bias=self.image_mask_bias)
     image = appearance["image"]
     warped = warp(image.astype(flow.dtype), flow)
     generated = nn.sigmoid(nn.Conv(3, (3, 3), dtype=self.dtype, name="to_rgb")(x))
@@ -229,6 +230,9 @@ class FaceMotionAE(nn.Module):
   latent_dim: int = 128  # L: latent in which the motion directions live (LIA: 512).
   motion_dim: int = 20  # D: the motion code's size (LIA, AniTalker, EDTalk: 20).
   discriminator_widths: Sequence[int] = (32, 64, 128)  # PatchGAN channels (() : none).
+  # Initial logit of the generator's last mask between the warped source and the generated
+  # image (sigmoid(2) = 0.88 towards the source).
+  image_mask_bias: float = 2.0
   dtype: Any = jnp.float32  # Compute dtype.
 
   def setup(self):
@@ -249,7 +253,11 @@ class FaceMotionAE(nn.Module):
       dtype=self.dtype,
     )
     self.directions = MotionDirections(latent_dim=self.latent_dim, motion_dim=self.motion_dim)
-    self.generator = Generator(widths=tuple(self.widths), dtype=self.dtype)
+    self.generator = Generator(
+      widths=tuple(self.widths),
+      image_mask_bias=self.image_mask_bias,
+      dtype=self.dtype,
+    )
     if self.discriminator_widths:
       self.discriminator = PatchDiscriminator(
         widths=tuple(self.discriminator_widths), dtype=self.dtype

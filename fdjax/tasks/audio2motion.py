@@ -349,7 +349,10 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
   correlation of the generated mouth opening with the truth), `av_offset_frames` (the lag
   maximising it, clips pooled, within `data.av_max_lag`; positive: generated late) are
   reported, with the same for the probe on the true frames (`truth/...`: the probe's ceiling)
-  and on stage 1's reconstruction (`reconstruction/...`: stage 1's)."""
+  and on stage 1's reconstruction (`reconstruction/...`: stage 1's); and, apart from stage 1's
+  rendering, for a linear probe from stage 1's codes to the opening (`_fit_mouth_probe`) on the
+  sampled codes (`code/...`) and on stage 1's codes of the true frames (`truth_code/...`: that
+  probe's ceiling)."""
   del mesh, rules, workdir, step
   source = open_split(config, config.data.eval_split)
   limit = min(config.data.eval_max_examples or len(source), len(source))
@@ -362,9 +365,15 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
   options = _window_options(config)
   squared, static, spread, counted = [], [], [], 0
   has_truth = all(bool(e.get("has_ground_truth", False)) for e in examples)
-  probe = _fit_mouth_probe(config) if has_truth else None
-  # Per source of frames: the probe's mouth opening of each clip; and the true openings.
-  mouth: dict[str, list[np.ndarray]] = {"": [], "truth/": [], "reconstruction/": []}
+  probe, code_probe = _fit_mouth_probe(config, model, params) if has_truth else (None, None)
+  # Per source of frames (or codes): the probes' mouth opening of each clip; the true openings.
+  mouth: dict[str, list[np.ndarray]] = {
+    "": [],
+    "truth/": [],
+    "reconstruction/": [],
+    "code/": [],
+    "truth_code/": [],
+  }
   true_mouth: list[np.ndarray] = []
   for example in examples:
     total = len(example["video"])
@@ -404,6 +413,8 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
         ("reconstruction/", rebuilt),
       ):
         mouth[prefix].append(np.asarray(probe(frames), np.float64))
+      mouth["code/"].append(code_probe(samples[0]))
+      mouth["truth_code/"].append(code_probe(truth))
       true_mouth.append(reference_mouth.astype(np.float64))
   metrics = {
     "code_mse": float(np.concatenate(squared).mean()),
@@ -424,25 +435,29 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
   return metrics
 
 
-def _fit_mouth_probe(config: Any):
+def _fit_mouth_probe(config: Any, model: TalkingHeadMotion, params: Any):
   """The twin's mouth probe fitted on up to `data.probe_frames` frames of the training split
-  (evenly over its clips)."""
+  (evenly over its clips), and the code probe (`talking_face.fit_code_probe`) on stage 1's
+  codes of the same frames."""
   from fdjax.metrics import talking_face
 
   source = open_split(config, config.data.train_split)
   per_clip = max(1, config.data.probe_frames // max(len(source), 1))
-  frames, targets = [], []
+  frames, targets, codes = [], [], []
   for index in range(len(source)):
     example = source[index]
     total = len(example["video"])
     chosen = np.linspace(0, total - 1, min(per_clip, total)).round().astype(int)
     video = np.asarray(example["video"])[chosen]
     size = _image_size(config)
-    frames.append(video if video.shape[1:3] == size else resize_frames(video, size))
+    video = video if video.shape[1:3] == size else resize_frames(video, size)
+    frames.append(video)
     targets.append(np.asarray(example["mouth_open"], np.float32)[chosen])
+    codes.append(np.asarray(stage1_codes(model, params, video[None]))[0])  # [n, D]
     if sum(len(t) for t in targets) >= config.data.probe_frames:
       break
-  return talking_face.fit_mouth_probe(np.concatenate(frames), np.concatenate(targets))
+  probe = talking_face.fit_mouth_probe(np.concatenate(frames), np.concatenate(targets))
+  return probe, talking_face.fit_code_probe(codes, targets)
 
 
 # --- export -----------------------------------------------------------------------------------

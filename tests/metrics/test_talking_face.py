@@ -167,3 +167,25 @@ def test_fit_twin_probes_reads_a_built_split(twin):
   assert sorted(identity_probe.identities) == sorted(set(identities))
   with pytest.raises(ValueError, match="none of the 1 examples has ground truth"):
     talking_face.fit_twin_probes(source[-1:])
+
+
+def test_the_code_probe_reads_the_opening_apart_from_each_clips_offset():
+  # Codes: a large per-clip offset (identity), the opening along one direction, noise elsewhere.
+  rng = np.random.default_rng(3)
+  direction = rng.standard_normal(20)
+
+  def clip():
+    mouth = np.clip(rng.normal(0.05, 0.03, 60), 0, None)
+    codes = 50 * rng.standard_normal(20) + 4 * mouth[:, None] * direction
+    return codes + 0.02 * rng.standard_normal((60, 20)), mouth
+
+  train = [clip() for _ in range(10)]
+  probe = talking_face.fit_code_probe([c for c, _ in train], [m for _, m in train])
+  held_out = [clip() for _ in range(5)]
+  correlations = [talking_face.pearson(probe(c), m) for c, m in held_out]
+  assert min(correlations) > 0.9, correlations
+  assert probe(np.stack([c for c, _ in held_out])).shape == (5, 60)
+  with pytest.raises(ValueError, match=r"clip 1: codes \(60, 20\) must be \[T, D\]"):
+    talking_face.fit_code_probe([train[0][0], train[1][0]], [train[0][1], train[1][1][:-1]])
+  with pytest.raises(ValueError, match="changes"):
+    talking_face.fit_code_probe([train[0][0]], [np.zeros(60)])

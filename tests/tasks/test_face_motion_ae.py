@@ -104,6 +104,16 @@ def test_the_model_api_encodes_and_decodes_and_starts_near_the_source():
     model.apply(variables, source[:, :16], method=FaceMotionAE.encode_appearance)
 
 
+@pytest.mark.parametrize("bias", [2.0, 0.0, -1.0])
+def test_the_last_mask_starts_at_the_configured_bias(bias):
+  # model.image_mask_bias: the initial logit of the blend of warped source and generated image.
+  config = _config("runlocal=True", ("model.image_mask_bias", bias))
+  model, params = _init(config)
+  source = jnp.asarray(_frames(size=32), jnp.float32) / 255.0
+  _, aux = model.apply({"params": params}, source, source)
+  np.testing.assert_allclose(np.asarray(aux["mask"]), float(jax.nn.sigmoid(bias)), rtol=1e-6)
+
+
 def test_the_loss_is_multiscale_l1_plus_ssim_and_the_adversarial_parts_stop_gradients():
   config = _config()
   model, params = _init(config)
