@@ -118,6 +118,8 @@ def video_model_config(variant: str, size: str, num_frames: int) -> tuple[Config
     m.dropout = 0.0 if probe else 0.1  # Dropout on the clip embedding before the head.
     m.stop_backbone_gradient = probe  # Linear probe: no backward pass into the encoder.
     m.remat = size == "base" and not probe  # Recompute block activations in the backward pass.
+    # Input minus the clip's mean frame; must match the pretraining run's encoder.
+    m.subtract_mean_frame = False
     return m, (r"^encoder/",) if probe else ()
   if variant == "vivit_scratch":
     m.kind = "vivit"  # fdjax.models.vivit.VideoVisionTransformer, from scratch.

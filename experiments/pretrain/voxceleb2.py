@@ -77,6 +77,8 @@ def get_config(arg=None):
   c.model.image_size = 32 if tiny else (160 if args.variant == "mae_dfer" else 224)  # Pixels.
   c.model.remat = args.size in ("B", "L")  # Recompute block activations in the backward pass.
   c.model.discriminator_width = 0  # Patch discriminator's hidden width (0: none).
+  # Encoder input minus the clip's mean frame (pair with loss.target=mean_subtracted_pixels).
+  c.model.subtract_mean_frame = False
 
   c.mask = ConfigDict()
   c.mask.kind = {"marlin": "face_region", "mae_dfer": "part_window", "videomae": "tube"}[
@@ -90,7 +92,8 @@ def get_config(arg=None):
     c.mask.ratio = 0.75
 
   c.loss = ConfigDict()
-  c.loss.target = "pixels" if args.variant == "marlin" else "normalized_pixels"  # MSE target.
+  # MSE target: pixels, normalized_pixels or mean_subtracted_pixels (fdjax.tasks.mae_video).
+  c.loss.target = "pixels" if args.variant == "marlin" else "normalized_pixels"
   c.loss.frame_difference_weight = 0.5 if args.variant == "mae_dfer" else 0.0  # Motion share.
   c.loss.adversarial_weight = 0.01 if args.variant == "marlin" else 0.0  # Generator term.
   if args.variant == "marlin":

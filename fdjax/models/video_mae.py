@@ -58,7 +58,8 @@ DECODER_VARIANTS: dict[str, dict[str, Any]] = {
 }
 ENCODER_FIELDS = (
   "image_size", "patch_size", "tubelet_size", "width", "depth", "num_heads", "mlp_dim",
-  "hidden_act", "layer_norm_eps", "pixel_mean", "pixel_std", "remat", "attention_impl", "dtype",
+  "hidden_act", "layer_norm_eps", "pixel_mean", "pixel_std", "remat", "subtract_mean_frame",
+  "attention_impl", "dtype",
 )  # fmt: skip
 
 
@@ -103,6 +104,11 @@ class VideoViTEncoder(nn.Module):
   pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB mean for normalisation
   pixel_std: tuple[float, float, float] = IMAGENET_STD  # RGB std for normalisation
   remat: bool = False  # recompute block activations in the backward pass
+  # Subtract the clip's mean frame from every frame after normalising, before the tubelet
+  # embedding (as `fdjax.models.vivit.VideoVisionTransformer`'s option): what stays still
+  # (background, identity, light) leaves the input, what moves (the expression) stays. The MAE
+  # and the classifier share the encoder, so both see the same input.
+  subtract_mean_frame: bool = False
   attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
@@ -122,13 +128,21 @@ class VideoViTEncoder(nn.Module):
     if size % self.patch_size:
       raise ValueError(f"image_size {size} is not a multiple of patch_size {self.patch_size}")
 
+  def embedding_input(self, video: Array) -> Array:
+    """What the tubelet embedding sees: `video` [B, T, H, W, 3] normalised by `pixel_mean` and
+    `pixel_std`, minus its mean over the T frames when `subtract_mean_frame`."""
+    x = normalize_video(video, self.pixel_mean, self.pixel_std, jnp.float32)
+    if self.subtract_mean_frame:
+      x = x - jnp.mean(x, axis=1, keepdims=True)  # in float32: the differences are small
+    return x.astype(self.dtype)
+
   @nn.compact
   def __call__(self, video: Array, visible: Array | None = None) -> Array:
     """video uint8 (or float in [0, 255]) [B, T, H, W, 3]; visible int [B, K] token indices
     (None: all tokens). Returns the normalised tokens [B, K, width] (K = N without `visible`)."""
     self.check(video)
     batch = video.shape[0]
-    x = normalize_video(video, self.pixel_mean, self.pixel_std, self.dtype)
+    x = self.embedding_input(video)
     x = tubelet_embedding(
       self.width, self.tubelet_size, self.patch_size, self.dtype, nn.initializers.xavier_uniform()
     )(x)  # [B, T', h, w, D]
