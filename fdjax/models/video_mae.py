@@ -262,7 +262,8 @@ class VideoMAE(nn.Module):
 
 
 class VideoViTClassifier(nn.Module):
-  """The MAE's encoder on all tokens, mean-pooled, `fc_norm`, dropout and a linear head.
+  """The MAE's encoder on all tokens, mean-pooled (minus a still clip's pooled tokens when the
+  encoder subtracts the mean frame), `fc_norm`, dropout and a linear head.
 
   Same call as `fdjax.models.vivit.VideoVisionTransformer`: `video` uint8 [B, T, H, W, 3] ->
   (logits [B, num_classes], or the clip embedding [B, width] when num_classes == 0, aux). Its
@@ -294,14 +295,27 @@ class VideoViTClassifier(nn.Module):
   ) -> tuple[Array, dict[str, Array]]:
     """Returns (logits or embedding, aux): `clip_embedding` [B, width] (after fc_norm) and
     `tokens` [B, N, width] (the encoder's output). `frame_mask` is not supported: the encoder
-    attends over every token of a fixed-length clip."""
+    attends over every token of a fixed-length clip. With the encoder's `subtract_mean_frame`
+    the mean-pooled tokens are taken minus those of a still clip (one more encoder pass on
+    one clip)."""
     if frame_mask is not None:
       raise ValueError("VideoViTClassifier takes whole clips: pass no frame_mask")
     tokens = self.encoder(video)  # [B, N, D]
     if self.stop_backbone_gradient:
       # A linear probe: the encoder is frozen, so its backward pass would be wasted work.
       tokens = jax.lax.stop_gradient(tokens)
-    pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(self.encoder.dtype)
+    pooled = jnp.mean(tokens.astype(jnp.float32), axis=1)  # [B, D]
+    if self.encoder.subtract_mean_frame:
+      # A still clip's input is all zeros after the mean frame is subtracted, and its tokens
+      # (what the positions alone give) dominate every clip's: on the DFEW twin the pooled
+      # tokens vary across clips by 0.2% of their size, which fc_norm (per clip) keeps, so a
+      # linear head starting at zero cannot read them. Pooling relative to the still clip
+      # leaves only what the clip's motion adds.
+      still = self.encoder(jnp.zeros((1, *video.shape[1:]), video.dtype))  # [1, N, D]
+      if self.stop_backbone_gradient:
+        still = jax.lax.stop_gradient(still)
+      pooled = pooled - jnp.mean(still.astype(jnp.float32), axis=1)
+    pooled = pooled.astype(self.encoder.dtype)
     embedding = layer_norm(self.encoder.layer_norm_eps, self.encoder.dtype, "fc_norm")(pooled)
     aux = {"clip_embedding": embedding, "tokens": tokens}
     if self.num_classes == 0:

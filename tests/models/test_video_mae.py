@@ -91,6 +91,12 @@ def test_classifier_on_all_tokens_equals_the_mae_encoder_with_nothing_masked(sub
   )
   np.testing.assert_allclose(aux["tokens"], tokens, rtol=1e-5, atol=1e-5)
   pooled = tokens.mean(1)
+  if subtract:  # pooled relative to a still clip, whose input is all zeros
+    still = mae.apply(
+      {"params": mae_params}, jnp.full_like(video[:1], 77), everything[:1],
+      method=lambda m, v, i: m.encoder(v, i),
+    )  # fmt: skip
+    pooled = pooled - still.mean(1)
   normed = (pooled - pooled.mean(-1, keepdims=True)) / jnp.sqrt(
     pooled.var(-1, keepdims=True) + 1e-6
   )
