@@ -19,7 +19,13 @@ do not read face parts, e.g. the labelled DFEW twin with its labels ignored:
         --config.data.name=dfew --config.data.train_split=fold1_train \\
         --config.data.eval_split=fold1_test --workdir runs/mae_tiny
 
-or `dataset=dfew` as an argument, which sets those three keys. ViT-B MARLIN on real data:
+or `dataset=dfew` as an argument, which sets those three keys. On the DFEW twin, whose clips
+differ far more in background, skin and light than in expression, add
+`--config.model.subtract_mean_frame=True --config.loss.target=mean_subtracted_pixels` (the
+encoder sees frames minus the clip's mean frame, and reconstructs them; docs/design.md
+section 21), and the same `subtract_mean_frame` in the probe or fine-tuning.
+
+ViT-B MARLIN on real data:
 
     fdjax train --config experiments/pretrain/voxceleb2.py:variant=marlin,size=B \\
         --config.data.raw_dir=/path/to/voxceleb2 --config.data.data_dir=/path/to/tfds \\

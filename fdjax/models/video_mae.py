@@ -306,11 +306,11 @@ class VideoViTClassifier(nn.Module):
       tokens = jax.lax.stop_gradient(tokens)
     pooled = jnp.mean(tokens.astype(jnp.float32), axis=1)  # [B, D]
     if self.encoder.subtract_mean_frame:
-      # A still clip's input is all zeros after the mean frame is subtracted, and its tokens
-      # (what the positions alone give) dominate every clip's: on the DFEW twin the pooled
-      # tokens vary across clips by 0.2% of their size, which fc_norm (per clip) keeps, so a
-      # linear head starting at zero cannot read them. Pooling relative to the still clip
-      # leaves only what the clip's motion adds.
+      # The input is near zero after the mean frame is subtracted, and a part common to all
+      # clips dominates the pooled tokens: on the DFEW twin they vary across clips by 0.2% of
+      # their size, which fc_norm (per clip) keeps, so a linear head starting at zero cannot
+      # read them (docs/design.md section 21). A still clip's input is all zeros: pooling
+      # relative to its tokens takes that common part off.
       still = self.encoder(jnp.zeros((1, *video.shape[1:]), video.dtype))  # [1, N, D]
       if self.stop_backbone_gradient:
         still = jax.lax.stop_gradient(still)
