@@ -353,6 +353,30 @@ def test_a_mae_run_of_another_image_size_is_refused_naming_the_field(tmp_path):
   au.load_pretrained(config, {})  # The same run matches once the size agrees.
 
 
+def test_a_mae_run_with_another_input_is_refused_naming_subtract_mean_frame(tmp_path):
+  """An encoder pretrained on frames minus their clip's mean frame has the parameter shapes of
+  one pretrained on raw frames: only the check keeps it out of a model fed the other input."""
+  from fdjax.tasks import dfer
+
+  workdir, _ = _mae_run(
+    tmp_path,
+    ("model.subtract_mean_frame", True),
+    ("loss.target", "mean_subtracted_pixels"),
+  )
+  with pytest.raises(
+    ValueError, match=r"subtract_mean_frame=True but config.model .* subtract_mean_frame=False"
+  ):
+    dfer.load_pretrained(_vit_mae_config(workdir), {})
+  config = _vit_mae_config(workdir, ("model.subtract_mean_frame", True))
+  assert dfer.build_model(config).encoder.subtract_mean_frame  # config.model reaches the encoder
+  dfer.load_pretrained(config, {})  # The same run matches once the input agrees.
+  raw, _ = _mae_run(tmp_path / "raw")
+  message = r"subtract_mean_frame=False but .* subtract_mean_frame=True"
+  with pytest.raises(ValueError, match=message):
+    dfer.load_pretrained(_vit_mae_config(raw, ("model.subtract_mean_frame", True)), {})
+  assert not dfer.build_model(_vit_mae_config(raw)).encoder.subtract_mean_frame
+
+
 def test_a_workdir_named_by_a_relative_path_is_read(run, monkeypatch):
   # Orbax reads no metadata through a relative path; `runs/x` as users type it must work.
   _, workdir, trained = run

@@ -19,7 +19,13 @@ do not read face parts, e.g. the labelled DFEW twin with its labels ignored:
         --config.data.name=dfew --config.data.train_split=fold1_train \\
         --config.data.eval_split=fold1_test --workdir runs/mae_tiny
 
-or `dataset=dfew` as an argument, which sets those three keys. ViT-B MARLIN on real data:
+or `dataset=dfew` as an argument, which sets those three keys. On the DFEW twin, whose clips
+differ far more in background, skin and light than in expression, add
+`--config.model.subtract_mean_frame=True --config.loss.target=mean_subtracted_pixels` (the
+encoder sees frames minus the clip's mean frame, and reconstructs them; docs/design.md
+section 21), and the same `subtract_mean_frame` in the probe or fine-tuning.
+
+ViT-B MARLIN on real data:
 
     fdjax train --config experiments/pretrain/voxceleb2.py:variant=marlin,size=B \\
         --config.data.raw_dir=/path/to/voxceleb2 --config.data.data_dir=/path/to/tfds \\
@@ -77,6 +83,8 @@ def get_config(arg=None):
   c.model.image_size = 32 if tiny else (160 if args.variant == "mae_dfer" else 224)  # Pixels.
   c.model.remat = args.size in ("B", "L")  # Recompute block activations in the backward pass.
   c.model.discriminator_width = 0  # Patch discriminator's hidden width (0: none).
+  # Encoder input minus the clip's mean frame (pair with loss.target=mean_subtracted_pixels).
+  c.model.subtract_mean_frame = False
 
   c.mask = ConfigDict()
   c.mask.kind = {"marlin": "face_region", "mae_dfer": "part_window", "videomae": "tube"}[
@@ -90,7 +98,8 @@ def get_config(arg=None):
     c.mask.ratio = 0.75
 
   c.loss = ConfigDict()
-  c.loss.target = "pixels" if args.variant == "marlin" else "normalized_pixels"  # MSE target.
+  # MSE target: pixels, normalized_pixels or mean_subtracted_pixels (fdjax.tasks.mae_video).
+  c.loss.target = "pixels" if args.variant == "marlin" else "normalized_pixels"
   c.loss.frame_difference_weight = 0.5 if args.variant == "mae_dfer" else 0.0  # Motion share.
   c.loss.adversarial_weight = 0.01 if args.variant == "marlin" else 0.0  # Generator term.
   if args.variant == "marlin":

@@ -58,7 +58,8 @@ DECODER_VARIANTS: dict[str, dict[str, Any]] = {
 }
 ENCODER_FIELDS = (
   "image_size", "patch_size", "tubelet_size", "width", "depth", "num_heads", "mlp_dim",
-  "hidden_act", "layer_norm_eps", "pixel_mean", "pixel_std", "remat", "attention_impl", "dtype",
+  "hidden_act", "layer_norm_eps", "pixel_mean", "pixel_std", "remat", "subtract_mean_frame",
+  "attention_impl", "dtype",
 )  # fmt: skip
 
 
@@ -103,6 +104,11 @@ class VideoViTEncoder(nn.Module):
   pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB mean for normalisation
   pixel_std: tuple[float, float, float] = IMAGENET_STD  # RGB std for normalisation
   remat: bool = False  # recompute block activations in the backward pass
+  # Subtract the clip's mean frame from every frame after normalising, before the tubelet
+  # embedding (as `fdjax.models.vivit.VideoVisionTransformer`'s option): what stays still
+  # (background, identity, light) leaves the input, what moves (the expression) stays. The MAE
+  # and the classifier share the encoder, so both see the same input.
+  subtract_mean_frame: bool = False
   attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
@@ -122,13 +128,21 @@ class VideoViTEncoder(nn.Module):
     if size % self.patch_size:
       raise ValueError(f"image_size {size} is not a multiple of patch_size {self.patch_size}")
 
+  def embedding_input(self, video: Array) -> Array:
+    """What the tubelet embedding sees: `video` [B, T, H, W, 3] normalised by `pixel_mean` and
+    `pixel_std`, minus its mean over the T frames when `subtract_mean_frame`."""
+    x = normalize_video(video, self.pixel_mean, self.pixel_std, jnp.float32)
+    if self.subtract_mean_frame:
+      x = x - jnp.mean(x, axis=1, keepdims=True)  # in float32: the differences are small
+    return x.astype(self.dtype)
+
   @nn.compact
   def __call__(self, video: Array, visible: Array | None = None) -> Array:
     """video uint8 (or float in [0, 255]) [B, T, H, W, 3]; visible int [B, K] token indices
     (None: all tokens). Returns the normalised tokens [B, K, width] (K = N without `visible`)."""
     self.check(video)
     batch = video.shape[0]
-    x = normalize_video(video, self.pixel_mean, self.pixel_std, self.dtype)
+    x = self.embedding_input(video)
     x = tubelet_embedding(
       self.width, self.tubelet_size, self.patch_size, self.dtype, nn.initializers.xavier_uniform()
     )(x)  # [B, T', h, w, D]
@@ -248,7 +262,8 @@ class VideoMAE(nn.Module):
 
 
 class VideoViTClassifier(nn.Module):
-  """The MAE's encoder on all tokens, mean-pooled, `fc_norm`, dropout and a linear head.
+  """The MAE's encoder on all tokens, mean-pooled (minus a still clip's pooled tokens when the
+  encoder subtracts the mean frame), `fc_norm`, dropout and a linear head.
 
   Same call as `fdjax.models.vivit.VideoVisionTransformer`: `video` uint8 [B, T, H, W, 3] ->
   (logits [B, num_classes], or the clip embedding [B, width] when num_classes == 0, aux). Its
@@ -280,14 +295,27 @@ class VideoViTClassifier(nn.Module):
   ) -> tuple[Array, dict[str, Array]]:
     """Returns (logits or embedding, aux): `clip_embedding` [B, width] (after fc_norm) and
     `tokens` [B, N, width] (the encoder's output). `frame_mask` is not supported: the encoder
-    attends over every token of a fixed-length clip."""
+    attends over every token of a fixed-length clip. With the encoder's `subtract_mean_frame`
+    the mean-pooled tokens are taken minus those of a still clip (one more encoder pass on
+    one clip)."""
     if frame_mask is not None:
       raise ValueError("VideoViTClassifier takes whole clips: pass no frame_mask")
     tokens = self.encoder(video)  # [B, N, D]
     if self.stop_backbone_gradient:
       # A linear probe: the encoder is frozen, so its backward pass would be wasted work.
       tokens = jax.lax.stop_gradient(tokens)
-    pooled = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(self.encoder.dtype)
+    pooled = jnp.mean(tokens.astype(jnp.float32), axis=1)  # [B, D]
+    if self.encoder.subtract_mean_frame:
+      # The input is near zero after the mean frame is subtracted, and a part common to all
+      # clips dominates the pooled tokens: on the DFEW twin they vary across clips by 0.2% of
+      # their size, which fc_norm (per clip) keeps, so a linear head starting at zero cannot
+      # read them (docs/design.md section 21). A still clip's input is all zeros: pooling
+      # relative to its tokens takes that common part off.
+      still = self.encoder(jnp.zeros((1, *video.shape[1:]), video.dtype))  # [1, N, D]
+      if self.stop_backbone_gradient:
+        still = jax.lax.stop_gradient(still)
+      pooled = pooled - jnp.mean(still.astype(jnp.float32), axis=1)
+    pooled = pooled.astype(self.encoder.dtype)
     embedding = layer_norm(self.encoder.layer_norm_eps, self.encoder.dtype, "fc_norm")(pooled)
     aux = {"clip_embedding": embedding, "tokens": tokens}
     if self.num_classes == 0:

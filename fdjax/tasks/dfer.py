@@ -78,6 +78,7 @@ MAE_ENCODER_CHECKED = (
   "depth",
   "num_heads",
   "mlp_dim",
+  "subtract_mean_frame",
 )
 # Keys of `config.model` that configure the task rather than the module's fields.
 TASK_MODEL_KEYS = (
@@ -279,9 +280,10 @@ def load_pretrained(config: Any, params: dict) -> dict:
 
 def check_mae_sources(config: Any) -> None:
   """A clear error for a `config.model.init_from` run of task `mae_video` whose encoder is not
-  the `vit_mae` model's: the field (image size, patch, tubelet, width, depth, heads, MLP) that
-  differs, with both values. An image size or a patch that differs but keeps the shapes would
-  otherwise load silently into a model that tokenises the frames differently."""
+  the `vit_mae` model's: the field (image size, patch, tubelet, width, depth, heads, MLP,
+  `subtract_mean_frame`) that differs, with both values. An image size, a patch or an input
+  (raw or mean-subtracted frames) that differs but keeps the shapes would otherwise load
+  silently into a model that tokenises the frames differently."""
   from fdjax.tasks import load_task, mae_video
 
   model = load_task(config.task).build_model(config)  # dfer's or au's: the outputs differ

@@ -8,8 +8,12 @@ the masked tubelets. Task contract: `fdjax/tasks/__init__.py`; docs/design.md ha
 - masking (`config.mask`): `kind` random | tube | frame | part_window | face_region, `ratio`,
   `window` (part_window's token windows). face_region (MARLIN's fasking) reads each clip's
   per-pixel face-part map `face_parts` [B, T, H, W] uint8 from the batch;
-- targets (`config.loss`): `target` = "pixels" (RGB in [0, 1]) or "normalized_pixels" (each
-  tubelet patch normalised per channel by its own mean and std, VideoMAE's norm_pix_loss);
+- targets (`config.loss`): `target` = "pixels" (RGB in [0, 1]), "normalized_pixels" (each
+  tubelet patch normalised per channel by its own mean and std, VideoMAE's norm_pix_loss) or
+  "mean_subtracted_pixels" (RGB in [0, 1] minus the clip's mean frame: the target that goes
+  with `config.model.subtract_mean_frame`, whose encoder never sees that mean; that option
+  takes only masks that hide a position in all frames or none, `TUBE_KINDS`, since the mean
+  frame would otherwise carry masked pixels into visible tokens);
   `frame_difference_weight` w > 0 adds MAE-DFER's motion target, the difference of each frame
   to the previous one (zero for the first; in [-1, 1], not normalised) predicted by a second
   head, the loss then being (1 - w) appearance + w motion; `adversarial_weight` > 0 adds
@@ -52,9 +56,11 @@ from fdjax.tasks.dfer import _transformer_flops, open_split, split_name
 
 Array = jax.Array
 
-TARGETS = ("pixels", "normalized_pixels")
+TARGETS = ("pixels", "normalized_pixels", "mean_subtracted_pixels")
 # Keys of `config.model` that configure the task rather than the module's fields.
 TASK_MODEL_KEYS = ("variant", "init_from")
+# Mask kinds that mask a spatial position in every frame of the clip or in none.
+TUBE_KINDS = ("tube", "part_window", "face_region")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,6 +75,14 @@ def build_model(config: Any) -> VideoMAE:
     raise ValueError(
       "config.loss.adversarial_weight > 0 needs a discriminator: set "
       "config.model.discriminator_width > 0"
+    )
+  if fields.get("subtract_mean_frame") and config.mask.kind not in TUBE_KINDS:
+    # The mean frame mixes every frame's pixels at a position into each visible token there:
+    # with masks that hide some frames of a position and not others it reveals the hidden ones.
+    raise ValueError(
+      f"config.model.subtract_mean_frame=True with config.mask.kind={config.mask.kind!r}: the "
+      "clip's mean frame would carry the masked tubelets' pixels into the visible ones; use a "
+      f"mask that hides a position in all frames or none, one of {TUBE_KINDS}"
     )
   fields["frame_difference"] = config.loss.frame_difference_weight > 0
   fields["attention_impl"] = config.precision.attention_impl
@@ -152,13 +166,21 @@ def frame_differences(video: Array) -> Array:
   return jnp.concatenate([jnp.zeros_like(video[:, :1]), video[:, 1:] - video[:, :-1]], axis=1)
 
 
+def mean_frame(video: Array) -> Array:
+  """[B, T, H, W, C] -> the clip's mean frame [B, 1, H, W, C]."""
+  return jnp.mean(video, axis=1, keepdims=True)
+
+
 def targets(video: Array, model: VideoMAE, target: str) -> tuple[Array, Array]:
   """`(appearance [B, N, P], motion [B, N, P])` targets of every tubelet of `video` uint8."""
   if target not in TARGETS:
     raise ValueError(f"config.loss.target={target!r}: expected one of {TARGETS}")
   enc = model.encoder
   pixels = video.astype(jnp.float32) / 255.0
-  appearance = video_patches(pixels, enc.patch_size, enc.tubelet_size)
+  if target == "mean_subtracted_pixels":
+    appearance = video_patches(pixels - mean_frame(pixels), enc.patch_size, enc.tubelet_size)
+  else:
+    appearance = video_patches(pixels, enc.patch_size, enc.tubelet_size)
   if target == "normalized_pixels":
     appearance = normalize_patches(appearance)
   motion = video_patches(frame_differences(pixels), enc.patch_size, enc.tubelet_size)
@@ -442,7 +464,8 @@ def reconstruction_strip(
 ) -> np.ndarray:
   """uint8 image [3 S, F S, 3] of one clip: masked input (hidden tubelets grey), the
   reconstruction (visible tubelets as given, masked ones predicted; normalised predictions
-  are mapped back with the true patch's mean and std, as VideoMAE shows them), and the truth,
+  are mapped back with the true patch's mean and std, as VideoMAE shows them, mean-subtracted
+  ones by adding the clip's true mean frame), and the truth,
   for the first F = `max_frames` frames, each upscaled to at least `min_side` pixels."""
   enc = model.encoder
   grid = enc.grid(video.shape[0])
@@ -454,6 +477,11 @@ def reconstruction_strip(
     x = truth[masked].reshape(len(masked), -1, 3)
     mean, std = x.mean(1, keepdims=True), x.std(1, ddof=1, keepdims=True)
     predicted = (predicted.reshape(x.shape) * (std + 1e-6) + mean).reshape(len(masked), -1)
+  if config.loss.target == "mean_subtracted_pixels":
+    pixels = jnp.asarray(video[None], jnp.float32) / 255.0
+    still = jnp.broadcast_to(mean_frame(pixels), pixels.shape)
+    still = np.asarray(video_patches(still, enc.patch_size, enc.tubelet_size))[0]
+    predicted = predicted + still[masked]
   shown_input = truth.copy()
   shown_input[masked] = 0.5
   reconstruction = truth.copy()

@@ -49,9 +49,12 @@ def test_reconstruction_predicts_every_masked_tubelet_and_discriminator_scores_i
 
 
 def test_classifier_encoder_has_the_mae_encoder_parameters_exactly():
-  for variant in ("tiny", "B"):
-    mae = video_mae.video_mae_model(variant)
-    classifier = video_mae.video_vit_classifier(variant, num_classes=7)
+  for variant, subtract in (("tiny", False), ("tiny", True), ("B", False)):
+    mae = video_mae.video_mae_model(variant, subtract_mean_frame=subtract)
+    classifier = video_mae.video_vit_classifier(
+      variant, num_classes=7, subtract_mean_frame=subtract
+    )
+    assert mae.encoder.subtract_mean_frame == classifier.encoder.subtract_mean_frame == subtract
     size = mae.encoder.image_size
     video = jax.ShapeDtypeStruct((1, 16, size, size, 3), jnp.uint8)
     grid = mae.encoder.grid(16)
@@ -72,9 +75,10 @@ def test_classifier_encoder_has_the_mae_encoder_parameters_exactly():
   assert 85_000_000 < count < 88_000_000
 
 
-def test_classifier_on_all_tokens_equals_the_mae_encoder_with_nothing_masked():
-  mae = video_mae.video_mae_model("tiny")
-  classifier = video_mae.video_vit_classifier("tiny", num_classes=0)
+@pytest.mark.parametrize("subtract", [False, True])
+def test_classifier_on_all_tokens_equals_the_mae_encoder_with_nothing_masked(subtract):
+  mae = video_mae.video_mae_model("tiny", subtract_mean_frame=subtract)
+  classifier = video_mae.video_vit_classifier("tiny", num_classes=0, subtract_mean_frame=subtract)
   video = _video()
   visible, masked = _indices(mae)
   mae_params = _unbox(mae.init(jax.random.key(3), video, visible, masked))["params"]
@@ -87,6 +91,12 @@ def test_classifier_on_all_tokens_equals_the_mae_encoder_with_nothing_masked():
   )
   np.testing.assert_allclose(aux["tokens"], tokens, rtol=1e-5, atol=1e-5)
   pooled = tokens.mean(1)
+  if subtract:  # pooled relative to a still clip, whose input is all zeros
+    still = mae.apply(
+      {"params": mae_params}, jnp.full_like(video[:1], 77), everything[:1],
+      method=lambda m, v, i: m.encoder(v, i),
+    )  # fmt: skip
+    pooled = pooled - still.mean(1)
   normed = (pooled - pooled.mean(-1, keepdims=True)) / jnp.sqrt(
     pooled.var(-1, keepdims=True) + 1e-6
   )
@@ -97,6 +107,42 @@ def test_classifier_on_all_tokens_equals_the_mae_encoder_with_nothing_masked():
   sub = mae.apply({"params": mae_params}, video, visible, method=lambda m, v, i: m.encoder(v, i))
   assert sub.shape == (2, 8, 64)
   assert not np.allclose(sub, jnp.take_along_axis(tokens, visible[..., None], 1), atol=1e-3)
+
+
+def test_subtract_mean_frame_embeds_each_frame_minus_the_clips_mean_frame():
+  """With `subtract_mean_frame` the tubelet embedding's input is the normalised clip minus its
+  mean over time (checked against numpy, then by feeding that input to an encoder without the
+  option under the same parameters); a still image added to every frame changes no token."""
+  video = _video()
+  mean, std = np.asarray(video_mae.IMAGENET_MEAN), np.asarray(video_mae.IMAGENET_STD)
+  normalised = (np.asarray(video, np.float64) / 255.0 - mean) / std
+  expected = normalised - normalised.mean(axis=1, keepdims=True)
+  on = video_mae.VideoViTEncoder(**video_mae.ENCODER_VARIANTS["tiny"], subtract_mean_frame=True)
+  off = video_mae.VideoViTEncoder(**video_mae.ENCODER_VARIANTS["tiny"])
+  np.testing.assert_allclose(on.embedding_input(video), expected, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(off.embedding_input(video), normalised, rtol=0, atol=1e-5)
+  params = _unbox(on.init(jax.random.key(0), video))
+  # Pixel values (floats, possibly outside [0, 255]) that `off` normalises to `expected`.
+  as_pixels = jnp.asarray((expected * std + mean) * 255.0, jnp.float32)
+  np.testing.assert_allclose(off.embedding_input(as_pixels), expected, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(
+    on.apply(params, video), off.apply(params, as_pixels), rtol=0, atol=1e-4
+  )
+  rng = np.random.default_rng(1)
+  still = jnp.asarray(video, jnp.float32) + rng.uniform(-40, 40, (2, 1, 32, 32, 3))
+  np.testing.assert_allclose(on.apply(params, video), on.apply(params, still), rtol=0, atol=1e-4)
+  assert not np.allclose(off.apply(params, video), off.apply(params, still), atol=1e-2)
+  # And the MAE's encoder on visible tokens takes the same input.
+  mae = video_mae.video_mae_model("tiny", subtract_mean_frame=True)
+  visible, masked = _indices(mae)
+  mae_params = _unbox(mae.init(jax.random.key(1), video, visible, masked))["params"]
+  tokens = lambda m, v, i: m.encoder(v, i)
+  np.testing.assert_allclose(
+    mae.apply({"params": mae_params}, video, visible, method=tokens),
+    mae.apply({"params": mae_params}, still, visible, method=tokens),
+    rtol=0,
+    atol=1e-4,
+  )
 
 
 def test_vit_l_parameters_shard_over_fsdp_by_their_logical_names():

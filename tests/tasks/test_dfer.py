@@ -406,3 +406,44 @@ def test_a_linear_probe_trains_the_head_on_a_mae_runs_frozen_encoder(tmp_path):
       np.array_equal(a, b) for a, b in zip(jax.tree.leaves(probed[name]), jax.tree.leaves(tree))
     ]
     assert all(equal) if name == "encoder" else not all(equal), name
+
+
+def test_a_probe_on_a_mean_subtracted_mae_encoder_beats_one_on_a_random_encoder(tmp_path):
+  """`model.subtract_mean_frame` in pretraining (target `mean_subtracted_pixels`) and probe:
+  200 steps of tube-masked pretraining on the tiny DFEW twin cut the masked reconstruction loss
+  to under a tenth of its first value, and a 150-step linear probe on that encoder beats the
+  same probe on a random encoder on the held-out clips. The margin is one clip of seven, the
+  least seen at seeds 0-3 of this setting (pretrained/random UARs 0.71/0.29, 0.29/0.14,
+  0.71/0.14, 0.29/0.14; docs/design.md section 21, with the demo twin's 0.75-0.77 against
+  0.57)."""
+  from fdjax import trainer
+
+  mean_subtracted = [("model.subtract_mean_frame", True), ("compilation_cache_dir", "")]
+  pretrain_dir = str(tmp_path / "mae")
+  pretrain = config_lib.load_config(
+    os.path.join(ROOT, "experiments", "pretrain", "voxceleb2.py")
+    + ":variant=videomae,size=tiny,dataset=dfew,runlocal=True,steps=200",
+    [
+      ("loss.target", "mean_subtracted_pixels"),
+      ("data.frame_stride", 1),
+      ("workdir", pretrain_dir),
+      *mean_subtracted,
+    ],
+  )
+  trainer.train_and_evaluate(pretrain, pretrain_dir)
+  with open(os.path.join(pretrain_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  losses = [r["reconstruction_loss"] for r in rows if r["split"] == "train"]
+  assert losses[-1] < 0.1 * losses[0], losses
+  uar = {}
+  for name, init_from in (("pretrained", pretrain_dir), ("random", "")):
+    config = _config(
+      "variant=vit_mae_probe,size=tiny,runlocal=True,frames=4,steps=150",
+      ("model.init_from", init_from),
+      ("workdir", str(tmp_path / name)),
+      *mean_subtracted,
+    )
+    result = trainer.train_and_evaluate(config, str(tmp_path / name))
+    assert result.eval_metrics["num_examples"] == 7
+    uar[name] = result.eval_metrics["uar"]
+  assert uar["pretrained"] >= uar["random"] + 1 / 7 - 1e-6, uar

@@ -92,6 +92,56 @@ def test_loss_is_the_mse_of_the_masked_tubelets_only():
   np.testing.assert_allclose(pixels2, pixels, rtol=1e-5, atol=1e-6)
 
 
+def test_mean_subtracted_input_and_target_with_tube_masks():
+  """`model.subtract_mean_frame` with `loss.target=mean_subtracted_pixels`: the target is each
+  tubelet of the clip minus its mean frame, the loss its MSE on the masked tubelets; tube masks
+  hide a position in every frame, so the masked pixels reach neither the visible tokens nor,
+  through the mean frame, the prediction; a perfect prediction draws the truth in the PNG strip;
+  masks that hide some frames of a position are refused."""
+  config = _config(
+    "variant=videomae,size=tiny,dataset=dfew,runlocal=True",
+    ("loss.target", "mean_subtracted_pixels"),
+    ("model.subtract_mean_frame", True),
+  )
+  batch = {"video": _clips()}
+  model, params = _init(config, batch)
+  assert model.encoder.subtract_mean_frame
+  pixels = np.asarray(batch["video"], np.float64) / 255.0
+  expected = mae_video.video_patches(jnp.asarray(pixels - pixels.mean(1, keepdims=True)), 8, 2)
+  appearance, _ = mae_video.targets(batch["video"], model, config.loss.target)
+  np.testing.assert_allclose(appearance, expected, rtol=0, atol=1e-6)
+  rng = jax.random.key(5)
+  loss, _ = mae_video.make_loss_fn(config)(model, params, batch, rng, True)
+  keys = jax.random.split(jax.random.fold_in(rng, 0), 2)
+  visible, masked = mae_video.draw_masks(config, model, batch, keys)
+  predicted, _ = model.apply(
+    {"params": params}, batch["video"], visible, masked, method=model.reconstruct
+  )
+  truth = np.take_along_axis(np.asarray(expected), np.asarray(masked)[..., None], 1)
+  assert float(loss) == pytest.approx(float(np.mean((np.asarray(predicted) - truth) ** 2)), 1e-5)
+  video = batch["video"].copy()
+  for b in range(2):
+    for token in np.asarray(masked[b]):
+      t, y, x = np.unravel_index(token, (2, 4, 4))
+      video[b, 2 * t : 2 * t + 2, 8 * y : 8 * y + 8, 8 * x : 8 * x + 8] = 0
+  again, _ = model.apply({"params": params}, video, visible, masked, method=model.reconstruct)
+  np.testing.assert_allclose(again, predicted, rtol=1e-5, atol=1e-6)
+  strip = mae_video.reconstruction_strip(
+    config, model, batch["video"][0], truth[0], np.asarray(visible[0]), np.asarray(masked[0])
+  )
+  side = strip.shape[0] // 3
+  assert np.abs(strip[side : 2 * side].astype(int) - strip[2 * side :].astype(int)).max() <= 1
+  for kind in ("random", "frame"):
+    refused = _config(
+      "variant=videomae,size=tiny,dataset=dfew,runlocal=True",
+      ("model.subtract_mean_frame", True),
+      ("mask.kind", kind),
+    )
+    message = f"subtract_mean_frame=True with config.mask.kind='{kind}'"
+    with pytest.raises(ValueError, match=message):
+      mae_video.build_model(refused)
+
+
 def test_face_region_masking_without_face_parts_names_the_field():
   config = _config("variant=marlin,size=tiny,dataset=dfew,runlocal=True")
   batch = mae_video.dummy_batch(config, 2)
