@@ -88,8 +88,10 @@ def motion_ae_config(arg: str | None) -> ConfigDict:
   c.model.motion_dim = 20  # D: the motion code stage 2 models.
   # PatchGAN channels.
   c.model.discriminator_widths = (8, 16) if tiny else ((16, 32, 64) if small else (32, 64, 128))
-  # Initial logit of the last mask (warped source against generated image).
-  c.model.image_mask_bias = 2.0
+  # Initial logit of the last mask (warped source against generated image): 0 weighs them
+  # alike, so the generated image that must paint an opening mouth starts with half the say
+  # (the model's default, 2, starts at 0.88 towards the source; docs/design.md section 22).
+  c.model.image_mask_bias = 0.0
 
   c.loss = ConfigDict()
   c.loss.scales = 3  # Image scales of the L1 term (full, 1/2, 1/4).

@@ -410,12 +410,31 @@ def reenactment_metrics(
     train = open_split(config, split_name(config, "train"))
     mouth_probe, _ = talking_face.fit_twin_probes(train, max_examples=config.data.probe_clips)
     truth = np.concatenate([clips[d]["mouth_open"] for d, _ in pairs])
+    lengths = [len(clips[d]["driving"]) for d, _ in pairs]
     estimate = np.asarray(mouth_probe(reenacted), np.float64)
     metrics["mouth_correlation"] = float(talking_face.pearson(estimate, truth))
+    metrics["mouth_pair_correlation"] = _mean_within(estimate, truth, lengths)
     driver_estimate = np.asarray(mouth_probe(driving), np.float64)
     metrics["mouth_probe_real_correlation"] = float(talking_face.pearson(driver_estimate, truth))
+    metrics["mouth_probe_real_pair_correlation"] = _mean_within(driver_estimate, truth, lengths)
     if all("mouth_open" in c for c in clips):
       estimate = np.asarray(mouth_probe(reconstruction), np.float64)
       truth = np.concatenate([c["mouth_open"] for c in clips])
+      lengths = [len(c["driving"]) for c in clips]
       metrics["reconstruction_mouth_correlation"] = float(talking_face.pearson(estimate, truth))
+      metrics["reconstruction_mouth_clip_correlation"] = _mean_within(estimate, truth, lengths)
   return metrics
+
+
+def _mean_within(estimate: np.ndarray, truth: np.ndarray, lengths: list[int]) -> float:
+  """The mean over consecutive segments of `lengths` frames (one per clip or pair) of the
+  Pearson correlation of `estimate` with `truth` within the segment (segments where either is
+  constant left out): how well the frames follow the clip's changes, apart from its offset,
+  which relative reenactment takes from the portrait, not the driver."""
+  from fdjax.metrics import talking_face
+
+  bounds = np.cumsum([0, *lengths])
+  values = [
+    talking_face.pearson(estimate[a:b], truth[a:b]) for a, b in zip(bounds[:-1], bounds[1:])
+  ]
+  return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")

@@ -83,7 +83,7 @@ def test_relative_codes_add_the_drivers_motion_to_the_portraits_code():
 
 
 def test_the_model_api_encodes_and_decodes_and_starts_near_the_source():
-  config = _config()
+  config = _config("runlocal=True", ("model.image_mask_bias", 2.0))  # the model's default
   model, params = _init(config)
   source = jnp.asarray(_frames(size=32), jnp.float32) / 255.0
   variables = {"params": params}
@@ -152,6 +152,25 @@ def test_the_loss_is_multiscale_l1_plus_ssim_and_the_adversarial_parts_stop_grad
   assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["discriminator"]))
 
 
+def test_within_clip_correlations_ignore_each_clips_offset():
+  rng = np.random.default_rng(0)
+  truth = rng.standard_normal(12)
+  # Segments of 5, 4 and 3 frames: the estimate follows each, shifted by its own large offset,
+  # so the pooled correlation is low and the within-segment one is the mean of numpy's.
+  offsets = np.repeat([10.0, -10.0, 3.0], [5, 4, 3])
+  estimate = truth + 0.5 * rng.standard_normal(12) + offsets
+  bounds = [(0, 5), (5, 9), (9, 12)]
+  expected = np.mean([np.corrcoef(estimate[a:b], truth[a:b])[0, 1] for a, b in bounds])
+  within = face_motion_ae._mean_within(estimate, truth, [5, 4, 3])
+  assert within == pytest.approx(expected, abs=1e-12)
+  assert abs(np.corrcoef(estimate, truth)[0, 1]) < 0.5 < within
+  # A constant segment has no correlation and is left out.
+  flat = np.concatenate([estimate[:9], np.ones(3)])
+  assert face_motion_ae._mean_within(flat, truth, [5, 4, 3]) == pytest.approx(
+    np.mean([np.corrcoef(estimate[a:b], truth[a:b])[0, 1] for a, b in bounds[:2]]), abs=1e-12
+  )
+
+
 def test_a_training_pair_is_two_distinct_frames_of_one_clip_flipped_together():
   video = np.stack([np.full((16, 16, 3), 10 * i, np.uint8) for i in range(6)])
   video[:, :, :8] += 1  # left half brighter, to see the flip
@@ -208,7 +227,14 @@ def test_a_short_run_on_the_tiny_twin_lowers_the_loss_evaluates_and_loads(tmp_pa
   assert metrics["psnr_gain"] == pytest.approx(metrics["psnr"] - metrics["repeat_source_psnr"])
   assert metrics["num_clips"] == 2  # the tiny twin's test split: 2 identities, a clip each
   reenactment = ("identity_portrait_accuracy", "identity_driver_share", "mouth_correlation")
-  for key in (*reenactment, "reconstruction_mouth_correlation", "mouth_probe_real_correlation"):
+  for key in (
+    *reenactment,
+    "mouth_pair_correlation",
+    "mouth_probe_real_pair_correlation",
+    "reconstruction_mouth_correlation",
+    "reconstruction_mouth_clip_correlation",
+    "mouth_probe_real_correlation",
+  ):
     assert key in metrics, key
   model, params, saved = face_motion_ae.load(str(tmp_path))
   assert saved.task == "face_motion_ae" and model.image_size == 32
