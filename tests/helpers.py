@@ -15,7 +15,10 @@ TINY = os.path.join(TESTS, "configs", "tiny.py")
 def subprocess_env(num_devices: int = 8) -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT, env.get("PYTHONPATH", "")])
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  # The same fast-compiling CPU code as tests/conftest.py's.
+  env["XLA_FLAGS"] = (
+    f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=2"
+  )
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
   return env

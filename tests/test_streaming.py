@@ -242,13 +242,15 @@ def test_decoder_window_is_the_same_in_training_and_generation():
   audio = jnp.asarray(rng.standard_normal((2, 10, 16)), jnp.float32)
   template = jnp.asarray(rng.standard_normal((2, 8, 3)), jnp.float32)
   style, vertices = jnp.array([0, 2]), jnp.zeros((2, 10, 8, 3))
-  params = _perturbed(decoder.init(jax.random.key(0), audio, template, style, vertices), 5)
-  generated, _ = decoder.apply(params, audio, template, style, method="generate")
-  uncached, _ = decoder.apply(params, audio, template, style, method="generate_without_cache")
-  teacher_forced, _ = decoder.apply(params, audio, template, style, generated)
+  # Jitted: eagerly, every operation of every method compiles on its own.
+  params = _perturbed(jax.jit(decoder.init)(jax.random.key(0), audio, template, style, vertices), 5)
+  apply = jax.jit(decoder.apply, static_argnames="method")
+  generated, _ = apply(params, audio, template, style, method="generate")
+  uncached, _ = apply(params, audio, template, style, method="generate_without_cache")
+  teacher_forced, _ = apply(params, audio, template, style, generated)
   np.testing.assert_allclose(uncached, generated, atol=1e-5, rtol=0)
   np.testing.assert_allclose(teacher_forced, generated, atol=1e-5, rtol=0)
-  unbounded, _ = decoder.clone(cache_window=0).apply(
+  unbounded, _ = jax.jit(decoder.clone(cache_window=0).apply, static_argnames="method")(
     params, audio, template, style, method="generate"
   )
   assert np.abs(unbounded[:, 3:] - generated[:, 3:]).max() > 1e-3  # the window matters

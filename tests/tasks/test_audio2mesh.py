@@ -17,7 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("audio2mesh"))
-  config = config_lib.load_config(os.path.join(ROOT, SPEC + ",steps=200"))
+  # 150 steps: at seeds 0, 1, 2 the model's squared LVE is 7.65, 9.70, 7.63 times under the
+  # static template's (3 needed) and 3.96, 5.02, 3.95 times under the mean motion's (1 needed);
+  # at 100 steps seed 0 gives 2.75 (fails), at 200 8.10 and 4.19.
+  config = config_lib.load_config(os.path.join(ROOT, SPEC + ",steps=150"))
   result = trainer.train_and_evaluate(config, workdir)
   return config, workdir, result
 
