@@ -331,6 +331,14 @@ def pearson(a: ArrayLike, b: ArrayLike) -> float:
   return float((a * b).sum() / norm) if norm > 0 else float("nan")
 
 
+def mean_pearson(a: Sequence[ArrayLike], b: Sequence[ArrayLike]) -> float:
+  """The mean over pairs of sequences (clips) of their Pearson correlation, clips where either is
+  constant left out (NaN when all are): how one follows the other within each clip, apart from
+  each clip's offset."""
+  values = [pearson(x, y) for x, y in zip(a, b, strict=True)]
+  return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
 def av_offset(
   signal: ArrayLike | Sequence[ArrayLike],
   reference: ArrayLike | Sequence[ArrayLike],

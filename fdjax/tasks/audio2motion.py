@@ -428,9 +428,8 @@ def evaluate(config, model, params, *, mesh, rules, workdir: str, step: int) -> 
     from fdjax.metrics import talking_face
 
     for prefix, estimates in mouth.items():
-      correlations = [talking_face.pearson(e, t) for e, t in zip(estimates, true_mouth)]
       lag, _ = talking_face.av_offset(estimates, true_mouth, config.data.av_max_lag)
-      metrics[f"{prefix}mouth_correlation"] = float(np.nanmean(correlations))
+      metrics[f"{prefix}mouth_correlation"] = talking_face.mean_pearson(estimates, true_mouth)
       metrics[f"{prefix}av_offset_frames"] = float(lag)
   return metrics
 
@@ -473,15 +472,7 @@ def predict_fn(config: Any, model: TalkingHeadMotion):
 
   def predict(params, audio, reference, seed, guidance_scale):
     num_frames = _speech_mesh_frames(audio.shape[1], config)
-    return model.apply(
-      {"params": params},
-      audio,
-      reference,
-      num_frames=num_frames,
-      seed=seed,
-      guidance_scale=guidance_scale,
-      method="generate",
-    )
+    return sample_codes(model, params, audio, reference, seed, guidance_scale, num_frames)
 
   specs = {
     "audio": ("b, s", "float32"),

@@ -427,14 +427,10 @@ def reenactment_metrics(
 
 
 def _mean_within(estimate: np.ndarray, truth: np.ndarray, lengths: list[int]) -> float:
-  """The mean over consecutive segments of `lengths` frames (one per clip or pair) of the
-  Pearson correlation of `estimate` with `truth` within the segment (segments where either is
-  constant left out): how well the frames follow the clip's changes, apart from its offset,
-  which relative reenactment takes from the portrait, not the driver."""
+  """`talking_face.mean_pearson` over consecutive segments of `lengths` frames (one per clip or
+  pair): how the frames follow the clip's changes, apart from its offset, which relative
+  reenactment takes from the portrait, not the driver."""
   from fdjax.metrics import talking_face
 
-  bounds = np.cumsum([0, *lengths])
-  values = [
-    talking_face.pearson(estimate[a:b], truth[a:b]) for a, b in zip(bounds[:-1], bounds[1:])
-  ]
-  return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+  bounds = np.cumsum(lengths)[:-1]
+  return talking_face.mean_pearson(np.split(estimate, bounds), np.split(truth, bounds))
