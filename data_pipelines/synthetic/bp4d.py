@@ -13,7 +13,9 @@ every other AU column is 9.
 
 Subjects are the real IDs (F001-F023, M001-M018); `tiny` keeps two per fold partition and
 two tasks, `demo` all 41 and all 8 tasks. Frames are portrait like the real 1040x1392 ones,
-but small. Each subject is one rendered identity; AUs fire independently with realistic
+but small. Each subject is one rendered identity filmed in one lab session (`face_render.
+lab_scene`: the plain backdrop and frontal light of the real recordings, in place of the
+in-the-wild scenes of the expression twins); AUs fire independently with realistic
 co-occurrence (`face_render.random_au_track`), and occurrence is activation >= 0.3.
 """
 
@@ -53,8 +55,9 @@ def write(out_dir: str, size: str = "tiny", seed: int = 0) -> None:
   header = ",".join(str(n) for n in range(100)) + "\n"
   for subject in [s for part in PARTS for s in part[:per_part]]:
     identity = face_render.random_identity(rng)
+    session = face_render.lab_scene(rng, height, width)  # one sitting: every task alike
     for task in TASKS[:num_tasks]:
-      frames, track = face_render.render_au_clip(num_frames, height, width, rng, identity)
+      frames, track = face_render.render_au_clip(num_frames, height, width, rng, identity, session)
       occurrence = face_render.au_occurrence(track, AUS)  # [T, 12]
       first = int(rng.integers(1, 3000))
       numbers = np.arange(first, first + num_frames)

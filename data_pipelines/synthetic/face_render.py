@@ -13,7 +13,7 @@ What varies, and where it is drawn from:
 - identity (`random_identity`): face shape and size, skin, hair, lip, brow and iris colours,
   eye spacing, mouth width and height, brow thickness and arch;
 - scene (`random_scene`): background gradient and blobs, light direction, ambient level,
-  colour cast, sensor noise;
+  colour cast, sensor noise; or a lab session (`lab_scene`): a plain backdrop, frontal light;
 - pose (`random_pose_track`): a base pose plus slow drift over the clip;
 - expression: a track `[T, A]` of action-unit activations in [0, 1] over `RENDER_AUS`
   (`expression_track` for the named emotions, `random_au_track` for independent,
@@ -184,6 +184,28 @@ def random_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
     ambient=float(rng.uniform(0.35, 0.6)),
     tint=rng.uniform(0.9, 1.1, 3).astype(np.float32),
     noise_std=float(rng.uniform(0.003, 0.015)),
+  )
+
+
+def lab_scene(rng: np.random.Generator, height: int, width: int) -> Scene:
+  """One recording session of a lab dataset (BP4D, DISFA): a plain backdrop, frontal light.
+
+  Lab AU datasets film every subject before the same backdrop under the same lights, with
+  the face lit evenly from the front; only the session's exposure and the sensor noise
+  change a little. `random_scene`'s backgrounds and side lights are those of videos in the
+  wild (DFEW, VoxCeleb2).
+  """
+  ys = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+  grey = rng.uniform(0.32, 0.4)
+  backdrop = np.array([0.92, 0.97, 1.05], np.float32) * grey  # a cool grey cloth
+  background = np.broadcast_to(backdrop * (1.08 - 0.16 * ys), (height, width, 3))
+  light = np.array([rng.uniform(-0.1, 0.1), rng.uniform(-0.25, -0.1), 1.0])
+  return Scene(
+    background=np.ascontiguousarray(background, np.float32),
+    light=(light / np.linalg.norm(light)).astype(np.float32),
+    ambient=float(rng.uniform(0.5, 0.6)),
+    tint=rng.uniform(0.97, 1.03, 3).astype(np.float32),
+    noise_std=float(rng.uniform(0.003, 0.006)),
   )
 
 
@@ -862,9 +884,13 @@ def render_au_clip(
   width: int,
   rng: np.random.Generator,
   identity: Identity,
+  scene: Scene | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """A clip of `identity` with independent, co-occurring AUs: `(frames, track [T, A])`."""
-  scene = random_scene(rng, height, width)
+  """A clip of `identity` with independent, co-occurring AUs: `(frames, track [T, A])`.
+
+  In the given scene (a lab session, `lab_scene`), or a random one.
+  """
+  scene = scene or random_scene(rng, height, width)
   track = random_au_track(num_frames, rng)
   poses = random_pose_track(num_frames, rng, drift=EXPRESSION_POSE_DRIFT)
   frames = render_clip(identity, scene, track, poses, rng)

@@ -127,6 +127,7 @@ def video_model_config(variant: str, size: str, num_frames: int) -> tuple[Config
   if variant == "vivit_scratch":
     m.kind = "vivit"  # fdjax.models.vivit.VideoVisionTransformer, from scratch.
     m.variant = "B/16x2" if size == "base" else "tiny"  # Named ViViT size.
+    m.image_size = 224 if size == "base" else 32  # Frame side in pixels.
     m.max_frames = max(num_frames, 16)  # Longest clip (sets the learned temporal positions).
     m.dropout = 0.1  # Dropout before the classifier.
     m.remat = size == "base"  # Recompute activations in the backward pass.

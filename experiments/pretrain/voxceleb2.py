@@ -44,7 +44,11 @@ from fdjax.config import base_config, parse_arg
 VARIANTS = ("marlin", "mae_dfer", "videomae")
 SIZES = ("tiny", "S", "B", "L")
 # Split names per dataset (`{fold}` filled from data.fold).
-SPLITS = {"voxceleb2": ("train", "validation"), "dfew": ("fold{fold}_train", "fold{fold}_test")}
+SPLITS = {
+  "voxceleb2": ("train", "validation"),
+  "dfew": ("fold{fold}_train", "fold{fold}_test"),
+  "bp4d": ("fold{fold}_train", "fold{fold}_test"),
+}
 
 
 def get_config(arg=None):

@@ -58,6 +58,24 @@ def test_twin_writes_frames_and_occurrence_coding(raw_dir):
     assert set(coding) < numbers  # coded frames have images; not every image is coded
 
 
+def test_a_subjects_tasks_share_one_lab_session_and_subjects_differ_only_a_little(raw_dir):
+  # BP4D films everyone before one backdrop under frontal light: the top corners of a frame
+  # (beside the head) are the backdrop; the in-the-wild scenes of the expression twins vary.
+  def corners(subject, task):
+    frame_dir = os.path.join(raw_dir, "BP4D-training", subject, task)
+    first = sorted(os.listdir(frame_dir))[0]
+    frame = np.asarray(Image.open(os.path.join(frame_dir, first)), np.float32) / 255.0
+    return np.stack([frame[:4, :4], frame[:4, -4:]])  # [2, 4, 4, 3]
+
+  subjects = [part[0] for part in bp4d_twin.PARTS]
+  patches = {s: [corners(s, t) for t in ("T1", "T2")] for s in subjects}
+  for first, second in patches.values():
+    assert np.abs(first - second).mean() < 0.02  # the same session, but for noise and JPEG
+  colours = np.array([p[0].mean((0, 1, 2)) for p in patches.values()])  # per subject
+  assert np.ptp(colours, axis=0).max() < 0.15  # one lab
+  assert all(np.abs(p[0][0] - p[0][1]).mean() < 0.02 for p in patches.values())  # plain
+
+
 def _expected_windows(raw_dir):
   """Examples per subject, from the raw coding: drop frames with a 9, cut at gaps and every 8."""
   counts = {}
