@@ -132,6 +132,7 @@ def video_model_config(variant: str, size: str, num_frames: int) -> tuple[Config
     m.dropout = 0.1  # Dropout before the classifier.
     m.remat = size == "base"  # Recompute activations in the backward pass.
     m.subtract_mean_frame = False  # Input minus the clip's mean frame (only motion remains).
+    m.stem_widths = ()  # Convolutional stem stages before the tubelets (e.g. (32, 64)).
     return m, ()
   m.kind = "clip"  # fdjax.models.temporal.VideoClassifier.
   m.variant = CLIP_SIZES[size]  # CLIP towers, fdjax.models.clip.CLIP_VARIANTS.

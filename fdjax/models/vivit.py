@@ -112,8 +112,35 @@ class VideoVisionTransformer(nn.Module):
   # what stays still (background, identity, light) leaves the input and what moves (the
   # expression) stays.
   subtract_mean_frame: bool = False
+  # Widths of the convolutional stem's stages (empty: none, ViViT's plain tubelet embedding).
+  # Each stage is two 3x3 convolutions with ReLU and a 2x2 max-pool on every frame, so a token
+  # still covers `patch_size`^2 pixels: the tubelet embedding then takes patches of
+  # patch_size / 2^stages feature-map cells. Early convolutions (Xiao et al., 2021) give the
+  # transformer a CNN's locality; on the BP4D twin a tiny ViT learns nothing across identities
+  # without them (docs/design.md section 21).
+  stem_widths: tuple[int, ...] = ()
   attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
+
+  def _stem(self, x: Array) -> Array:
+    """The convolutional stem on every frame: [B, T, H, W, C] -> [B, T, H / 2^k, W / 2^k, C']."""
+    batch, frames = x.shape[:2]
+    x = x.reshape(batch * frames, *x.shape[2:])
+    for i, width in enumerate(self.stem_widths):
+      for j in range(2):
+        x = nn.Conv(
+          width,
+          (3, 3),
+          dtype=self.dtype,
+          kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), (None, None, None, None)
+          ),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+          name=f"stem_{i}_{j}",
+        )(x)
+        x = nn.relu(x)
+      x = nn.max_pool(x, (2, 2), (2, 2))
+    return x.reshape(batch, frames, *x.shape[1:])
 
   def _transformer(self, depth: int, name: str) -> Transformer:
     return Transformer(
@@ -149,6 +176,12 @@ class VideoVisionTransformer(nn.Module):
       raise ValueError(f"video has {frames} frames; the model has max_frames={self.max_frames}")
     if size % self.patch_size:
       raise ValueError(f"image_size {size} is not a multiple of patch_size {self.patch_size}")
+    reduction = 2 ** len(self.stem_widths)
+    if self.patch_size % reduction:
+      raise ValueError(
+        f"patch_size {self.patch_size} is not a multiple of the stem's reduction {reduction} "
+        f"({len(self.stem_widths)} stages in stem_widths={self.stem_widths})"
+      )
     steps = frames // self.tubelet_size
 
     x = normalize_video(video, self.pixel_mean, self.pixel_std, self.dtype)
@@ -157,7 +190,9 @@ class VideoVisionTransformer(nn.Module):
       weights = weights.astype(x.dtype)[:, :, None, None, None]
       mean = (x * weights).sum(1, keepdims=True) / jnp.maximum(weights.sum(1, keepdims=True), 1)
       x = x - mean
-    x = tubelet_embedding(self.width, self.tubelet_size, self.patch_size, self.dtype)(
+    if self.stem_widths:
+      x = self._stem(x)
+    x = tubelet_embedding(self.width, self.tubelet_size, self.patch_size // reduction, self.dtype)(
       x
     )  # [B, T', h, w, D]
     x = x.reshape(batch * steps, -1, self.width)  # [B T', N, D]: each time step on its own

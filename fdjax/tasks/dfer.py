@@ -335,7 +335,14 @@ def forward_flops(config: Any, model: nn.Module) -> tuple[float, float]:
   if isinstance(model, VideoVisionTransformer):
     steps = frames // model.tubelet_size
     patches = (model.image_size // model.patch_size) ** 2
-    embed = 2 * steps * patches * model.width * 3 * model.tubelet_size * model.patch_size**2
+    reduction = 2 ** len(model.stem_widths)
+    cells = model.patch_size // reduction  # feature-map cells per token side
+    channels = model.stem_widths[-1] if model.stem_widths else 3
+    embed = 2 * steps * patches * model.width * channels * model.tubelet_size * cells**2
+    side, previous = model.image_size, 3  # the stem's convolutions, on every frame
+    for width in model.stem_widths:
+      embed += frames * 2 * side * side * 9 * (previous * width + width * width)
+      side, previous = side // 2, width
     spatial = steps * _transformer_flops(
       patches + 1, model.width, model.mlp_dim, model.spatial_depth
     )

@@ -146,3 +146,32 @@ def test_subtracting_the_mean_frame_removes_what_stays_still():
   a, _ = model.apply(params, video, frame_mask=mask)
   b, _ = model.apply(params, padded, frame_mask=mask)
   np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_a_convolutional_stem_keeps_the_token_grid_and_is_local():
+  """`stem_widths`: convolutions on every frame, then tubelets of patch / 2^stages cells, so the
+  token grid and outputs keep their shapes; a token only sees pixels near its own patch."""
+  model = vivit_model("tiny", num_classes=5, stem_widths=(4, 8), max_frames=4)
+  video = _video(1, 4)
+  params = nn.meta.unbox(model.init(_key(0), video))["params"]
+  assert params["stem_0_0"]["kernel"].shape == (3, 3, 3, 4)
+  assert params["stem_1_1"]["kernel"].shape == (3, 3, 8, 8)
+  assert params["tubelet_embedding"]["kernel"].shape == (2, 2, 2, 8, 64)  # 8 px / 4 = 2 cells
+  assert params["spatial_position_embedding"].shape == (1 + 16, 64)  # still 4 x 4 tokens
+  logits, aux = model.apply({"params": params}, video)
+  assert logits.shape == (1, 5) and aux["step_embeddings"].shape == (1, 2, 64)
+
+  # The stem's receptive field: a pixel changed in one corner moves the last stem convolution's
+  # output near it (a 16 x 16 map of 2 x 2-pixel cells) and not in the far corner.
+  def stem_output(v):
+    _, state = model.apply(
+      {"params": params}, v, capture_intermediates=True, mutable=["intermediates"]
+    )
+    return np.asarray(state["intermediates"]["stem_1_1"]["__call__"][0])  # [B T, 16, 16, 8]
+
+  changed = video.copy()
+  changed[0, 0, 0, 0] = 255 - changed[0, 0, 0, 0]
+  delta = np.abs(stem_output(changed) - stem_output(video))[0]  # the first frame
+  assert delta[:2, :2].max() > 0 and delta[8:, 8:].max() == 0
+  with pytest.raises(ValueError, match="not a multiple of the stem's reduction 8"):
+    vivit_model("tiny", stem_widths=(4, 4, 4, 4)[:3], patch_size=4).init(_key(0), video)

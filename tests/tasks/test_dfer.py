@@ -447,3 +447,21 @@ def test_a_probe_on_a_mean_subtracted_mae_encoder_beats_one_on_a_random_encoder(
     assert result.eval_metrics["num_examples"] == 7
     uar[name] = result.eval_metrics["uar"]
   assert uar["pretrained"] >= uar["random"] + 1 / 7 - 1e-6, uar
+
+
+def test_vivit_flops_count_the_convolutional_stem():
+  """4 frames at 32 px, stem (4, 8): two 3x3 convolutions per stage on every frame (32 then 16
+  px), then tubelets of 2 frames x 2 x 2 cells of 8 channels; the transformers are unchanged."""
+  plain = _config("variant=vivit_scratch,size=tiny,runlocal=True,frames=4")
+  stem = _config(
+    "variant=vivit_scratch,size=tiny,runlocal=True,frames=4", "--config.model.stem_widths=(4,8)"
+  )
+  steps, tokens = 2, 16
+  plain_embed = 2 * steps * tokens * 64 * 3 * 2 * 8 * 8
+  stem_embed = 2 * steps * tokens * 64 * 8 * 2 * 2 * 2
+  convs = 4 * 2 * 32 * 32 * 9 * (3 * 4 + 4 * 4) + 4 * 2 * 16 * 16 * 9 * (4 * 8 + 8 * 8)
+  (with_stem, head), (without, head_plain) = (
+    dfer.forward_flops(c, dfer.build_model(c)) for c in (stem, plain)
+  )
+  assert head == head_plain
+  assert with_stem - without == stem_embed + convs - plain_embed
