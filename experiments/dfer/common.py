@@ -220,6 +220,9 @@ def video_config(dataset: ConfigDict, args: ConfigDict, task: str) -> ConfigDict
 def dfer_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
   """The base config specialised to expression recognition on `dataset`."""
   c = video_config(dataset, args, "dfer")
+  # Label efficiency: train on up to this many clips of each class of the training split, the
+  # same ones for every seed (fdjax.tasks.dfer.train_subset); 0 trains on every clip.
+  c.data.train_examples_per_class = 0
   if c.model.kind == "clip":
     c.model.prompts = expression_prompts(dataset.class_names)
   c.loss = ConfigDict()
