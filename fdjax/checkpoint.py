@@ -7,9 +7,9 @@ Saves are asynchronous; the last `keep` checkpoints are kept plus every one whos
 by `keep_every`. A checkpoint that cannot be restored is reported with its step and path, and
 older ones are tried only when `fallback_to_previous` is set.
 
-In a single-process run, `jax.Array`s are written without Orbax's replica-parallel slicing (see
-`_single_process_array_writes`): the same values, each replicated array written whole by its
-first replica instead of in one slice per replica.
+In a single-process run on CPU, `jax.Array`s are written without Orbax's replica-parallel
+slicing (see `_single_process_array_writes`): the same values, each replicated array written
+whole by its first replica instead of in one slice per replica.
 """
 
 from __future__ import annotations
@@ -37,15 +37,16 @@ def _single_process_array_writes() -> None:
   Replica-parallel saving (Orbax's default off GPU) splits each replicated array into one slice
   per replica so that several hosts share its writing; every slice is an XLA computation,
   compiled per shape and device (on the tests' 8 CPU devices a 150-step audio2mesh run compiled
-  200 of them, ~5 s of its first save). With one process every replica is local and one process
-  writes them all anyway, so the slicing buys nothing. The values saved and restored are the
-  same; only the stored chunking differs (a replicated array is one chunk instead of one per
-  replica), which restoring reads either way. Multi-process runs keep Orbax's default. The
-  registry is Orbax's global one (a `StandardCheckpointHandler` takes no registry of its own),
-  so this applies to every Orbax save of this process, e.g. `fdjax.pretrained`'s.
+  200 of them, ~5 s of its first save). With one process on CPU every replica is in the same
+  host memory and one process writes them all anyway, so the slicing buys nothing. The values
+  saved and restored are the same; only the stored chunking differs (a replicated array is one
+  chunk instead of one per replica), which restoring reads either way. Multi-process runs, and
+  accelerators (where the slices spread device-to-host copies over the devices), keep Orbax's
+  default. The registry is Orbax's global one (a `StandardCheckpointHandler` takes no registry
+  of its own), so this applies to every Orbax save of this process, e.g. `fdjax.pretrained`'s.
   """
   global _ARRAY_WRITES_SET
-  if _ARRAY_WRITES_SET or jax.process_count() > 1:
+  if _ARRAY_WRITES_SET or jax.process_count() > 1 or jax.default_backend() != "cpu":
     return
   _ARRAY_WRITES_SET = True
   if type(ocp.type_handlers.get_type_handler(jax.Array)) is not ocp.type_handlers.ArrayHandler:
