@@ -34,8 +34,9 @@ functions here (`build_video_model`, `video_dummy_batch`, `eval_batches`, ...).
 Config keys read (beyond the base config): `data.name`, `data.class_names`, `data.fold`,
 `data.train_split`, `data.eval_split` (formatted with `fold`), `data.num_frames`,
 `data.crop_fraction`, `data.augment.*`, `data.eval_batch_size`, `data.builder_config`,
-`data.{raw_dir,data_dir,synthetic,skip_invalid}`, `model.*`, `loss.label_smoothing`,
-`loss.class_balanced`, `loss.class_balance_beta`.
+`data.{raw_dir,data_dir,synthetic,skip_invalid}`, `data.train_examples_per_class` (up to
+that many training clips per class, the same for every seed: `train_subset`), `model.*`,
+`loss.label_smoothing`, `loss.class_balanced`, `loss.class_balance_beta`.
 """
 
 from __future__ import annotations
@@ -412,9 +413,13 @@ def open_split(config: Any, split: str):
   return pipeline.tfds_source(name, data_dir, split)
 
 
-def video_train_data(config: Any, model: nn.Module, *, process_index: int, process_count: int):
-  """The endless stream of training clips (random segments, crops, flips and colour jitter)."""
-  source = open_split(config, split_name(config, "train"))
+def video_train_data(
+  config: Any, model: nn.Module, *, process_index: int, process_count: int, source=None
+):
+  """The endless stream of training clips (random segments, crops, flips and colour jitter)
+  of `source` (default: the whole training split)."""
+  if source is None:
+    source = open_split(config, split_name(config, "train"))
   augment = dict(config.data.augment)
   for key in ("scale", "ratio"):
     augment[key] = tuple(augment[key])
@@ -433,9 +438,93 @@ def video_train_data(config: Any, model: nn.Module, *, process_index: int, proce
   )
 
 
+# Seed of the fixed order in which `train_subset` takes each class's clips: the same clips for
+# every `config.seed`, so runs that differ in seed or initialisation see the same labels.
+SUBSET_SEED = 0
+
+
+class IndexedSource(Sequence):
+  """The examples `indices` of a random-access `source`, in that order."""
+
+  def __init__(self, source: Sequence, indices: Sequence[int]):
+    self._source = source
+    self._indices = [int(i) for i in indices]
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int):
+    return self._source[self._indices[i]]
+
+
+def examples_per_class(config: Any) -> int:
+  """`config.data.train_examples_per_class`, checked: a whole number >= 0 (0: every clip)."""
+  k = config.data.train_examples_per_class
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+    raise ValueError(
+      f"data.train_examples_per_class={k!r}: expected a whole number >= 0 "
+      "(clips kept per class from the training split; 0 keeps every clip)"
+    )
+  return int(k)
+
+
+def train_subset(labels: np.ndarray, per_class: int, num_classes: int) -> np.ndarray:
+  """Ascending indices of up to `per_class` clips of each class of `labels` [N]: the first ones
+  of the class in a fixed random order (`SUBSET_SEED`); a class with fewer keeps all of its
+  clips. Each class's kept clips are a prefix of that order, so a smaller subset lies inside a
+  larger one."""
+  labels = np.asarray(labels, np.int64)
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+  order = np.random.default_rng(SUBSET_SEED).permutation(len(labels))
+  kept = []
+  for c in range(num_classes):
+    kept.extend(order[labels[order] == c][:per_class].tolist())
+  return np.sort(np.asarray(kept, np.int64))
+
+
+def train_labels(config: Any) -> np.ndarray:
+  """Labels [N] of the whole training split, in its order (cached in the workdir)."""
+  split = split_name(config, "train")
+
+  def compute() -> dict:
+    source = open_split(config, split)
+    return {"labels": [int(source[i]["label"]) for i in range(len(source))]}
+
+  stats = cached_label_stats(config, f"{split}_labels", compute)
+  return np.asarray(stats["labels"], np.int64)
+
+
+def train_indices(config: Any) -> np.ndarray | None:
+  """Indices of the training clips kept by `data.train_examples_per_class`; None: all."""
+  per_class = examples_per_class(config)
+  if not per_class:
+    return None
+  return train_subset(train_labels(config), per_class, len(config.data.class_names))
+
+
+def train_source(config: Any):
+  """The training split, restricted to `data.train_examples_per_class` clips per class."""
+  source = open_split(config, split_name(config, "train"))
+  indices = train_indices(config)
+  if indices is None:
+    return source
+  if jax.process_index() == 0:
+    print(
+      f"data.train_examples_per_class={examples_per_class(config)}: training on "
+      f"{len(indices)} of the {len(source)} clips of {split_name(config, 'train')}",
+      flush=True,
+    )
+  return IndexedSource(source, indices)
+
+
 def train_data(config: Any, *, process_index: int, process_count: int):
   return video_train_data(
-    config, build_model(config), process_index=process_index, process_count=process_count
+    config,
+    build_model(config),
+    process_index=process_index,
+    process_count=process_count,
+    source=train_source(config),
   )
 
 
@@ -511,9 +600,13 @@ def cached_label_stats(config: Any, split: str, compute) -> dict:
 
 
 def class_counts(config: Any) -> np.ndarray:
-  """Training clips per class [C] (cached in the workdir)."""
+  """Training clips per class [C] (cached in the workdir), of the clips trained on."""
   split = split_name(config, "train")
   num_classes = len(config.data.class_names)
+
+  indices = train_indices(config)
+  if indices is not None:  # the clips of train_examples_per_class
+    return np.bincount(train_labels(config)[indices], minlength=num_classes).astype(np.int64)
 
   def compute() -> dict:
     source = open_split(config, split)

@@ -79,6 +79,49 @@ def test_class_balanced_weights_follow_the_effective_number():
   np.testing.assert_allclose(dfer.class_balanced_weights(counts, 0.0), [1, 1, 0, 1])
 
 
+def test_train_subset_keeps_k_clips_per_class_the_same_for_every_call():
+  rng = np.random.default_rng(5)
+  labels = np.concatenate([np.full(n, c) for c, n in enumerate([30, 12, 3, 20])])
+  labels = labels[rng.permutation(len(labels))]
+  kept = dfer.train_subset(labels, 5, 4)
+  assert np.all(np.diff(kept) > 0)  # ascending, no repeats
+  np.testing.assert_array_equal(np.bincount(labels[kept], minlength=4), [5, 5, 3, 5])
+  np.testing.assert_array_equal(kept, dfer.train_subset(labels, 5, 4))  # deterministic
+  smaller = dfer.train_subset(labels, 2, 4)
+  assert set(smaller) < set(kept)  # each class's clips are a prefix of one fixed order
+  np.testing.assert_array_equal(np.bincount(labels[smaller], minlength=4), [2, 2, 2, 2])
+  # Not simply the first clips of each class in the split's order.
+  firsts = np.sort(np.concatenate([np.flatnonzero(labels == c)[:5] for c in range(4)]))
+  assert not np.array_equal(kept, firsts)
+  np.testing.assert_array_equal(dfer.train_subset(labels, 100, 4), np.arange(len(labels)))
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+    dfer.train_subset(labels, 5, 3)
+
+
+def test_train_examples_per_class_restricts_the_training_source(monkeypatch, tmp_path):
+  labels = np.array([0, 1, 1, 2, 0, 0, 1, 2, 2, 0, 3, 1, 0, 4, 5, 6, 6, 0, 1, 2, 3])
+  examples = [{"label": np.int64(y), "index": i} for i, y in enumerate(labels)]
+  monkeypatch.setattr(dfer, "open_split", lambda config, split: examples)
+
+  def config_with(per_class):
+    return _config(
+      "variant=vit_mae_probe,size=tiny,runlocal=True,frames=4",
+      f"--config.data.train_examples_per_class={per_class}",
+      f"--config.workdir={tmp_path}",
+    )
+
+  config = config_with(2)
+  source = dfer.train_source(config)
+  expected = dfer.train_subset(labels, 2, 7)
+  assert len(source) == len(expected) == 12  # 2 per class, 1 each for classes 4 and 5
+  assert [source[i]["index"] for i in range(len(source))] == expected.tolist()
+  np.testing.assert_array_equal(dfer.class_counts(config), [2, 2, 2, 2, 1, 1, 2])
+  assert dfer.train_source(config_with(0)) is examples
+  for bad in (-1, 2.5, True, "'3'"):  # the task refuses -1 and True, the config loader the rest
+    with pytest.raises(ValueError, match="data.train_examples_per_class"):
+      dfer.train_source(config_with(bad))
+
+
 def test_class_balanced_loss_weights_each_clip_by_its_class(adapter, tmp_path):
   _, model, params = adapter
   config = _config(
