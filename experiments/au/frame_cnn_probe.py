@@ -1,13 +1,16 @@
-"""How learnable is a built BP4D-layout set? A small per-frame CNN trained from scratch.
+"""How learnable is a built BP4D-layout set, and by which model? Per-frame models from scratch.
 
-A diagnostic of the data, not a task model: it reads every frame of a fold's training and test
-windows (each with its own `frame_aus`), trains a six-convolution CNN on single frames (sigmoid
-cross-entropy with the positive weights the `au` task uses), and prints the held-out mean AU F1
-at threshold 0.5 as it trains. docs/design.md section 21 compares it with the video
+A diagnostic of the data and the architectures, not a task model: it reads every frame of a
+fold's training and test windows (each with its own `frame_aus`), trains one model on single
+frames (sigmoid cross-entropy with the positive weights the `au` task uses; Adam, mirrored
+frames, nothing else) and prints the held-out mean AU F1 at threshold 0.5 as it trains. Models
+(`--model`): `cnn`, six 3x3 convolutions; `conv_vit`, the first `--stem` stages of those
+convolutions, then a 2-block transformer over the feature-map cells; `vivit`, the `au` task's
+ViViT tiny on the frame repeated. docs/design.md section 21 compares it with the video
 transformers of `experiments/au/bp4d.py` on the same data:
 
     python -m experiments.au.frame_cnn_probe --data_dir D/tfds --builder_config 64px_16f \\
-        --fold 1 --side 48 --steps 1500
+        --fold 1 --side 48 --steps 1500 [--model conv_vit --stem 2]
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fdjax.metrics import classification
+from fdjax.models.clip import Transformer
+from fdjax.models.vivit import vivit_model
 
 
 class FrameCNN(nn.Module):
@@ -40,6 +45,43 @@ class FrameCNN(nn.Module):
       x = nn.max_pool(x, (2, 2), (2, 2))
     x = nn.relu(nn.Dense(256)(x.reshape(x.shape[0], -1)))
     return nn.Dense(self.num_outputs)(x)
+
+
+class FrameConvViT(nn.Module):
+  """`stem` stages of FrameCNN, each feature-map cell a token (learned positions), a pre-norm
+  transformer, mean-pooled tokens, LayerNorm, one logit per AU ("early convolutions")."""
+
+  num_outputs: int
+  stem: int = 2  # convolution stages before the transformer
+  width: int = 64
+  depth: int = 2
+
+  @nn.compact
+  def __call__(self, frames):  # uint8 [B, S, S, 3]
+    x = frames.astype(jnp.float32) / 127.5 - 1.0
+    for width in (32, 64, 128)[: self.stem]:
+      x = nn.relu(nn.Conv(width, (3, 3))(x))
+      x = nn.relu(nn.Conv(width, (3, 3))(x))
+      x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.Dense(self.width)(x.reshape(x.shape[0], -1, x.shape[-1]))
+    x = x + self.param("positions", nn.initializers.normal(0.02), x.shape[1:])
+    x = Transformer(depth=self.depth, num_heads=4, mlp_dim=2 * self.width)(x)
+    return nn.Dense(self.num_outputs)(nn.LayerNorm()(x.mean(1)))
+
+
+class FrameViViT(nn.Module):
+  """The `au` task's ViViT tiny (`fdjax.models.vivit`) on a frame repeated into one tubelet."""
+
+  num_outputs: int
+  image_size: int
+
+  @nn.compact
+  def __call__(self, frames):  # uint8 [B, S, S, 3]
+    model = vivit_model("tiny", image_size=self.image_size, num_classes=self.num_outputs)
+    return model(jnp.repeat(frames[:, None], 2, axis=1))[0]
+
+
+MODELS = ("cnn", "conv_vit", "vivit")
 
 
 def load_frames(data_dir: str, builder_config: str, split: str, side: int):
@@ -67,7 +109,14 @@ def main() -> None:
   parser.add_argument("--data_dir", required=True, help="TFDS directory holding the bp4d build")
   parser.add_argument("--builder_config", default="", help="e.g. 64px_16f")
   parser.add_argument("--fold", type=int, default=1)
-  parser.add_argument("--side", type=int, default=48, help="frame side the CNN sees")
+  parser.add_argument("--side", type=int, default=48, help="frame side the model sees")
+  parser.add_argument(
+    "--model",
+    choices=MODELS,
+    default="cnn",
+    help="FrameCNN, FrameConvViT (with --stem stages) or FrameViViT",
+  )
+  parser.add_argument("--stem", type=int, default=2, help="conv_vit: convolution stages")
   parser.add_argument("--steps", type=int, default=1500)
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--lr", type=float, default=1e-3)
@@ -80,7 +129,12 @@ def main() -> None:
   test_x, test_y = load(f"fold{args.fold}_test")
   print(f"{len(train_x)} training and {len(test_x)} test frames of {args.side} px", flush=True)
 
-  model = FrameCNN(train_y.shape[1])
+  outputs = train_y.shape[1]
+  model = {
+    "cnn": lambda: FrameCNN(outputs),
+    "conv_vit": lambda: FrameConvViT(outputs, stem=args.stem),
+    "vivit": lambda: FrameViViT(outputs, args.side),
+  }[args.model]()
   params = model.init(jax.random.key(args.seed), train_x[:1])
   rates = train_y.mean(0)
   positive_weight = jnp.asarray(np.minimum((1 - rates) / rates, args.max_positive_weight))

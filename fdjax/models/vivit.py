@@ -116,8 +116,7 @@ class VideoVisionTransformer(nn.Module):
   # Each stage is two 3x3 convolutions with ReLU and a 2x2 max-pool on every frame, so a token
   # still covers `patch_size`^2 pixels: the tubelet embedding then takes patches of
   # patch_size / 2^stages feature-map cells. Early convolutions (Xiao et al., 2021) give the
-  # transformer a CNN's locality; on the BP4D twin a tiny ViT learns nothing across identities
-  # without them (docs/design.md section 21).
+  # transformer a CNN's locality (docs/design.md section 21 measures them on the BP4D twin).
   stem_widths: tuple[int, ...] = ()
   attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
