@@ -483,13 +483,18 @@ def train_subset(labels: np.ndarray, per_class: int, num_classes: int) -> np.nda
   return np.sort(np.asarray(kept, np.int64))
 
 
+def _read_labels(config: Any, split: str) -> np.ndarray:
+  """Labels [N] of every clip of `split`, in its order (reads the split)."""
+  source = open_split(config, split)
+  return np.array([int(source[i]["label"]) for i in range(len(source))], np.int64)
+
+
 def train_labels(config: Any) -> np.ndarray:
   """Labels [N] of the whole training split, in its order (cached in the workdir)."""
   split = split_name(config, "train")
 
   def compute() -> dict:
-    source = open_split(config, split)
-    return {"labels": [int(source[i]["label"]) for i in range(len(source))]}
+    return {"labels": _read_labels(config, split).tolist()}
 
   stats = cached_label_stats(config, f"{split}_labels", compute)
   return np.asarray(stats["labels"], np.int64)
@@ -609,8 +614,7 @@ def class_counts(config: Any) -> np.ndarray:
     return np.bincount(train_labels(config)[indices], minlength=num_classes).astype(np.int64)
 
   def compute() -> dict:
-    source = open_split(config, split)
-    labels = np.array([int(source[i]["label"]) for i in range(len(source))], np.int64)
+    labels = _read_labels(config, split)
     return {"class_counts": np.bincount(labels, minlength=num_classes).tolist()}
 
   return np.asarray(cached_label_stats(config, split, compute)["class_counts"], np.int64)
