@@ -89,7 +89,8 @@ def base_config() -> ConfigDict:
   # rest 1 (BEiT / MAE fine-tuning; fdjax/optim.py). Blocks: regex capturing the index.
   c.optim.layer_decay = 0.0
   c.optim.layer_decay_blocks = r"transformer/layers_(\d+)/"
-  c.optim.layer_decay_embedding = r"(tubelet|patch)_embedding/"  # Regex of the embedding.
+  # Regex of the embedding (and a convolutional stem before it).
+  c.optim.layer_decay_embedding = r"(tubelet|patch)_embedding/|stem_\d+_\d+/"
 
   c.ema = ConfigDict()
   # Exponential moving average of the parameters, used by evaluation and export (0: off).

@@ -19,10 +19,10 @@ schedule through `optax.multi_transform`; freezing wins over groups, clipping is
 Layer-wise learning-rate decay (`config.optim.layer_decay` d in (0, 1), as BEiT, MAE and
 VideoMAE fine-tune): with L transformer blocks, block i (0-based, its index captured by the
 regex `layer_decay_blocks`) gets its updates scaled by d^(L - i), the parameters matching
-`layer_decay_embedding` (patch or tubelet embedding) by d^(L + 1), every other parameter (final
-norm, fc_norm, head) by 1. The scale multiplies the whole update of the optimizer, so for
-AdamW it is exactly a per-parameter learning rate (weight decay included, as in MAE's
-param groups with `lr_scale`).
+`layer_decay_embedding` (patch or tubelet embedding, a convolutional stem) by d^(L + 1), every
+other parameter (final norm, fc_norm, head) by 1. The scale multiplies the whole update of the
+optimizer, so for AdamW it is exactly a per-parameter learning rate (weight decay included, as
+in MAE's param groups with `lr_scale`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ frames (sigmoid cross-entropy with the positive weights the `au` task uses; Adam
 frames, nothing else) and prints the held-out mean AU F1 at threshold 0.5 as it trains. Models
 (`--model`): `cnn`, six 3x3 convolutions; `conv_vit`, the first `--stem` stages of those
 convolutions, then a 2-block transformer over the feature-map cells; `vivit`, the `au` task's
-ViViT tiny on the frame repeated. docs/design.md section 21 compares it with the video
-transformers of `experiments/au/bp4d.py` on the same data:
+ViViT tiny on the frame repeated; `vit_mae`, the `au` task's MAE-encoder classifier (tiny, with
+a `--stem`-stage convolutional stem) on the frame repeated. docs/design.md section 21 compares
+them with the video transformers of `experiments/au/bp4d.py` on the same data:
 
     python -m experiments.au.frame_cnn_probe --data_dir D/tfds --builder_config 64px_16f \\
         --fold 1 --side 48 --steps 1500 [--model conv_vit --stem 2]
@@ -28,6 +29,7 @@ from PIL import Image
 
 from fdjax.metrics import classification
 from fdjax.models.clip import Transformer
+from fdjax.models.video_mae import video_vit_classifier
 from fdjax.models.vivit import vivit_model
 
 
@@ -81,7 +83,27 @@ class FrameViViT(nn.Module):
     return model(jnp.repeat(frames[:, None], 2, axis=1))[0]
 
 
-MODELS = ("cnn", "conv_vit", "vivit")
+class FrameViTMAE(nn.Module):
+  """The `au` task's `vit_mae` classifier (`fdjax.models.video_mae`, encoder `tiny`, mean-pooled
+  tokens) on a frame repeated into one tubelet, with the first `stem` stages of (32, 64, 128)
+  as its convolutional stem."""
+
+  num_outputs: int
+  image_size: int
+  stem: int = 0
+
+  @nn.compact
+  def __call__(self, frames):  # uint8 [B, S, S, 3]
+    model = video_vit_classifier(
+      "tiny",
+      image_size=self.image_size,
+      num_classes=self.num_outputs,
+      stem_widths=(32, 64, 128)[: self.stem],
+    )
+    return model(jnp.repeat(frames[:, None], 2, axis=1))[0]
+
+
+MODELS = ("cnn", "conv_vit", "vivit", "vit_mae")
 
 
 def load_frames(data_dir: str, builder_config: str, split: str, side: int):
@@ -114,9 +136,9 @@ def main() -> None:
     "--model",
     choices=MODELS,
     default="cnn",
-    help="FrameCNN, FrameConvViT (with --stem stages) or FrameViViT",
+    help="FrameCNN, FrameConvViT (with --stem stages), FrameViViT or FrameViTMAE (--stem)",
   )
-  parser.add_argument("--stem", type=int, default=2, help="conv_vit: convolution stages")
+  parser.add_argument("--stem", type=int, default=2, help="conv_vit, vit_mae: convolution stages")
   parser.add_argument("--steps", type=int, default=1500)
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--lr", type=float, default=1e-3)
@@ -134,6 +156,7 @@ def main() -> None:
     "cnn": lambda: FrameCNN(outputs),
     "conv_vit": lambda: FrameConvViT(outputs, stem=args.stem),
     "vivit": lambda: FrameViViT(outputs, args.side),
+    "vit_mae": lambda: FrameViTMAE(outputs, args.side, args.stem),
   }[args.model]()
   params = model.init(jax.random.key(args.seed), train_x[:1])
   rates = train_y.mean(0)

@@ -126,6 +126,9 @@ def video_model_config(variant: str, size: str, num_frames: int) -> tuple[Config
     m.remat = size == "base" and not probe  # Recompute block activations in the backward pass.
     # Input minus the clip's mean frame; must match the pretraining run's encoder.
     m.subtract_mean_frame = False
+    # Convolutional stem stages before the tubelets (e.g. (32, 64)); must match the pretraining
+    # run's encoder.
+    m.stem_widths = ()
     return m, (r"^encoder/",) if probe else ()
   if variant == "vivit_scratch":
     m.kind = "vivit"  # fdjax.models.vivit.VideoVisionTransformer, from scratch.

@@ -89,6 +89,9 @@ def get_config(arg=None):
   c.model.discriminator_width = 0  # Patch discriminator's hidden width (0: none).
   # Encoder input minus the clip's mean frame (pair with loss.target=mean_subtracted_pixels).
   c.model.subtract_mean_frame = False
+  # Convolutional stem stages on every frame before the tubelets, masked as ConvMAE's (e.g.
+  # (32, 64): tokens of patch / 4 feature-map cells); fdjax.models.video_mae.VideoViTEncoder.
+  c.model.stem_widths = ()
 
   c.mask = ConfigDict()
   c.mask.kind = {"marlin": "face_region", "mae_dfer": "part_window", "videomae": "tube"}[

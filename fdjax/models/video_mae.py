@@ -34,7 +34,7 @@ import numpy as np
 
 from fdjax.models.clip import Transformer, layer_norm
 from fdjax.models.temporal import normalize_video
-from fdjax.models.vivit import IMAGENET_MEAN, IMAGENET_STD, tubelet_embedding
+from fdjax.models.vivit import IMAGENET_MEAN, IMAGENET_STD, conv_stem, tubelet_embedding
 
 Array = jax.Array
 Dtype = Any
@@ -59,7 +59,7 @@ DECODER_VARIANTS: dict[str, dict[str, Any]] = {
 ENCODER_FIELDS = (
   "image_size", "patch_size", "tubelet_size", "width", "depth", "num_heads", "mlp_dim",
   "hidden_act", "layer_norm_eps", "pixel_mean", "pixel_std", "remat", "subtract_mean_frame",
-  "attention_impl", "dtype",
+  "stem_widths", "attention_impl", "dtype",
 )  # fmt: skip
 
 
@@ -109,6 +109,12 @@ class VideoViTEncoder(nn.Module):
   # (background, identity, light) leaves the input, what moves (the expression) stays. The MAE
   # and the classifier share the encoder, so both see the same input.
   subtract_mean_frame: bool = False
+  # Widths of a convolutional stem's stages on every frame before the tubelet embedding
+  # (`fdjax.models.vivit.conv_stem`; empty: none). A token still covers `patch_size`^2 pixels:
+  # the embedding takes patches of patch_size / 2^stages cells. Given `visible` tokens the stem
+  # is masked as ConvMAE's is (the masked tubelets' pixels and features are zeroed before every
+  # convolution), so no masked pixel reaches a visible token.
+  stem_widths: tuple[int, ...] = ()
   attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
 
@@ -127,6 +133,21 @@ class VideoViTEncoder(nn.Module):
       )
     if size % self.patch_size:
       raise ValueError(f"image_size {size} is not a multiple of patch_size {self.patch_size}")
+    reduction = 2 ** len(self.stem_widths)
+    if self.patch_size % reduction:
+      raise ValueError(
+        f"patch_size {self.patch_size} is not a multiple of the stem's reduction {reduction} "
+        f"({len(self.stem_widths)} stages in stem_widths={self.stem_widths})"
+      )
+
+  def visible_pixels(self, visible: Array, num_frames: int) -> Array:
+    """float [B, T, H, W]: 1 at the pixels of the `visible` tokens (int [B, K]), else 0."""
+    steps, side, _ = self.grid(num_frames)
+    tokens = jnp.zeros((visible.shape[0], steps * side * side), jnp.float32)
+    tokens = jax.vmap(lambda t, i: t.at[i].set(1.0))(tokens, visible)
+    tokens = tokens.reshape(-1, steps, side, side)
+    tokens = jnp.repeat(tokens, self.tubelet_size, axis=1)
+    return jnp.repeat(jnp.repeat(tokens, self.patch_size, axis=2), self.patch_size, axis=3)
 
   def embedding_input(self, video: Array) -> Array:
     """What the tubelet embedding sees: `video` [B, T, H, W, 3] normalised by `pixel_mean` and
@@ -143,8 +164,15 @@ class VideoViTEncoder(nn.Module):
     self.check(video)
     batch = video.shape[0]
     x = self.embedding_input(video)
+    if self.stem_widths:
+      seen = None if visible is None else self.visible_pixels(visible, video.shape[1])
+      x = conv_stem(x, self.stem_widths, self.dtype, seen)
     x = tubelet_embedding(
-      self.width, self.tubelet_size, self.patch_size, self.dtype, nn.initializers.xavier_uniform()
+      self.width,
+      self.tubelet_size,
+      self.patch_size // 2 ** len(self.stem_widths),
+      self.dtype,
+      nn.initializers.xavier_uniform(),
     )(x)  # [B, T', h, w, D]
     x = x.reshape(batch, -1, self.width)  # [B, N, D], tokens in (t, y, x) order
     x = x + jnp.asarray(sincos_positions(x.shape[1], self.width), self.dtype)

@@ -14,6 +14,7 @@ a temporal transformer whose class token is the clip embedding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -84,6 +85,49 @@ def tubelet_embedding(
   )
 
 
+def conv_stem(x: Array, widths: Sequence[int], dtype: Dtype, visible: Array | None = None) -> Array:
+  """The convolutional stem on every frame: [B, T, H, W, C] -> [B, T, H / 2^k, W / 2^k, widths[-1]]
+  for k = len(widths) stages of two 3x3 convolutions (ReLU) and a 2x2 max-pool, named
+  "stem_{stage}_{conv}"; call it inside a compact method so they become its submodules.
+
+  `visible` float [B, T, H, W] (1 where a pixel is seen) masks the stem as ConvMAE does: the
+  input and every convolution's output are zeroed where nothing is seen, so a feature-map cell
+  of a visible region depends on visible pixels only and masked pixels never reach the visible
+  tokens. Masked regions must be blocks of 2^k x 2^k pixels (whole patches)."""
+  batch, frames = x.shape[:2]
+  x = x.reshape(batch * frames, *x.shape[2:])
+  mask = None if visible is None else visible.reshape(batch * frames, *visible.shape[2:], 1)
+  for i, width in enumerate(widths):
+    for j in range(2):
+      if mask is not None:
+        x = x * mask.astype(x.dtype)
+      x = nn.Conv(
+        width,
+        (3, 3),
+        dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), (None, None, None, None)
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+        name=f"stem_{i}_{j}",
+      )(x)
+      x = nn.relu(x)
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    if mask is not None:
+      mask = mask[:, ::2, ::2]
+      x = x * mask.astype(x.dtype)
+  return x.reshape(batch, frames, *x.shape[1:])
+
+
+def stem_flops(widths: Sequence[int], image_size: int, frames: int) -> float:
+  """Forward FLOPs of `conv_stem` on `frames` frames of `image_size`^2 RGB pixels."""
+  flops, side, previous = 0.0, image_size, 3
+  for width in widths:
+    flops += frames * 2 * side * side * 9 * (previous * width + width * width)
+    side, previous = side // 2, width
+  return flops
+
+
 def _learned(module: nn.Module, name: str, shape: tuple[int, ...], axes) -> Array:
   init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
   return module.param(name, init, shape, jnp.float32)
@@ -120,26 +164,6 @@ class VideoVisionTransformer(nn.Module):
   stem_widths: tuple[int, ...] = ()
   attention_impl: str = "auto"  # "auto", "xla" or "cudnn": `config.precision.attention_impl`
   dtype: Dtype = jnp.float32  # compute dtype (parameters stay float32)
-
-  def _stem(self, x: Array) -> Array:
-    """The convolutional stem on every frame: [B, T, H, W, C] -> [B, T, H / 2^k, W / 2^k, C']."""
-    batch, frames = x.shape[:2]
-    x = x.reshape(batch * frames, *x.shape[2:])
-    for i, width in enumerate(self.stem_widths):
-      for j in range(2):
-        x = nn.Conv(
-          width,
-          (3, 3),
-          dtype=self.dtype,
-          kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (None, None, None, None)
-          ),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
-          name=f"stem_{i}_{j}",
-        )(x)
-        x = nn.relu(x)
-      x = nn.max_pool(x, (2, 2), (2, 2))
-    return x.reshape(batch, frames, *x.shape[1:])
 
   def _transformer(self, depth: int, name: str) -> Transformer:
     return Transformer(
@@ -190,7 +214,7 @@ class VideoVisionTransformer(nn.Module):
       mean = (x * weights).sum(1, keepdims=True) / jnp.maximum(weights.sum(1, keepdims=True), 1)
       x = x - mean
     if self.stem_widths:
-      x = self._stem(x)
+      x = conv_stem(x, self.stem_widths, self.dtype)
     x = tubelet_embedding(self.width, self.tubelet_size, self.patch_size // reduction, self.dtype)(
       x
     )  # [B, T', h, w, D]

@@ -66,7 +66,7 @@ from fdjax.metrics import classification
 from fdjax.models import clip as clip_lib
 from fdjax.models.temporal import VideoClassifier
 from fdjax.models.video_mae import ENCODER_VARIANTS, VideoViTClassifier, video_vit_classifier
-from fdjax.models.vivit import VIVIT_VARIANTS, VideoVisionTransformer, vivit_model
+from fdjax.models.vivit import VIVIT_VARIANTS, VideoVisionTransformer, stem_flops, vivit_model
 from fdjax.tasks import BATCH_DIM, ExportDim
 
 MODEL_KINDS = ("clip", "vivit", "vit_mae")
@@ -80,6 +80,7 @@ MAE_ENCODER_CHECKED = (
   "num_heads",
   "mlp_dim",
   "subtract_mean_frame",
+  "stem_widths",
 )
 # Keys of `config.model` that configure the task rather than the module's fields.
 TASK_MODEL_KEYS = (
@@ -340,10 +341,7 @@ def forward_flops(config: Any, model: nn.Module) -> tuple[float, float]:
     cells = model.patch_size // reduction  # feature-map cells per token side
     channels = model.stem_widths[-1] if model.stem_widths else 3
     embed = 2 * steps * patches * model.width * channels * model.tubelet_size * cells**2
-    side, previous = model.image_size, 3  # the stem's convolutions, on every frame
-    for width in model.stem_widths:
-      embed += frames * 2 * side * side * 9 * (previous * width + width * width)
-      side, previous = side // 2, width
+    embed += stem_flops(model.stem_widths, model.image_size, frames)
     spatial = steps * _transformer_flops(
       patches + 1, model.width, model.mlp_dim, model.spatial_depth
     )
@@ -353,7 +351,10 @@ def forward_flops(config: Any, model: nn.Module) -> tuple[float, float]:
     enc = model.encoder
     steps, side, _ = enc.grid(frames)
     tokens = steps * side * side
-    embed = 2 * tokens * enc.width * 3 * enc.tubelet_size * enc.patch_size**2
+    cells = enc.patch_size // 2 ** len(enc.stem_widths)  # feature-map cells per token side
+    channels = enc.stem_widths[-1] if enc.stem_widths else 3
+    embed = 2 * tokens * enc.width * channels * enc.tubelet_size * cells**2
+    embed += stem_flops(enc.stem_widths, enc.image_size, frames)
     encoder = embed + _transformer_flops(tokens, enc.width, enc.mlp_dim, enc.depth)
     return float(encoder), 2.0 * enc.width * model.num_classes
   towers = clip_lib.clip_variant(model.variant)

@@ -185,3 +185,31 @@ def test_bad_video_shapes_are_named(shape, message):
 def test_unknown_variant_lists_the_known_ones():
   with pytest.raises(ValueError, match="tiny"):
     video_mae.video_mae_model("XL")
+
+
+def test_a_masked_stem_keeps_the_masked_tubelets_pixels_out_of_the_visible_tokens():
+  """`stem_widths`: the encoder on visible tokens zeroes the masked tubelets' pixels and features
+  before every stem convolution (ConvMAE), so noise on the masked pixels leaves the visible
+  tokens unchanged although the stem's 3x3 convolutions see across patch borders. With every
+  token visible it is the classifier's encoder (the same parameters)."""
+  mae = video_mae.video_mae_model("tiny", stem_widths=(4, 8))
+  video = _video()
+  visible, masked = _indices(mae)
+  params = _unbox(mae.init(jax.random.key(0), video, visible, masked))["params"]
+  assert params["encoder"]["stem_1_1"]["kernel"].shape == (3, 3, 8, 8)
+  assert params["encoder"]["tubelet_embedding"]["kernel"].shape == (2, 2, 2, 8, 64)  # 8 / 2^2
+
+  def encode(v, indices):
+    return mae.apply({"params": params}, v, indices, method=lambda m, v, i: m.encoder(v, i))
+
+  seen = np.asarray(mae.encoder.visible_pixels(visible, FRAMES))[..., None]  # [B, T, H, W, 1]
+  assert seen.mean() == 0.25  # 8 of 32 tubelets
+  noise = np.random.default_rng(1).integers(0, 256, video.shape, dtype=np.uint8)
+  changed = jnp.asarray(np.where(seen > 0, np.asarray(video), noise))
+  np.testing.assert_allclose(encode(changed, visible), encode(video, visible), atol=1e-6)
+
+  classifier = video_mae.video_vit_classifier("tiny", num_classes=0, stem_widths=(4, 8))
+  cls_params = _unbox(classifier.init(jax.random.key(1), video))["params"]
+  _, aux = classifier.apply({"params": {**cls_params, "encoder": params["encoder"]}}, video)
+  everything = jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (2, 32))
+  np.testing.assert_allclose(aux["tokens"], encode(video, everything), rtol=1e-5, atol=1e-5)

@@ -492,13 +492,13 @@ def test_a_probe_on_a_mean_subtracted_mae_encoder_beats_one_on_a_random_encoder(
   assert uar["pretrained"] >= uar["random"] + 1 / 7 - 1e-6, uar
 
 
-def test_vivit_flops_count_the_convolutional_stem():
+@pytest.mark.parametrize("variant", ["vivit_scratch", "vit_mae_finetune"])
+def test_flops_count_the_convolutional_stem(variant):
   """4 frames at 32 px, stem (4, 8): two 3x3 convolutions per stage on every frame (32 then 16
   px), then tubelets of 2 frames x 2 x 2 cells of 8 channels; the transformers are unchanged."""
-  plain = _config("variant=vivit_scratch,size=tiny,runlocal=True,frames=4")
-  stem = _config(
-    "variant=vivit_scratch,size=tiny,runlocal=True,frames=4", "--config.model.stem_widths=(4,8)"
-  )
+  arg = f"variant={variant},size=tiny,runlocal=True,frames=4"
+  plain = _config(arg)
+  stem = _config(arg, "--config.model.stem_widths=(4,8)")
   steps, tokens = 2, 16
   plain_embed = 2 * steps * tokens * 64 * 3 * 2 * 8 * 8
   stem_embed = 2 * steps * tokens * 64 * 8 * 2 * 2 * 2
