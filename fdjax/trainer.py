@@ -32,6 +32,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
 from fdjax import checkpoint as checkpoint_lib
 from fdjax import config as config_lib
@@ -110,9 +111,18 @@ def _to_global(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
 
 
 def setup_jax(config: Any) -> None:
-  """Process-wide JAX settings the config asks for."""
-  if config.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+  """Process-wide JAX settings the config asks for.
+
+  `compilation_cache_dir` turns the persistent compilation cache on at that directory, or off
+  when empty, also after an earlier run in this process turned it on (JAX keeps its first answer
+  to "is the cache used" until `reset_cache`)."""
+  cache_dir = os.path.expanduser(config.compilation_cache_dir) or None
+  wanted = (cache_dir, cache_dir is not None)
+  current = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+  if wanted != current:
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_enable_compilation_cache", cache_dir is not None)
   if config.precision.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", config.precision.matmul_precision)
 

@@ -350,3 +350,37 @@ def _fresh_params(config):
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     _, state, _, _ = trainer.build_train_step(config, load_task("gantask"), mesh, rules)
   return state.params
+
+
+def test_compilation_cache_dir_turns_the_persistent_cache_on_and_empty_turns_it_off(tmp_path):
+  """A run with a cache directory fills it; a later run in the same process with "" writes
+  nothing there (JAX remembers its first answer until the cache is reset)."""
+  from ml_collections import ConfigDict
+
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_enable_compilation_cache",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
+  saved = {name: getattr(jax.config, name) for name in names}
+  config = ConfigDict({"compilation_cache_dir": str(tmp_path / "xla")})
+  config.precision = ConfigDict({"matmul_precision": "default"})
+  try:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    trainer.setup_jax(config)
+    jax.jit(lambda x: x * 3.0 + 1.0)(jnp.ones(5)).block_until_ready()
+    written = sorted(os.listdir(tmp_path / "xla"))
+    assert written, "the cache directory stayed empty"
+    config.compilation_cache_dir = ""
+    trainer.setup_jax(config)
+    jax.jit(lambda x: x * 5.0 - 2.0)(jnp.ones(7)).block_until_ready()
+    assert sorted(os.listdir(tmp_path / "xla")) == written
+    assert not jax.config.jax_enable_compilation_cache
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    from jax.experimental.compilation_cache import compilation_cache
+
+    compilation_cache.reset_cache()
