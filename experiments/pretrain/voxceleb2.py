@@ -85,6 +85,7 @@ def get_config(arg=None):
   c.model.variant = args.size  # Named encoder and decoder size.
   c.model.init_from = ""  # Weights to start from (fdjax/pretrained.py specs); "" = none.
   c.model.image_size = 32 if tiny else (160 if args.variant == "mae_dfer" else 224)  # Pixels.
+  c.model.patch_size = 8 if tiny else 16  # Patch side in pixels (tubelets of 2 frames).
   c.model.remat = args.size in ("B", "L")  # Recompute block activations in the backward pass.
   c.model.discriminator_width = 0  # Patch discriminator's hidden width (0: none).
   # Encoder input minus the clip's mean frame (pair with loss.target=mean_subtracted_pixels).
