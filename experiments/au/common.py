@@ -58,6 +58,9 @@ def au_config(dataset: ConfigDict, args: ConfigDict) -> ConfigDict:
     c.model.prompts = au_prompts(dataset.aus)
   # AU appearance is local: milder crops keep the brows and the chin in the frame.
   c.data.augment.scale = (0.8, 1.0)
+  # Label efficiency: train on the windows of this many of the training split's subjects, the
+  # same ones for every seed (fdjax.tasks.au.train_indices); 0 trains on every subject.
+  c.data.train_subjects = 0
   c.loss = ConfigDict()
   c.loss.positive_weighting = True  # Weight each AU's positives by (1 - p) / p of training.
   c.loss.max_positive_weight = 10.0  # Cap of those weights (rare AUs).

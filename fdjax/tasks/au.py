@@ -16,7 +16,9 @@ shares the model, batches and evaluation loop of `fdjax.tasks.dfer`:
 
 Config keys read (beyond the base config): those of `fdjax.tasks.dfer` with `data.aus` (the AU
 numbers) in place of `data.class_names`, and `loss.positive_weighting`,
-`loss.max_positive_weight`, `loss.threshold`. The text classifier's prompts are keyed by AU
+`loss.max_positive_weight`, `loss.threshold`, and `data.train_subjects` (train on the windows of
+that many training subjects only, 0: all; `train_indices`) in place of
+`data.train_examples_per_class`. The text classifier's prompts are keyed by AU
 name (`"AU12"`).
 """
 
@@ -55,9 +57,70 @@ def dummy_batch(config: Any, batch_size: int) -> dict[str, np.ndarray]:
   return batch
 
 
+def num_train_subjects(config: Any) -> int:
+  """`config.data.train_subjects`, checked: a whole number >= 0 (0: every subject)."""
+  k = config.data.get("train_subjects", 0)
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+    raise ValueError(
+      f"data.train_subjects={k!r}: expected a whole number >= 0 (subjects whose labelled "
+      "windows are trained on; 0 keeps every subject)"
+    )
+  return int(k)
+
+
+def window_subjects(config: Any) -> list[str]:
+  """The subject of every window of the training split, in its order (cached in the workdir)."""
+  split = dfer.split_name(config, "train")
+
+  def compute() -> dict:
+    source = dfer.open_split(config, split)
+    subjects = []
+    for i in range(len(source)):
+      subject = source[i]["subject"]
+      subjects.append(subject.decode() if isinstance(subject, bytes) else str(subject))
+    return {"subjects": subjects}
+
+  return dfer.cached_label_stats(config, f"{split}_subjects", compute)["subjects"]
+
+
+def train_indices(config: Any) -> np.ndarray | None:
+  """Ascending indices of the training windows of the `data.train_subjects` subjects kept (the
+  first ones of the split's subjects in a fixed random order, `dfer.SUBSET_SEED`, so every seed
+  and initialisation sees the same labels and a smaller set lies inside a larger one); None:
+  every window."""
+  k = num_train_subjects(config)
+  if not k:
+    return None
+  subjects = np.asarray(window_subjects(config))
+  names = np.unique(subjects)  # sorted
+  kept = names[np.random.default_rng(dfer.SUBSET_SEED).permutation(len(names))[:k]]
+  return np.flatnonzero(np.isin(subjects, kept))
+
+
+def train_source(config: Any):
+  """The training split, restricted to the windows of `data.train_subjects` subjects."""
+  source = dfer.open_split(config, dfer.split_name(config, "train"))
+  indices = train_indices(config)
+  if indices is None:
+    return source
+  if jax.process_index() == 0:
+    subjects = sorted(set(np.asarray(window_subjects(config))[indices].tolist()))
+    print(
+      f"data.train_subjects={num_train_subjects(config)}: training on the {len(indices)} of "
+      f"{len(source)} windows of {dfer.split_name(config, 'train')} by {len(subjects)} "
+      f"subjects ({', '.join(subjects)})",
+      flush=True,
+    )
+  return dfer.IndexedSource(source, indices)
+
+
 def train_data(config: Any, *, process_index: int, process_count: int):
   return dfer.video_train_data(
-    config, build_model(config), process_index=process_index, process_count=process_count
+    config,
+    build_model(config),
+    process_index=process_index,
+    process_count=process_count,
+    source=train_source(config),
   )
 
 
@@ -70,11 +133,14 @@ def flops_per_example(config: Any) -> float:
 
 
 def positive_rates(config: Any) -> np.ndarray:
-  """Share of training frames on which each AU is present [A] (cached in the workdir)."""
+  """Share of training frames on which each AU is present [A] (cached in the workdir), over the
+  windows trained on (those of `data.train_subjects`)."""
   split = dfer.split_name(config, "train")
+  k = num_train_subjects(config)
+  name = f"{split}_{k}_subjects" if k else split
 
   def compute() -> dict:
-    source = dfer.open_split(config, split)
+    source = train_source(config)
     positives = np.zeros(len(config.data.aus), np.float64)
     frames = 0
     for i in range(len(source)):
@@ -85,7 +151,7 @@ def positive_rates(config: Any) -> np.ndarray:
       raise ValueError(f"{config.data.name} split {split!r} has no frames")
     return {"au_positive_rates": (positives / frames).tolist(), "num_frames": frames}
 
-  return np.asarray(dfer.cached_label_stats(config, split, compute)["au_positive_rates"])
+  return np.asarray(dfer.cached_label_stats(config, name, compute)["au_positive_rates"])
 
 
 def positive_weights(rates: np.ndarray, max_weight: float) -> np.ndarray:

@@ -45,6 +45,32 @@ def test_positive_rates_come_from_every_training_frame(tmp_path):
   assert (tmp_path / "label_stats_fold1_train.json").exists()
 
 
+def test_train_subjects_keeps_every_window_of_that_many_subjects_and_their_rates(tmp_path):
+  """`data.train_subjects=k`: all the windows of k training subjects, the same for every seed,
+  one subject's inside two subjects'; the positive weights come from those windows only."""
+  arg = "variant=clip_linear,size=tiny,runlocal=True"
+  config = _config(arg, ("workdir", str(tmp_path / "two")), ("data.train_subjects", 2))
+  subjects = np.asarray(au.window_subjects(config))
+  assert len(set(subjects.tolist())) > 2
+  indices = au.train_indices(config)
+  kept = sorted(set(subjects[indices].tolist()))
+  assert len(kept) == 2
+  np.testing.assert_array_equal(indices, np.flatnonzero(np.isin(subjects, kept)))
+  reseeded = _config(arg, ("workdir", str(tmp_path / "s")), ("data.train_subjects", 2), ("seed", 5))
+  np.testing.assert_array_equal(au.train_indices(reseeded), indices)
+  one = _config(arg, ("workdir", str(tmp_path / "one")), ("data.train_subjects", 1))
+  assert set(au.train_indices(one).tolist()) < set(indices.tolist())
+  assert au.train_indices(_config(arg, ("workdir", str(tmp_path / "all")))) is None
+
+  source = au.train_source(config)
+  assert len(source) == len(indices)
+  frames = np.concatenate([np.asarray(source[i]["frame_aus"]) for i in range(len(source))])
+  np.testing.assert_allclose(au.positive_rates(config), frames.mean(axis=0))
+  for bad in (-1, True):
+    with pytest.raises(ValueError, match="data.train_subjects"):
+      au.train_indices(_config(arg, ("data.train_subjects", bad)))
+
+
 def test_loss_weights_positive_terms_per_au(tmp_path):
   config = _config("variant=clip_linear,size=tiny,runlocal=True", ("workdir", str(tmp_path)))
   model, params = _init(config)
