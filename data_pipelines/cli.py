@@ -3,6 +3,7 @@
     data synth <dataset> --out RAW_DIR [--size tiny|demo|large] [--seed N]
     data build <dataset> --raw RAW_DIR --data_dir DIR [--skip_invalid]
         [--frame_size PIXELS] [--max_frames N]     (video datasets)
+        [--windows_per_clip N] [--crop_fraction F]  (voxceleb2)
     data inspect <dataset> --data_dir DIR [--out PNG]
 
 `fdjax data ...` hands its arguments to `main`. Datasets are found by import path, with no
@@ -87,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
   build.add_argument(
     "--max_frames", type=int, default=None, help="video datasets: frames kept per clip"
   )
+  build.add_argument(
+    "--windows_per_clip",
+    type=int,
+    default=None,
+    help="voxceleb2: windows of max_frames frames taken from each clip",
+  )
+  build.add_argument(
+    "--crop_fraction",
+    type=float,
+    default=None,
+    help="voxceleb2: side of the centred square crop kept, share of the frame (0, 1]",
+  )
   inspect = commands.add_parser("inspect", help="counts, shapes, statistics and a plot")
   inspect.add_argument("dataset")
   inspect.add_argument("--data_dir", required=True)
@@ -124,19 +137,27 @@ def main(argv: list[str] | None = None) -> int:
   elif args.command == "build":
     video_options = {
       name: value
-      for name, value in (("frame_size", args.frame_size), ("max_frames", args.max_frames))
+      for name, value in (
+        ("frame_size", args.frame_size),
+        ("max_frames", args.max_frames),
+        ("windows_per_clip", args.windows_per_clip),
+        ("crop_fraction", args.crop_fraction),
+      )
       if value is not None
     }
     accepted = inspect.signature(module.build).parameters
     for name in video_options:
       if name not in accepted:
+        kind = "video datasets" if name in ("frame_size", "max_frames") else "some video datasets"
         print(
-          f"data build: --{name} applies to video datasets; {args.dataset} has no {name}",
+          f"data build: --{name} applies to {kind}; {args.dataset} has no {name}",
           file=sys.stderr,
         )
         return 2
-      if video_options[name] < 1:
-        print(f"data build: --{name} must be positive, got {video_options[name]}", file=sys.stderr)
+      value = video_options[name]
+      if value <= 0 or (name == "crop_fraction" and value > 1):
+        limits = "in (0, 1]" if name == "crop_fraction" else "positive"
+        print(f"data build: --{name} must be {limits}, got {value}", file=sys.stderr)
         return 2
     sizes = module.build(args.raw, args.data_dir, skip_invalid=args.skip_invalid, **video_options)
     print(

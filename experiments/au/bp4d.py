@@ -18,6 +18,21 @@ layer-wise lr decay (or `variant=vit_mae_probe`, linearly probed) on the three f
     fdjax train --config experiments/au/bp4d.py:variant=vit_mae_finetune \
         --config.model.init_from=runs/videomae_b --workdir runs/bp4d_videomae_ft --folds all
 
+On the twin (a built demo set in D), the tiny MAE encoder with a convolutional stem, pretrained
+on fold 1's training windows without their labels, then fine-tuned (docs/design.md section 21:
+held-out mean AU F1 0.75 on fold 1; `--config.data.train_subjects=3` trains on three subjects'
+labels only):
+
+    D="--config.data.raw_dir=D/raw --config.data.data_dir=D/tfds \\
+        --config.data.builder_config=64px_16f"
+    M="--config.model.image_size=48 --config.model.stem_widths=(32,64)"
+    PRE=variant=videomae,size=tiny,dataset=bp4d,steps=3000
+    fdjax train --config experiments/pretrain/voxceleb2.py:$PRE $D $M --config.data.num_frames=2 \\
+        --config.data.frame_stride=1 --config.mask.ratio=0.75 --workdir runs/bp4d_mae_stem
+    FT=variant=vit_mae_finetune,size=tiny,frames=2,steps=4000
+    fdjax train --config experiments/au/bp4d.py:$FT $D $M \\
+        --config.model.init_from=runs/bp4d_mae_stem --workdir runs/bp4d_mae_stem_ft
+
 Arguments: variant (clip_linear, clip_text, clip_adapter, clip_lora, vivit_scratch,
 vit_mae_probe, vit_mae_finetune), size
 (base, small, tiny), frames (T consecutive frames, 8), fold (1-3), runlocal, steps. See

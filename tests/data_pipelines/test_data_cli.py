@@ -76,6 +76,12 @@ def test_build_rejects_video_options_for_other_datasets(capsys):
   )
   assert cli.main(["build", "dfew", "--raw", "x", "--data_dir", "y", "--max_frames", "0"]) == 2
   assert "--max_frames must be positive, got 0" in capsys.readouterr().err
+  args = ["build", "dfew", "--raw", "x", "--data_dir", "y", "--windows_per_clip", "2"]
+  assert cli.main(args) == 2
+  assert "dfew has no windows_per_clip" in capsys.readouterr().err
+  args = ["build", "voxceleb2", "--raw", "x", "--data_dir", "y", "--crop_fraction", "1.5"]
+  assert cli.main(args) == 2
+  assert "--crop_fraction must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_synth_names_the_sizes_a_twin_has(tmp_path, capsys):

@@ -1,6 +1,8 @@
 """VoxCeleb2: synthetic twin -> TFDS build -> data source; speech drives the mouth, splits are
 identity-disjoint, part maps line up with the frames, and bad clips are named (section 6)."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -29,11 +31,14 @@ def raw_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(raw_dir, tmp_path_factory):
+  """The twin built as `fdjax data build voxceleb2 ... --windows_per_clip 2` builds it."""
   data_dir = str(tmp_path_factory.mktemp("vox_data"))
-  sizes = voxceleb2.build(
-    raw_dir, data_dir, frame_size=FRAME_SIZE, max_frames=MAX_FRAMES, windows_per_clip=WINDOWS
-  )
-  return data_dir, sizes
+  args = ["build", "voxceleb2", "--raw", raw_dir, "--data_dir", data_dir]
+  args += ["--frame_size", str(FRAME_SIZE), "--max_frames", str(MAX_FRAMES)]
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    assert cli.main([*args, "--windows_per_clip", str(WINDOWS)]) == 0
+  return data_dir, json.loads(printed.getvalue().strip().splitlines()[-1])["splits"]
 
 
 def _clips(raw_dir):
