@@ -10,9 +10,10 @@ intensity 0-5), for the twelve coded AUs 1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 2
 
 Subjects are the real IDs; `tiny` keeps two per fold partition and short videos, `demo` all 27.
 Frames are landscape like the real 1024x768 ones, but small. Each subject is one rendered
-identity; AUs fire independently with realistic co-occurrence, and intensity is the
-activation on a 0-5 scale (`face_render.au_intensity`), so intensity >= 2 matches
-activation >= 0.3.
+identity filmed in a lab session (`face_render.lab_scene`: a plain backdrop and frontal light,
+as the real set was recorded, in place of the expression twins' in-the-wild scenes); AUs fire
+independently with realistic co-occurrence, and intensity is the activation on a 0-5 scale
+(`face_render.au_intensity`), so intensity >= 2 matches activation >= 0.3.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def write(out_dir: str, size: str = "tiny", seed: int = 0) -> None:
   os.makedirs(video_dir, exist_ok=True)
   for subject in [s for part in PARTS for s in part[:per_part]]:
     identity = face_render.random_identity(rng)
-    frames, track = face_render.render_au_clip(num_frames, height, width, rng, identity)
+    session = face_render.lab_scene(rng, height, width)  # DISFA is a lab recording too
+    frames, track = face_render.render_au_clip(num_frames, height, width, rng, identity, session)
     video_ops.encode_video(os.path.join(video_dir, f"LeftVideo{subject}_comp.avi"), frames, FPS)
     intensity = face_render.au_intensity(track, CODED_AUS)  # [T, 12]
     label_dir = os.path.join(out_dir, "ActionUnit_Labels", subject)

@@ -55,6 +55,21 @@ def test_twin_writes_videos_and_per_au_label_files(raw_dir):
     )
 
 
+def test_every_subject_is_filmed_before_one_plain_lab_backdrop(raw_dir):
+  # DISFA films everyone before one backdrop under frontal light: the top corners of a frame
+  # (beside the head) are the backdrop, plain and alike across subjects; the in-the-wild
+  # scenes of the expression twins vary.
+  def corners(subject):
+    path = os.path.join(raw_dir, "Videos_LeftCamera", f"LeftVideo{subject}_comp.avi")
+    frame = video_ops.decode_video(path)[0].astype(np.float32) / 255.0
+    return np.stack([frame[:4, :4], frame[:4, -4:]])  # [2, 4, 4, 3]
+
+  patches = [corners(part[0]) for part in disfa_twin.PARTS]
+  colours = np.array([p.mean((0, 1, 2)) for p in patches])  # per subject
+  assert np.ptp(colours, axis=0).max() < 0.15  # one lab
+  assert all(np.abs(p[0] - p[1]).mean() < 0.03 for p in patches)  # plain
+
+
 def test_split_sizes_follow_the_subject_partition(built):
   _, sizes = built
   # 6 subjects (2 per part), 40 frames each -> windows of 16, 16 and 8 frames.
