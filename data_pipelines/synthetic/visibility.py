@@ -6,8 +6,9 @@ logistic regression on standardised pixels of frames rendered by `face_render`:
 
 - `expression_uar`: DFEW's seven emotions, one sample per clip: its apex frame minus its first
   (neutral) frame, identities, scenes and poses all random. Unweighted average recall.
-- `au_f1`: BP4D's twelve AUs on random co-occurring AU tracks, one sample per frame: the frame
-  minus its clip's mean frame (a person-specific neutral, as AU detectors often subtract).
+- `au_f1`: BP4D's twelve AUs on random co-occurring AU tracks, each clip a new person in a lab
+  session (`face_render.lab_scene`, as the BP4D twin), one sample per frame: the frame minus its
+  clip's mean frame (a person-specific neutral, as AU detectors often subtract).
   Mean F1 over the AUs.
 
 `python -m data_pipelines.synthetic.visibility --side 32` prints both.
@@ -61,7 +62,8 @@ def au_frames(
   x, y = [], []
   for _ in range(clips):
     identity = face_render.random_identity(rng)
-    frames, track = face_render.render_au_clip(num_frames, side, side, rng, identity)
+    session = face_render.lab_scene(rng, side, side)  # as the BP4D twin films its subjects
+    frames, track = face_render.render_au_clip(num_frames, side, side, rng, identity, session)
     frames = frames.astype(np.float32) / 255.0
     kept = slice(0, num_frames, stride)
     x.append((frames[kept] - frames.mean(0)).reshape(len(frames[kept]), -1))
