@@ -55,6 +55,7 @@ from ml_collections import ConfigDict
 
 from fdjax.config import base_config
 from fdjax.models.clip import peft_freeze_patterns
+from fdjax.models.video_mae import ENCODER_VARIANTS
 
 VARIANTS = (
   "clip_linear", "clip_text", "clip_adapter", "clip_lora", "vivit_scratch", "vit_mae_probe",
@@ -121,7 +122,7 @@ def video_model_config(variant: str, size: str, num_frames: int) -> tuple[Config
     m.kind = "vit_mae"  # fdjax.models.video_mae.VideoViTClassifier.
     m.variant = MAE_SIZES[size]  # Named encoder size; must match the pretraining run's.
     m.image_size = 32 if size == "tiny" else 224  # Frame side in pixels (160: a mae_dfer run).
-    m.patch_size = 8 if size == "tiny" else 16  # Patch side in pixels; as the pretraining run's.
+    m.patch_size = ENCODER_VARIANTS[m.variant]["patch_size"]  # Pixels; as the pretraining run's.
     m.dropout = 0.0 if probe else 0.1  # Dropout on the clip embedding before the head.
     m.stop_backbone_gradient = probe  # Linear probe: no backward pass into the encoder.
     m.remat = size == "base" and not probe  # Recompute block activations in the backward pass.

@@ -40,6 +40,7 @@ probing or fine-tuning by `--config.model.init_from=<this workdir>` with the `vi
 from ml_collections import ConfigDict
 
 from fdjax.config import base_config, parse_arg
+from fdjax.models.video_mae import ENCODER_VARIANTS
 
 VARIANTS = ("marlin", "mae_dfer", "videomae")
 SIZES = ("tiny", "S", "B", "L")
@@ -85,7 +86,7 @@ def get_config(arg=None):
   c.model.variant = args.size  # Named encoder and decoder size.
   c.model.init_from = ""  # Weights to start from (fdjax/pretrained.py specs); "" = none.
   c.model.image_size = 32 if tiny else (160 if args.variant == "mae_dfer" else 224)  # Pixels.
-  c.model.patch_size = 8 if tiny else 16  # Patch side in pixels (tubelets of 2 frames).
+  c.model.patch_size = ENCODER_VARIANTS[args.size]["patch_size"]  # Patch side in pixels.
   c.model.remat = args.size in ("B", "L")  # Recompute block activations in the backward pass.
   c.model.discriminator_width = 0  # Patch discriminator's hidden width (0: none).
   # Encoder input minus the clip's mean frame (pair with loss.target=mean_subtracted_pixels).

@@ -59,13 +59,11 @@ def dummy_batch(config: Any, batch_size: int) -> dict[str, np.ndarray]:
 
 def num_train_subjects(config: Any) -> int:
   """`config.data.train_subjects`, checked: a whole number >= 0 (0: every subject)."""
-  k = config.data.get("train_subjects", 0)
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-    raise ValueError(
-      f"data.train_subjects={k!r}: expected a whole number >= 0 (subjects whose labelled "
-      "windows are trained on; 0 keeps every subject)"
-    )
-  return int(k)
+  return dfer.subset_size(
+    config,
+    "train_subjects",
+    "subjects whose labelled windows are trained on; 0 keeps every subject",
+  )
 
 
 def window_subjects(config: Any) -> list[str]:
@@ -140,10 +138,11 @@ def positive_rates(config: Any) -> np.ndarray:
   name = f"{split}_{k}_subjects" if k else split
 
   def compute() -> dict:
-    source = train_source(config)
+    source = dfer.open_split(config, split)
+    indices = train_indices(config)
     positives = np.zeros(len(config.data.aus), np.float64)
     frames = 0
-    for i in range(len(source)):
+    for i in range(len(source)) if indices is None else indices:
       frame_aus = np.asarray(source[i]["frame_aus"], np.float64)  # [T, A]
       positives += frame_aus.sum(axis=0)
       frames += len(frame_aus)

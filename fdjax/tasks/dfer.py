@@ -458,15 +458,22 @@ class IndexedSource(Sequence):
     return self._source[self._indices[i]]
 
 
+def subset_size(config: Any, key: str, meaning: str) -> int:
+  """`config.data.<key>` (absent: 0), checked: a whole number >= 0; `meaning` says what it
+  counts in the error."""
+  k = config.data.get(key, 0)
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+    raise ValueError(f"data.{key}={k!r}: expected a whole number >= 0 ({meaning})")
+  return int(k)
+
+
 def examples_per_class(config: Any) -> int:
   """`config.data.train_examples_per_class`, checked: a whole number >= 0 (0: every clip)."""
-  k = config.data.train_examples_per_class
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-    raise ValueError(
-      f"data.train_examples_per_class={k!r}: expected a whole number >= 0 "
-      "(clips kept per class from the training split; 0 keeps every clip)"
-    )
-  return int(k)
+  return subset_size(
+    config,
+    "train_examples_per_class",
+    "clips kept per class from the training split; 0 keeps every clip",
+  )
 
 
 def train_subset(labels: np.ndarray, per_class: int, num_classes: int) -> np.ndarray:
